@@ -1,0 +1,32 @@
+# Relay's two entry points on a fresh machine: `make demo` (the main job) and `make test`.
+# Both create the virtual environment at .venv from the project's own files first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_PROMPT ?= a red robot walking through a neon city at night, cinematic
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch is pinned in this same pip call so the CPU wheel is used (see requirements/cpu.txt).
+	$(PY) -m pip install --quiet -r requirements/dev.txt -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/relay generate --prompt "$(DEMO_PROMPT)" --seed 42 --output out/demo.mp4
+
+# pytest exits 5 when it collected nothing; that is not a failure of the suite.
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+bench: $(STAMP)
+	$(PY) bench/engine_vs_diffusers.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

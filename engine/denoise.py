@@ -1,0 +1,196 @@
+"""The denoise loop as a resumable state machine.
+
+:class:`DenoiseRun` owns a scheduler restored from a :class:`~engine.state.DenoiseState` and
+runs one step at a time: pick the step's expert (precomputed on the CPU), run the conditional
+and, when that expert's guidance is above 1, the unconditional forward, combine them, and let
+the solver advance the latents. :meth:`DenoiseRun.snapshot` can be taken after any step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+
+from engine.loader import HIGH, LOW
+from engine.state import DenoiseState, capture_solver, restore_solver
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepEvent:
+    """Progress after a step.
+
+    Attributes:
+        step: Steps done so far (1-based count of the step just finished).
+        total: Total steps.
+        expert: Expert that ran the step (``high_noise``, ``low_noise`` or ``dense``).
+        timestep: The step's scheduler timestep.
+        elapsed: Seconds since this run started.
+        eta: Estimated seconds until the last step finishes.
+    """
+
+    step: int
+    total: int
+    expert: str
+    timestep: int
+    elapsed: float
+    eta: float
+
+
+def expert_schedule(timesteps: list[int], boundary: float | None, num_train_timesteps: int) -> list[str]:
+    """Expert per step: high-noise while ``t >= boundary * num_train_timesteps``, then low-noise.
+
+    A dense model (``boundary is None``) runs every step on its single transformer.
+    """
+    from engine.loader import DENSE
+
+    if boundary is None:
+        return [DENSE] * len(timesteps)
+    cut = boundary * num_train_timesteps
+    return [HIGH if t >= cut else LOW for t in timesteps]
+
+
+def guidance_for(request: Mapping, expert: str) -> float:
+    """The guidance scale that applies to ``expert`` for this request."""
+    return request["guidance_low"] if expert == LOW else request["guidance"]
+
+
+class DenoiseRun:
+    """Runs the denoise steps of one request on the experts it is given.
+
+    Args:
+        state: Where to start (a fresh state from ``Engine.prepare`` or any snapshot).
+        experts: Expert modules by name; only those the remaining steps need must be present.
+        scheduler: A freshly built scheduler of the model's config with the request's shift;
+            its state is replaced by the snapshot's.
+        device: Device the experts run on.
+        expand_timesteps: Per-token timesteps (TI2V).
+        patch_size: Transformer patch size, for per-token timesteps.
+        predict: Optional replacement of the guided noise prediction (e.g. CFG-parallel); called
+            as ``predict(model, x, timestep, conditioning, guidance)``.
+    """
+
+    def __init__(self, state: DenoiseState, *, experts: Mapping[str, torch.nn.Module], scheduler,
+                 device: torch.device, expand_timesteps: bool, patch_size: tuple[int, int, int],
+                 predict: Callable | None = None) -> None:
+        self.device = device
+        self.experts = experts
+        self.scheduler = scheduler
+        self.expand_timesteps = expand_timesteps
+        self.patch_size = patch_size
+        self.predict = predict or guided_prediction
+        self._request = state.request
+        self._timesteps = list(state.timesteps)
+        self._experts = list(state.experts)
+        self.step_index = state.step_index
+        self._generator = torch.Generator("cpu")
+        self._generator.set_state(state.rng_state)
+        restore_solver(scheduler, state.solver, device)
+        self.latents = state.latents.to(device)
+        self.cond = _map_conditioning(state.conditioning, device)
+        self._step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        self._started = time.perf_counter()
+        self._steps_run = 0
+
+    @property
+    def num_steps(self) -> int:
+        """Total number of denoising steps of this request."""
+        return len(self._timesteps)
+
+    @property
+    def done(self) -> bool:
+        """True when every step has run."""
+        return self.step_index >= len(self._timesteps)
+
+    @property
+    def next_expert(self) -> str | None:
+        """The expert of the next step, or ``None`` when done."""
+        return None if self.done else self._experts[self.step_index]
+
+    def _model_input(self) -> torch.Tensor:
+        c = self.cond
+        if c.first_frame is not None:
+            return (1 - c.first_frame_mask) * c.first_frame + c.first_frame_mask * self.latents
+        if c.concat is not None:
+            return torch.cat([self.latents, c.concat], dim=1)
+        return self.latents
+
+    def _timestep(self, t: torch.Tensor) -> torch.Tensor:
+        batch = self.latents.shape[0]
+        if not self.expand_timesteps:
+            return t.expand(batch)
+        mask = self.cond.first_frame_mask
+        if mask is None:
+            mask = torch.ones(self.latents.shape, dtype=torch.float32, device=self.device)
+        _, ph, pw = self.patch_size
+        per_token = (mask[0][0][:, ::ph, ::pw] * t).flatten()
+        return per_token.unsqueeze(0).expand(batch, -1)
+
+    @torch.no_grad()
+    def step(self) -> StepEvent:
+        """Runs the next step and returns its progress event."""
+        if self.done:
+            raise RuntimeError("all steps have already run")
+        index = self.step_index
+        expert = self._experts[index]
+        model = self.experts.get(expert)
+        if model is None:
+            raise RuntimeError(f"step {index} needs the {expert} expert, which is not loaded here")
+        t = self.scheduler.timesteps[index]
+        x = self._model_input().to(model.dtype)
+        noise = self.predict(model, x, self._timestep(t), self.cond, guidance_for(self._request, expert))
+        kwargs = {"return_dict": False}
+        if self._step_takes_generator:
+            kwargs["generator"] = self._generator
+        self.latents = self.scheduler.step(noise, t, self.latents, **kwargs)[0]
+        self.step_index += 1
+        self._steps_run += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # honest per-step timing for progress and ETA
+        elapsed = time.perf_counter() - self._started
+        remaining = len(self._timesteps) - self.step_index
+        return StepEvent(step=self.step_index, total=len(self._timesteps), expert=expert,
+                         timestep=int(self._timesteps[index]), elapsed=elapsed,
+                         eta=elapsed / self._steps_run * remaining)
+
+    def run(self, *, until: int | None = None, callback: Callable[[StepEvent], object] | None = None,
+            stop: Callable[[], bool] | None = None) -> None:
+        """Runs steps until ``until`` (exclusive step index), the end, or ``stop()`` is true.
+
+        ``stop`` is polled at step boundaries only, so a group of ranks stops in lock-step.
+        """
+        end = len(self._timesteps) if until is None else min(until, len(self._timesteps))
+        while self.step_index < end:
+            if stop is not None and stop():
+                return
+            event = self.step()
+            if callback is not None:
+                callback(event)
+
+    def snapshot(self) -> DenoiseState:
+        """The state after the last completed step, on the CPU."""
+        state = DenoiseState(
+            request=self._request, step_index=self.step_index, timesteps=self._timesteps,
+            experts=self._experts, latents=self.latents, solver=capture_solver(self.scheduler),
+            rng_state=self._generator.get_state(), conditioning=self.cond,
+        )
+        return state.to_cpu()
+
+
+def guided_prediction(model, x: torch.Tensor, timestep: torch.Tensor, cond, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: ``uncond + g * (cond - uncond)``; a single forward when g <= 1."""
+    noise = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.prompt_embeds,
+                  return_dict=False)[0]
+    if guidance <= 1.0 or cond.negative_embeds is None:
+        return noise
+    uncond = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.negative_embeds,
+                   return_dict=False)[0]
+    return uncond + guidance * (noise - uncond)
+
+
+def _map_conditioning(cond, device: torch.device):
+    return replace(cond, **{name: (value.to(device) if torch.is_tensor(value) else value)
+                            for name, value in vars(cond).items()})

@@ -1,0 +1,133 @@
+"""Loading a Wan 2.x diffusers directory through the real diffusers / transformers loaders."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.errors import ModelError
+from engine.model_info import ModelInfo, read_model_info
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+#: Expert names in step order: the high-noise expert runs the early (noisy) steps.
+HIGH, LOW, DENSE = "high_noise", "low_noise", "dense"
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> str:
+    """bf16 on accelerators; fp32 on CPU, where bf16 matmuls are slow and inexact."""
+    return "fp32" if device.type == "cpu" else "bf16"
+
+
+@dataclass(kw_only=True)
+class LoadedModel:
+    """A loaded model: components on their devices plus the static :class:`ModelInfo`.
+
+    Attributes:
+        experts: ``{"high_noise": ..., "low_noise": ...}`` for MoE models, ``{"dense": ...}``
+            otherwise. Any of them may be absent when a stage loads only the expert it runs.
+    """
+
+    info: ModelInfo
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: object
+    text_encoder: torch.nn.Module | None
+    vae: torch.nn.Module | None
+    experts: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        """The expert names this model kind uses, in step order."""
+        return (HIGH, LOW) if self.info.is_moe else (DENSE,)
+
+
+def _expert_folders(info: ModelInfo) -> dict[str, str]:
+    return dict(zip((HIGH, LOW), info.experts)) if info.is_moe else {DENSE: info.experts[0]}
+
+
+def load_tokenizer(info: ModelInfo):
+    """The model's tokenizer (cheap: used to check prompt lengths before any weights load)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(info.path / "tokenizer")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{info.path}: cannot load the tokenizer: {exc}") from exc
+
+
+def load_model(model: str | os.PathLike | ModelInfo, *, dtype: str | None = None,
+               device: str | torch.device | None = None, experts: tuple[str, ...] | None = None,
+               text_encoder: bool = True, vae: bool = True, tokenizer=None) -> LoadedModel:
+    """Loads a Wan 2.x diffusers directory offline.
+
+    Args:
+        model: Directory, cached hub id, or an already-read :class:`ModelInfo`.
+        dtype: ``bf16``, ``fp16`` or ``fp32`` for the transformers and the text encoder
+            (default: bf16 on CUDA, fp32 on CPU). The VAE always runs in fp32.
+        device: Target device (default: CUDA when available).
+        experts: Which experts to load (default: all); a pipeline stage loads only its own.
+        text_encoder: Whether to load the UMT5 text encoder.
+        vae: Whether to load the VAE.
+        tokenizer: An already loaded tokenizer of this model (loaded here otherwise).
+
+    Raises:
+        ModelError: when the directory is not a loadable Wan model.
+    """
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    info = model if isinstance(model, ModelInfo) else read_model_info(model)
+    device = torch.device(device) if device is not None else default_device()
+    dtype_name = dtype or default_dtype(device)
+    if dtype_name not in DTYPES:
+        raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
+    torch_dtype = DTYPES[dtype_name]
+    path: Path = info.path
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory never needs the network
+    folders = _expert_folders(info)
+    wanted = experts if experts is not None else tuple(folders)
+    unknown = set(wanted) - set(folders)
+    if unknown:
+        raise ModelError(f"{path}: no expert named {sorted(unknown)}; this model has {sorted(folders)}")
+    try:
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(info)
+        encoder = None
+        if text_encoder:
+            encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=torch_dtype)
+            encoder = encoder.to(device).eval().requires_grad_(False)
+        decoder = None
+        if vae:
+            decoder = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+            decoder = decoder.to(device).eval().requires_grad_(False)
+        loaded = {}
+        for name in wanted:
+            module = WanTransformer3DModel.from_pretrained(path, subfolder=folders[name], torch_dtype=torch_dtype)
+            loaded[name] = module.to(device).eval().requires_grad_(False)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot load model components: {exc}") from exc
+    return LoadedModel(info=info, device=device, dtype=torch_dtype, tokenizer=tokenizer,
+                       text_encoder=encoder, vae=decoder, experts=loaded)
+
+
+def build_scheduler(info: ModelInfo, shift: float):
+    """The model's scheduler from its own config, with the flow shift of the request."""
+    import diffusers
+
+    cls = getattr(diffusers, info.scheduler_class, None)
+    if cls is None:
+        raise ModelError(f"{info.path}: unknown scheduler class {info.scheduler_class!r}")
+    config = dict(cls.load_config(info.path / "scheduler"))
+    key = "flow_shift" if "flow_shift" in config or info.scheduler_class.startswith("UniPC") else "shift"
+    return cls.from_config(config, **{key: shift})

@@ -1,0 +1,44 @@
+"""Prompt cleaning and UMT5 text encoding, matching the Wan 2.2 reference preprocessing."""
+
+from __future__ import annotations
+
+import html
+import re
+
+import torch
+
+from engine.model_info import MAX_SEQUENCE_LENGTH
+
+
+def clean_prompt(text: str) -> str:
+    """Normalises a prompt as Wan's reference code does: ftfy repair, HTML unescape, whitespace."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:  # ftfy is a declared dependency; without it only mojibake repair is lost
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, text: str, *, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Encodes one prompt to ``(1, 512, dim)`` embeddings.
+
+    Positions past the prompt's real tokens are zeroed (not left as the encoder's padding
+    outputs), which is what the Wan transformers were trained with.
+    """
+    inputs = tokenizer(
+        [clean_prompt(text)], padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
+        truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+    )
+    mask = inputs.attention_mask
+    length = int(mask.gt(0).sum())
+    encoder_device = next(text_encoder.parameters()).device
+    hidden = text_encoder(inputs.input_ids.to(encoder_device), mask.to(encoder_device)).last_hidden_state
+    hidden = hidden.to(device=device, dtype=dtype)
+    out = torch.zeros_like(hidden)
+    out[:, :length] = hidden[:, :length]
+    return out

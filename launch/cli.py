@@ -1,0 +1,104 @@
+"""The ``relay`` command line: ``generate``, ``resume`` and ``make-tiny``.
+
+The CLI is thin: it parses flags into a :class:`engine.request.GenerationRequest`, validates it
+against the model's configs before loading any weights (exit code 2 naming the field), then
+hands it to the engine. See ``relay <command> --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_USAGE = 2
+
+
+def _generation_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("generation settings (unset: the model kind's reference value)")
+    g.add_argument("--prompt", required=True, help="what the video shows (at most 512 tokens)")
+    g.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
+    g.add_argument("--height", type=int, help="pixels; a multiple of 16 (32 for TI2V-5B)")
+    g.add_argument("--width", type=int, help="pixels; a multiple of 16 (32 for TI2V-5B)")
+    g.add_argument("--frames", type=int, help="frame count, 4k+1 (81 for A14B, 121 for TI2V-5B)")
+    g.add_argument("--steps", type=int, help="denoising steps, 1..1000 (40 for A14B, 50 for TI2V-5B)")
+    g.add_argument("--seed", type=int, help="0..2^63-1; random when unset (the seed used is printed)")
+    g.add_argument("--guidance", type=float,
+                   help="classifier-free guidance of the high-noise expert (or the only one); 1 = off")
+    g.add_argument("--guidance-low", type=float, help="guidance of the low-noise expert (MoE models)")
+    g.add_argument("--shift", type=float, help="flow-matching sigma shift (T2V-A14B: 12, others: 5)")
+    g.add_argument("--boundary", type=float,
+                   help="fraction of the noise range where the low-noise expert takes over (MoE models)")
+    g.add_argument("--fps", type=int, help="frames per second of the mp4 (16 for A14B, 24 for TI2V-5B)")
+    g.add_argument("--image", help="first frame for image-to-video (PNG/JPEG/WebP)")
+
+
+def _runtime_flags(parser: argparse.ArgumentParser, *, model_required: bool = False) -> None:
+    r = parser.add_argument_group("model and runtime")
+    r.add_argument("--model", required=model_required,
+                   help="diffusers-format Wan 2.2 directory or cached hub id "
+                        "(default: the embedded tiny T2V model)")
+    r.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                   help="transformer/text-encoder dtype (default: bf16 on CUDA, fp32 on CPU)")
+    r.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: cuda if present)")
+    r.add_argument("--output", required=True, help="output file: .mp4 (H.264) or .npy (float32 frames)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``relay`` command."""
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="Relay: distributed inference for the Wan 2.2 video diffusion models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = sub.add_parser(
+        "generate", help="generate one video on this machine",
+        description="Generate one video. Every setting is checked before weights load; "
+                    "a bad one exits with code 2 naming it.")
+    _generation_flags(gen)
+    _runtime_flags(gen)
+    c = gen.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint-dir", help="write denoise-state snapshots into this folder")
+    c.add_argument("--checkpoint-at", default="",
+                   help="comma-separated step counts after which to snapshot (e.g. 5,20)")
+    res = sub.add_parser("resume", help="finish a generation from a denoise-state snapshot",
+                         description="Continue a snapshot written by `generate --checkpoint-dir` "
+                                     "(bit-identical to an uninterrupted run on the same device).")
+    res.add_argument("state", help="snapshot file (.pt)")
+    _runtime_flags(res)
+    tiny = sub.add_parser("make-tiny", help="write a tiny random Wan 2.2 model (diffusers layout)",
+                          description="Write a random tiny Wan 2.2 model for tests and demos.")
+    tiny.add_argument("directory", help="target folder")
+    tiny.add_argument("--kind", choices=("t2v", "i2v", "ti2v"), default="t2v",
+                      help="t2v / i2v: two experts (MoE); ti2v: dense, 48-channel VAE")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Keeps diffusers/transformers load chatter (per-shard bars, advisories) off the terminal."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``relay`` console script; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from launch import commands
+
+    handler = {"generate": commands.generate, "resume": commands.resume,
+               "make-tiny": commands.make_tiny}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
