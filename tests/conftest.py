@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random Wan 2.2 models written in the diffusers layout, once per session,
+and a helper that runs the ``relay`` CLI in-process and captures its exit code and stderr."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """``{"t2v": dir, "i2v": dir, "ti2v": dir}``: tiny models built by ``relay make-tiny``'s code."""
+    from engine.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {kind: make_tiny(root / kind, kind=kind, seed=0) for kind in ("t2v", "i2v", "ti2v")}
+
+
+@pytest.fixture(scope="session")
+def png_bytes() -> bytes:
+    """A 56x40 random RGB PNG (non-square, so resizing is exercised)."""
+    from PIL import Image
+
+    pixels = (np.random.RandomState(0).rand(40, 56, 3) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class CliResult:
+    """Exit code and captured streams of one in-process ``relay`` invocation."""
+
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def relay(capsys):
+    """Runs ``relay ARGS...`` in this process (same code as the console script)."""
+    from launch.cli import main
+
+    def run(*args: str) -> CliResult:
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
