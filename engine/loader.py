@@ -109,11 +109,11 @@ def load_model(model: str | os.PathLike | ModelInfo, *, dtype: str | None = None
             encoder = encoder.to(device).eval().requires_grad_(False)
         decoder = None
         if vae:
-            decoder = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+            decoder = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)
             decoder = decoder.to(device).eval().requires_grad_(False)
         loaded = {}
         for name in wanted:
-            module = WanTransformer3DModel.from_pretrained(path, subfolder=folders[name], torch_dtype=torch_dtype)
+            module = WanTransformer3DModel.from_pretrained(path, subfolder=folders[name], dtype=torch_dtype)
             loaded[name] = module.to(device).eval().requires_grad_(False)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot load model components: {exc}") from exc

@@ -97,7 +97,19 @@ def main(argv: list[str] | None = None) -> int:
 
     handler = {"generate": commands.generate, "resume": commands.resume,
                "make-tiny": commands.make_tiny}[args.command]
-    return handler(args)
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print(f"relay {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one plain line; RELAY_DEBUG=1 shows the traceback
+        import os
+
+        if os.environ.get("RELAY_DEBUG"):
+            raise
+        print(f"relay {args.command}: internal error: {type(exc).__name__}: {exc} "
+              "(set RELAY_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -130,7 +130,10 @@ def generate(args: argparse.Namespace) -> int:
         return _fail("generate", f"--model: {exc}")
     _say(args.quiet, f"model {info.path} ({info.kind}); {resolved.width}x{resolved.height}, "
                      f"{resolved.frames} frames, {resolved.steps} steps, seed {resolved.seed}")
-    model = load_model(info, dtype=args.dtype, device=args.device, tokenizer=tokenizer)
+    try:
+        model = load_model(info, dtype=args.dtype, device=args.device, tokenizer=tokenizer)
+    except ModelError as exc:
+        return _fail("generate", f"--model: {exc}")
     engine = Engine(model)
     run = engine.start(engine.prepare(resolved))
     folder = Path(args.checkpoint_dir) if checkpoints else None
@@ -162,7 +165,10 @@ def resume(args: argparse.Namespace) -> int:
         return _fail("resume", f"{_flag(exc.field)}: {exc.message}")
     except ModelError as exc:
         return _fail("resume", f"--model: {exc}")
-    model = load_model(info, dtype=args.dtype, device=args.device)
+    try:
+        model = load_model(info, dtype=args.dtype, device=args.device)
+    except ModelError as exc:
+        return _fail("resume", f"--model: {exc}")
     missing = set(state.experts[state.step_index:]) - set(model.experts)
     if missing:
         return _fail("resume", f"--model: snapshot needs experts {sorted(missing)}, model has {sorted(model.experts)}")
