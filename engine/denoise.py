@@ -136,9 +136,9 @@ class DenoiseRun:
             raise RuntimeError("all steps have already run")
         index = self.step_index
         expert = self._experts[index]
-        model = self.experts.get(expert)
-        if model is None:
+        if expert not in self.experts:
             raise RuntimeError(f"step {index} needs the {expert} expert, which is not loaded here")
+        model = self.experts[expert]
         t = self.scheduler.timesteps[index]
         x = self._model_input().to(model.dtype)
         noise = self.predict(model, x, self._timestep(t), self.cond, guidance_for(self._request, expert))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from engine.denoise import DenoiseRun, StepEvent, expert_schedule
-from engine.loader import LoadedModel, build_scheduler
+from engine.loader import DeviceExperts, LoadedModel, build_scheduler
 from engine.request import GenerationRequest, ResolvedRequest, open_image, resolve_request
 from engine.state import Conditioning, DenoiseState, capture_solver
 from engine.text import encode_prompt
@@ -46,7 +46,7 @@ class Engine:
         experts = expert_schedule(timesteps, request.boundary, info.num_train_timesteps)
         needs_uncond = request.guidance > 1.0 or (request.guidance_low or 0.0) > 1.0
         dtype = self.model.dtype
-        tokenizer, encoder = self.model.tokenizer, self.model.text_encoder
+        tokenizer, encoder = self.model.tokenizer, self.model.encoder_on_device()
         prompt_embeds = encode_prompt(tokenizer, encoder, request.prompt, device=device, dtype=dtype)
         negative = (encode_prompt(tokenizer, encoder, request.negative_prompt, device=device, dtype=dtype)
                     if needs_uncond else None)
@@ -106,7 +106,7 @@ class Engine:
     def start(self, state: DenoiseState, *, predict: Callable | None = None) -> DenoiseRun:
         """A :class:`DenoiseRun` that continues ``state`` on this engine's experts."""
         return DenoiseRun(
-            state, experts=self.model.experts,
+            state, experts=DeviceExperts(self.model),
             scheduler=build_scheduler(self.info, float(state.request["shift"])), device=self.device,
             expand_timesteps=self.info.expand_timesteps, patch_size=self.info.patch_size, predict=predict,
         )

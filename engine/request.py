@@ -148,10 +148,11 @@ def open_image(data: bytes):
 
 
 def _size_from_image(image, area: int, multiple: int) -> tuple[int, int]:
-    """Height and width with the aspect of ``image`` and about ``area`` pixels, on the grid."""
+    """Height and width with the aspect of ``image`` and at most ``area`` pixels, on the grid
+    (rounded down, as the Wan 2.2 reference I2V sizing does)."""
     aspect = image.height / image.width
-    height = max(multiple, round(math.sqrt(area * aspect) / multiple) * multiple)
-    width = max(multiple, round(math.sqrt(area / aspect) / multiple) * multiple)
+    height = max(multiple, round(math.sqrt(area * aspect)) // multiple * multiple)
+    width = max(multiple, round(math.sqrt(area / aspect)) // multiple * multiple)
     return min(height, MAX_SIDE - MAX_SIDE % multiple), min(width, MAX_SIDE - MAX_SIDE % multiple)
 
 

@@ -131,7 +131,8 @@ def generate(args: argparse.Namespace) -> int:
     _say(args.quiet, f"model {info.path} ({info.kind}); {resolved.width}x{resolved.height}, "
                      f"{resolved.frames} frames, {resolved.steps} steps, seed {resolved.seed}")
     try:
-        model = load_model(info, dtype=args.dtype, device=args.device, tokenizer=tokenizer)
+        model = load_model(info, dtype=args.dtype, device=args.device, tokenizer=tokenizer,
+                           offload=args.offload)
     except ModelError as exc:
         return _fail("generate", f"--model: {exc}")
     engine = Engine(model)
@@ -166,7 +167,7 @@ def resume(args: argparse.Namespace) -> int:
     except ModelError as exc:
         return _fail("resume", f"--model: {exc}")
     try:
-        model = load_model(info, dtype=args.dtype, device=args.device)
+        model = load_model(info, dtype=args.dtype, device=args.device, offload=args.offload)
     except ModelError as exc:
         return _fail("resume", f"--model: {exc}")
     missing = set(state.experts[state.step_index:]) - set(model.experts)

@@ -143,8 +143,8 @@ def test_i2v_size_follows_image_aspect(tiny_models, png_bytes):
 
     info = read_model_info(tiny_models["i2v"])
     resolved = resolve_request(GenerationRequest(prompt="x", image=png_bytes), info)
-    # 56x40 image, default area 64x64: aspect kept on the 16-pixel grid.
-    assert (resolved.width, resolved.height) == (80, 48)
+    # 56x40 image, default area 64x64: aspect kept, rounded down onto the 16-pixel grid.
+    assert (resolved.width, resolved.height) == (64, 48)
     assert resolved.width % info.spatial_multiple == 0 and resolved.height % info.spatial_multiple == 0
 
 

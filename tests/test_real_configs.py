@@ -1,0 +1,105 @@
+"""Real Wan 2.2 layouts (configs only, no weights): kind detection, size rules and the
+full-size architectures built on the meta device with the real diffusers classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+A14B = dict(patch_size=[1, 2, 2], num_attention_heads=40, attention_head_dim=128, in_channels=16,
+            out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+            rope_max_seq_len=1024)
+TI2V_5B = dict(A14B, num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48,
+               out_channels=48)
+VAE21 = dict(base_dim=96, z_dim=16, scale_factor_spatial=8, scale_factor_temporal=4)
+VAE22 = dict(base_dim=160, z_dim=48, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+             scale_factor_spatial=16, scale_factor_temporal=4)
+UNIPC = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000,
+         "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0}
+
+LAYOUTS = {
+    "t2v": ({"_class_name": "WanPipeline", "boundary_ratio": 0.875, "expand_timesteps": False},
+            [("transformer", A14B), ("transformer_2", A14B)], VAE21),
+    "i2v": ({"_class_name": "WanImageToVideoPipeline", "boundary_ratio": 0.9},
+            [("transformer", dict(A14B, in_channels=36)), ("transformer_2", dict(A14B, in_channels=36))],
+            VAE21),
+    "ti2v": ({"_class_name": "WanPipeline", "boundary_ratio": None, "expand_timesteps": True},
+             [("transformer", TI2V_5B)], VAE22),
+}
+
+
+def _write(root: Path, kind: str) -> Path:
+    index, transformers, vae = LAYOUTS[kind]
+    index = dict(index)
+    for name in ("transformer", "transformer_2"):
+        index[name] = ["diffusers", "WanTransformer3DModel"] if any(n == name for n, _ in transformers) else [None, None]
+    for name, conf in transformers:
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text(json.dumps(dict(conf, _class_name="WanTransformer3DModel")))
+    (root / "vae").mkdir()
+    (root / "vae" / "config.json").write_text(json.dumps(dict(vae, _class_name="AutoencoderKLWan")))
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(UNIPC))
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.mark.parametrize("kind,multiple,heads", [("t2v", 16, 40), ("i2v", 16, 40), ("ti2v", 32, 24)])
+def test_real_layouts_are_classified(kind, multiple, heads, tmp_path):
+    from engine.model_info import PRESETS, read_model_info
+    from engine.request import GenerationRequest, resolve_request
+
+    info = read_model_info(_write(tmp_path / kind, kind))
+    assert info.kind == kind and not info.tiny
+    assert info.spatial_multiple == multiple and info.num_attention_heads == heads
+    assert info.defaults == PRESETS[kind]
+    image = None
+    if kind == "i2v":
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (832, 480)).save(buffer, "PNG")
+        image = buffer.getvalue()
+    resolved = resolve_request(GenerationRequest(prompt="x", image=image), info)
+    if kind == "i2v":  # 832x480 image: aspect kept at the 1280x720 area
+        assert (resolved.width, resolved.height) == (1264, 720)
+    else:
+        assert (resolved.width, resolved.height) == (1280, PRESETS[kind].height)
+
+
+def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
+    """A hub id is looked up in HF_HOME's cache; nothing is downloaded."""
+    from engine.errors import ModelError
+    from engine.model_info import read_model_info
+
+    cache = tmp_path / "hf" / "hub" / "models--Wan-AI--Wan2.2-T2V-A14B-Diffusers"
+    _write(cache / "snapshots" / "abc123", "t2v")
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    info = read_model_info("Wan-AI/Wan2.2-T2V-A14B-Diffusers")
+    assert info.kind == "t2v" and info.path.name == "abc123"
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        read_model_info("Wan-AI/Not-There")
+
+
+@pytest.mark.parametrize("conf,billions", [(A14B, 14.3), (TI2V_5B, 5.0)])
+def test_full_size_architectures_build_on_meta(conf, billions):
+    """The full-size configs build with the real diffusers class (meta device, no memory)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**{k: (tuple(v) if k == "patch_size" else v) for k, v in conf.items()})
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    assert abs(params - billions) / billions < 0.05, params
