@@ -97,7 +97,8 @@ class DeviceExperts(Mapping):
         return len(self._model.experts)
 
 
-def _expert_folders(info: ModelInfo) -> dict[str, str]:
+def expert_folders(info: ModelInfo) -> dict[str, str]:
+    """Expert name -> transformer sub-folder (``high_noise``: ``transformer``, ...)."""
     return dict(zip((HIGH, LOW), info.experts)) if info.is_moe else {DENSE: info.experts[0]}
 
 
@@ -109,6 +110,17 @@ def load_tokenizer(info: ModelInfo):
         return AutoTokenizer.from_pretrained(info.path / "tokenizer")
     except (OSError, ValueError) as exc:
         raise ModelError(f"{info.path}: cannot load the tokenizer: {exc}") from exc
+
+
+def load_text_encoder(info: ModelInfo, *, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The UMT5 text encoder of ``info`` on ``device`` (eval mode, no gradients)."""
+    from transformers import UMT5EncoderModel
+
+    try:
+        encoder = UMT5EncoderModel.from_pretrained(info.path / "text_encoder", dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{info.path}: cannot load the text encoder: {exc}") from exc
+    return encoder.to(device).eval().requires_grad_(False)
 
 
 def load_model(model: str | os.PathLike | ModelInfo, *, dtype: str | None = None,
@@ -133,8 +145,6 @@ def load_model(model: str | os.PathLike | ModelInfo, *, dtype: str | None = None
         ModelError: when the directory is not a loadable Wan model.
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import UMT5EncoderModel
-
     info = model if isinstance(model, ModelInfo) else read_model_info(model)
     device = torch.device(device) if device is not None else default_device()
     dtype_name = dtype or default_dtype(device)
@@ -143,7 +153,7 @@ def load_model(model: str | os.PathLike | ModelInfo, *, dtype: str | None = None
     torch_dtype = DTYPES[dtype_name]
     path: Path = info.path
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory never needs the network
-    folders = _expert_folders(info)
+    folders = expert_folders(info)
     wanted = experts if experts is not None else tuple(folders)
     unknown = set(wanted) - set(folders)
     if unknown:
@@ -153,8 +163,7 @@ def load_model(model: str | os.PathLike | ModelInfo, *, dtype: str | None = None
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(info)
         encoder = None
         if text_encoder:
-            encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=torch_dtype)
-            encoder = encoder.to(home).eval().requires_grad_(False)
+            encoder = load_text_encoder(info, dtype=torch_dtype, device=home)
         decoder = None
         if vae:
             decoder = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)

@@ -86,8 +86,10 @@ def _text_encoder(spec: TinySpec, vocab_size: int):
 #: Gains applied to the random weights. With default initialisation the text path of a tiny
 #: transformer barely moves its output and a random VAE decoder shrinks latent differences
 #: ~70x, so a wrong guidance scale or a wrong expert step would hide under a 1e-5 tolerance.
+#: The decoder gain stays low enough that fp32 reordering noise (e.g. flash vs math SDPA)
+#: moves the output by ~1e-5, well under the 1e-4 multi-process tolerance.
 TEXT_GAIN = 10.0
-DECODER_GAIN = 1.4
+DECODER_GAIN = 1.2
 
 
 def _transformer(spec: TinySpec, in_channels: int, out_channels: int):
@@ -196,7 +198,7 @@ def _save(out: Path, kind: str, components: dict) -> None:
 
 
 #: Bump when the tiny model's architecture or defaults change, so caches are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 
 def cache_dir() -> Path:

@@ -60,6 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "a bad one exits with code 2 naming it.")
     _generation_flags(gen)
     _runtime_flags(gen)
+    p = gen.add_argument_group(
+        "parallel execution (one video on N processes: NCCL on CUDA, gloo on CPU)")
+    p.add_argument("--nproc", type=int, default=1, help="processes / GPUs in the group (default 1)")
+    p.add_argument("--ulysses", type=int,
+                   help="Ulysses sequence-parallel degree; must divide the heads (40 A14B, 24 5B)")
+    p.add_argument("--ring", type=int, help="ring-attention sequence-parallel degree")
+    p.add_argument("--cfg-parallel", type=int, choices=(1, 2),
+                   help="2: conditional and unconditional forwards on two halves of the group")
+    p.add_argument("--fsdp", type=int, nargs="?", const=-1,
+                   help="shard each expert with FSDP2: alone = over the sequence-parallel ranks, "
+                        "or a degree (the sequence-parallel degree or nproc)")
+    p.add_argument("--text-encoder", choices=("device", "cpu", "fsdp"), default="device",
+                   help="text encoder placement in a group: a copy per device, on the host CPU, "
+                        "or sharded over all ranks")
     c = gen.add_argument_group("checkpoints")
     c.add_argument("--checkpoint-dir", help="write denoise-state snapshots into this folder")
     c.add_argument("--checkpoint-at", default="",
@@ -78,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Keeps diffusers/transformers load chatter (per-shard bars, advisories) off the terminal."""
     import os
 
@@ -95,7 +109,7 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``relay`` console script; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     from launch import commands
 
     handler = {"generate": commands.generate, "resume": commands.resume,

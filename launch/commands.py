@@ -106,8 +106,38 @@ def _finish(engine, run, *, output: Path, fps: int, quiet: bool, on_step=None) -
     _say(quiet, f"wrote {output}")
 
 
-def generate(args: argparse.Namespace) -> int:
-    """``relay generate``: validate, load, denoise, decode, write."""
+def _layout(args, info, resolved):
+    """The parallel layout the flags ask for, validated against the model and the machine."""
+    import torch
+
+    from parallel.layout import ParallelLayout
+
+    fsdp = args.fsdp
+    layout = ParallelLayout.from_flags(nproc=args.nproc, ulysses=args.ulysses, ring=args.ring,
+                                       cfg=args.cfg_parallel, fsdp=True if fsdp == -1 else fsdp)
+    layout.check_model(num_heads=info.num_attention_heads,
+                       guidance_needs_uncond=resolved.guidance > 1 or (resolved.guidance_low or 0) > 1)
+    device_type = _device_type(args)
+    if layout.world_size > 1 and device_type == "cuda" and torch.cuda.device_count() < args.nproc:
+        raise ValidationError("nproc", f"{args.nproc} processes but only {torch.cuda.device_count()} GPUs")
+    if layout.world_size > 1 and args.offload:
+        raise ValidationError("offload", "is for a single device; shard a group with --fsdp instead")
+    return layout
+
+
+def _device_type(args) -> str:
+    import torch
+
+    if args.device:
+        return torch.device(args.device).type
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def generate(args: argparse.Namespace, rank_info=None) -> int:
+    """``relay generate``: validate, load, denoise, decode, write.
+
+    With ``--nproc N`` (or ``rank_info`` from torchrun) the denoising runs on a worker group.
+    """
     from engine.loader import load_model, load_tokenizer
     from engine.pipeline import Engine
     from engine.request import GenerationRequest, resolve_request
@@ -124,12 +154,15 @@ def generate(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(info)
         resolved = resolve_request(request, info, tokenizer=tokenizer)
         checkpoints = _checkpoint_steps(args.checkpoint_at, args.checkpoint_dir, resolved.steps)
+        layout = _layout(args, info, resolved)
     except ValidationError as exc:
         return _fail("generate", f"{_flag(exc.field)}: {exc.message}")
     except ModelError as exc:
         return _fail("generate", f"--model: {exc}")
     _say(args.quiet, f"model {info.path} ({info.kind}); {resolved.width}x{resolved.height}, "
                      f"{resolved.frames} frames, {resolved.steps} steps, seed {resolved.seed}")
+    if layout.world_size > 1 or rank_info is not None:
+        return _generate_in_group(args, info, resolved, layout, checkpoints, output, rank_info)
     try:
         model = load_model(info, dtype=args.dtype, device=args.device, tokenizer=tokenizer,
                            offload=args.offload)
@@ -146,6 +179,28 @@ def generate(args: argparse.Namespace) -> int:
 
     _finish(engine, run, output=output, fps=resolved.fps, quiet=args.quiet,
             on_step=save_checkpoint if folder else None)
+    return EXIT_OK
+
+
+def _generate_in_group(args, info, resolved, layout, checkpoints, output, rank_info) -> int:
+    from launch.worker import GenerateJob, run_generation
+
+    job = GenerateJob(
+        model=str(info.path), request=resolved.to_dict(with_image=True), layout=layout,
+        dtype=args.dtype, device_type=_device_type(args), output=str(output),
+        text_encoder=args.text_encoder, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_at=tuple(sorted(checkpoints)), quiet=args.quiet,
+    )
+    _say(args.quiet, f"layout {layout.describe()}")
+    if rank_info is not None:
+        run_generation(rank_info, job)
+        return EXIT_OK
+    from launch.local import spawn_group
+
+    reports = spawn_group(job, layout.world_size)
+    for report in reports:
+        sizes = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in report["param_bytes"].items())
+        _say(args.quiet, f"rank {report['rank']}: parameters {sizes}; {report['total_s']:.1f}s")
     return EXIT_OK
 
 

@@ -60,6 +60,8 @@ def test_tokenizer_round_trips_offline(tiny_models):
 def test_relay_console_script_end_to_end(tmp_path):
     """`relay make-tiny` then `relay generate` without --model (the embedded default, built
     into RELAY_CACHE), writing an mp4 with the right frame count and fps."""
+    from engine.tiny import TINY_VERSION
+
     env = dict(os.environ, RELAY_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
     out = tmp_path / "video.mp4"
     proc = subprocess.run(
@@ -69,7 +71,7 @@ def test_relay_console_script_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "denoise" in proc.stderr and "seed 1" in proc.stderr  # progress bar and settings shown
-    assert (tmp_path / "cache" / "tiny-t2v-v1" / "model_index.json").exists()
+    assert (tmp_path / "cache" / f"tiny-t2v-v{TINY_VERSION}" / "model_index.json").exists()
     import imageio_ffmpeg
 
     reader = imageio_ffmpeg.read_frames(str(out))

@@ -1,0 +1,36 @@
+"""CFG-parallel: the conditional forward on one half of the group, the unconditional on the
+other, noise predictions exchanged, and guidance applied identically on both halves."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class CfgParallelPredictor:
+    """A drop-in for :func:`engine.denoise.guided_prediction` on a 2-way CFG group.
+
+    Args:
+        group: The CFG process group (2 ranks).
+        cfg_rank: 0 runs the conditional forward, 1 the unconditional one.
+    """
+
+    def __init__(self, group, cfg_rank: int) -> None:
+        if dist.get_world_size(group) != 2:
+            raise ValueError("CFG-parallel needs a group of exactly 2 ranks")
+        self.group = group
+        self.cfg_rank = cfg_rank
+
+    def __call__(self, model, x: torch.Tensor, timestep: torch.Tensor, cond, guidance: float) -> torch.Tensor:
+        if guidance <= 1.0 or cond.negative_embeds is None:
+            # No unconditional forward on this step: both halves run the conditional one, so
+            # every rank still executes the same sequence of forwards (FSDP stays in step).
+            return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.prompt_embeds,
+                         return_dict=False)[0]
+        embeds = cond.prompt_embeds if self.cfg_rank == 0 else cond.negative_embeds
+        mine = model(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
+                     return_dict=False)[0].contiguous()
+        both = torch.empty((2, *mine.shape), dtype=mine.dtype, device=mine.device)
+        dist.all_gather_into_tensor(both, mine.unsqueeze(0), group=self.group)
+        noise, uncond = both[0], both[1]
+        return uncond + guidance * (noise - uncond)

@@ -1,0 +1,129 @@
+"""Process groups for a worker group: the one module that creates them.
+
+:func:`init_groups` turns rank information from any launcher (torchrun, local spawn, Ray) into a
+``torch.distributed`` world, a device mesh named ``(cfg, ring, ulysses)`` and the derived
+groups, and hands yunchang (which xfuser's attention uses) the Ulysses and ring groups of this
+mesh. Nothing else in Relay calls ``init_process_group`` or the xfuser / yunchang initialisers.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from parallel.layout import MESH_DIMS, ParallelLayout
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankInfo:
+    """What a launcher knows about one worker: everything the worker needs to join its group."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    init_method: str = "env://"
+
+
+@dataclass(kw_only=True)
+class ParallelGroups:
+    """The groups of one initialised worker.
+
+    Attributes:
+        layout: The validated layout.
+        rank: Global rank.
+        device: This rank's device.
+        mesh: Device mesh with dimensions :data:`parallel.layout.MESH_DIMS`.
+        cfg_group: Group along the CFG dimension (``None`` when ``cfg_degree == 1``).
+        cfg_rank: 0 runs the conditional forward, 1 the unconditional one.
+        sp_group: The sequence-parallel group (ring x ulysses), ``None`` when its degree is 1.
+        sp_rank: This rank's position in the sequence (the token chunk it owns).
+        fsdp_mesh: 1-D mesh that expert parameters are sharded over, or ``None``.
+        world_mesh: 1-D mesh over every rank (for sharding the text encoder), or ``None``
+            on a single rank.
+    """
+
+    layout: ParallelLayout
+    rank: int
+    device: torch.device
+    mesh: object
+    cfg_group: object | None
+    cfg_rank: int
+    sp_group: object | None
+    sp_rank: int
+    fsdp_mesh: object | None
+    world_mesh: object | None = None
+
+    @property
+    def is_output_rank(self) -> bool:
+        """Whether this rank writes outputs and reports progress (global rank 0)."""
+        return self.rank == 0
+
+
+def backend_for(device_type: str) -> str:
+    """NCCL on CUDA, gloo on CPU."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def init_groups(layout: ParallelLayout, info: RankInfo, *, device_type: str | None = None,
+                timeout_s: float = 600.0) -> ParallelGroups:
+    """Joins the process group and builds the mesh and sub-groups for ``layout``.
+
+    Args:
+        layout: The parallel layout; must fill ``info.world_size`` ranks.
+        info: Rank information from the launcher.
+        device_type: ``cuda`` or ``cpu`` (default: cuda when available).
+        timeout_s: Collective timeout; a hung peer is detected after this long.
+    """
+    layout.check_world(info.world_size)
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device_type, info.local_rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend_for(device_type), init_method=info.init_method, rank=info.rank,
+            world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device_type == "cuda" else None,
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device_type, layout.mesh_shape, mesh_dim_names=MESH_DIMS)
+    sp_mesh = mesh["ring", "ulysses"]._flatten("sp")
+    cfg_group = mesh["cfg"].get_group() if layout.cfg_degree > 1 else None
+    world_mesh = mesh["cfg", "ring", "ulysses"]._flatten("world") if layout.world_size > 1 else None
+    fsdp_mesh = None
+    if layout.fsdp_degree == layout.world_size and layout.world_size > 1:
+        fsdp_mesh = world_mesh
+    elif layout.fsdp_degree > 1:
+        fsdp_mesh = sp_mesh
+    if layout.sp_degree > 1:
+        _register_sequence_groups(mesh["ulysses"].get_group(), mesh["ring"].get_group())
+    return ParallelGroups(
+        layout=layout, rank=info.rank, device=device, mesh=mesh, cfg_group=cfg_group,
+        cfg_rank=mesh.get_local_rank("cfg"),
+        sp_group=sp_mesh.get_group() if layout.sp_degree > 1 else None,
+        sp_rank=sp_mesh.get_local_rank(), fsdp_mesh=fsdp_mesh, world_mesh=world_mesh,
+    )
+
+
+def _register_sequence_groups(ulysses_group, ring_group) -> None:
+    """yunchang's attention reads its groups from a registry; give it this mesh's groups."""
+    from parallel import xdit
+
+    registry = xdit.load().PROCESS_GROUP
+    registry.ULYSSES_PG = ulysses_group
+    registry.RING_PG = ring_group
+
+
+def destroy_groups() -> None:
+    """Leaves the process group (idempotent); yunchang's registry is cleared too."""
+    from parallel import xdit
+
+    if xdit._loaded is not None:
+        xdit._loaded.PROCESS_GROUP.ULYSSES_PG = None
+        xdit._loaded.PROCESS_GROUP.RING_PG = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
