@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from parallel.groups import all_gather_stacked
+
 
 class CfgParallelPredictor:
     """A drop-in for :func:`engine.denoise.guided_prediction` on a 2-way CFG group.
@@ -29,8 +31,6 @@ class CfgParallelPredictor:
                          return_dict=False)[0]
         embeds = cond.prompt_embeds if self.cfg_rank == 0 else cond.negative_embeds
         mine = model(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
-                     return_dict=False)[0].contiguous()
-        both = torch.empty((2, *mine.shape), dtype=mine.dtype, device=mine.device)
-        dist.all_gather_into_tensor(both, mine.unsqueeze(0), group=self.group)
-        noise, uncond = both[0], both[1]
+                     return_dict=False)[0]
+        noise, uncond = all_gather_stacked(mine, self.group)
         return uncond + guidance * (noise - uncond)

@@ -127,3 +127,12 @@ def destroy_groups() -> None:
         xdit._loaded.PROCESS_GROUP.RING_PG = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather_stacked(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Gathers ``tensor`` from every rank of ``group`` into ``(group size, *tensor.shape)``."""
+    size = dist.get_world_size(group)
+    out = torch.empty((size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, tensor.contiguous().unsqueeze(0), group=group)
+    return out

@@ -153,11 +153,10 @@ class SequenceParallel:
         return (_split(args[0], 1, self.chunk), *args[1:])
 
     def _on_proj_out(self, module, args, output):
-        local = output.contiguous()
-        # all_gather_into_tensor concatenates along dim 0; gather chunk-major, then reorder.
-        flat = torch.empty((self.degree, *local.shape), dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(flat, local.unsqueeze(0), group=self.group)
-        gathered = flat.transpose(0, 1).reshape(local.shape[0], self.chunk.padded, *local.shape[2:])
+        from parallel.groups import all_gather_stacked
+
+        chunks = all_gather_stacked(output, self.group)  # (degree, batch, size, ...)
+        gathered = chunks.transpose(0, 1).reshape(output.shape[0], self.chunk.padded, *output.shape[2:])
         return gathered[:, : self.chunk.seq]
 
     def remove(self) -> None:

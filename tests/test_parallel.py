@@ -1,0 +1,173 @@
+"""Multi-process parity: a worker group (gloo, fp32, CPU) produces the single-process video.
+
+Every case spawns real processes through the same launcher as ``relay generate --nproc N``;
+the reference is a plain single-process run of the engine (itself checked bit-exact against
+diffusers' pipelines in test_parity.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from parallel.layout import LayoutError, ParallelLayout
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-4
+GROUP_TIMEOUT_S = 300
+
+# 6 steps at shift 5 cross the expert boundary after step 3 (test_parity checks the schedule).
+BASE = dict(prompt="a fox in the snow", negative_prompt="blurry", steps=6, seed=3, guidance=4.0,
+            shift=5.0)
+MOE = dict(BASE, guidance_low=3.0)
+#  name: (model kind, layout kwargs, size/frames, extra job fields)
+CASES = {
+    "ulysses2": ("t2v", dict(ulysses_degree=2), dict(height=32, width=48, frames=5), {}),
+    "ulysses2-odd-tokens": ("t2v", dict(ulysses_degree=2), dict(height=48, width=48, frames=1), {}),
+    "ring2-odd-tokens": ("t2v", dict(ring_degree=2), dict(height=48, width=48, frames=1), {}),
+    "ring2-fsdp2": ("t2v", dict(ring_degree=2, fsdp_degree=2), dict(height=32, width=48, frames=5), {}),
+    "cfg2": ("t2v", dict(cfg_degree=2), dict(height=32, width=48, frames=5), {}),
+    "ulysses2-ring2-padded": ("t2v", dict(ulysses_degree=2, ring_degree=2),
+                              dict(height=48, width=48, frames=5), {}),
+    "ulysses2-ring2-fsdp4-text-fsdp": ("t2v", dict(ulysses_degree=2, ring_degree=2, fsdp_degree=4),
+                                       dict(height=32, width=48, frames=5), {"text_encoder": "fsdp"}),
+    "cfg2-ulysses2-fsdp2": ("t2v", dict(cfg_degree=2, ulysses_degree=2, fsdp_degree=2),
+                            dict(height=32, width=48, frames=5), {}),
+    "i2v-ring2": ("i2v", dict(ring_degree=2), dict(height=32, width=48, frames=5), {"image": True}),
+    "ti2v-ulysses2-per-token-timesteps": ("ti2v", dict(ulysses_degree=2),
+                                          dict(height=64, width=96, frames=5), {}),
+}
+
+
+def _settings(kind, size):
+    return dict(MOE if kind != "ti2v" else BASE, **size)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models):
+    from engine import Engine, load_model
+
+    return {kind: Engine(load_model(path, dtype="fp32", device="cpu")) for kind, path in tiny_models.items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_group_output_equals_single_process(case, tiny_models, engines, png_bytes, tmp_path):
+    from engine import GenerationRequest
+    from launch.local import spawn_group
+    from launch.worker import GenerateJob
+
+    kind, layout_kwargs, size, extra = CASES[case]
+    extra = dict(extra)
+    image = png_bytes if extra.pop("image", False) else None
+    engine = engines[kind]
+    resolved = engine.resolve(GenerationRequest(image=image, **_settings(kind, size)))
+    reference = engine.generate(resolved)
+    layout = ParallelLayout(**layout_kwargs)
+    layout.check_model(num_heads=engine.info.num_attention_heads)
+    job = GenerateJob(model=str(tiny_models[kind]), request=resolved.to_dict(with_image=True),
+                      layout=layout, dtype="fp32", device_type="cpu", output=str(tmp_path / "x.npy"),
+                      quiet=True, **extra)
+    reports = spawn_group(job, layout.world_size, timeout_s=GROUP_TIMEOUT_S)
+    assert [r["rank"] for r in reports] == list(range(layout.world_size))
+    ours = np.load(tmp_path / "x.npy")
+    assert ours.shape == reference.shape
+    np.testing.assert_allclose(ours, reference, atol=TOLERANCE, rtol=0)
+    if layout.fsdp_degree > 1:  # each rank holds about 1/fsdp of every expert
+        full = sum(p.numel() * p.element_size() for p in engine.model.experts["high_noise"].parameters())
+        for report in reports:
+            share = report["param_bytes"]["high_noise"] / full
+            assert abs(share - 1 / layout.fsdp_degree) < 0.05, share
+
+
+def test_token_counts_of_the_padded_cases_do_not_divide():
+    """Guards the padding cases: their token counts really are not multiples of the degree."""
+    for name in ("ulysses2-odd-tokens", "ring2-odd-tokens", "ulysses2-ring2-padded"):
+        _, layout_kwargs, size, _ = CASES[name]
+        layout = ParallelLayout(**layout_kwargs)
+        tokens = ((size["frames"] - 1) // 4 + 1) * (size["height"] // 16) * (size["width"] // 16)
+        assert tokens % layout.sp_degree, name
+
+
+def test_cli_nproc_group_writes_the_same_video(tiny_models, engines, tmp_path):
+    """`relay generate --nproc 2 --ulysses 2 --fsdp` end to end (process group killed on timeout)."""
+    from engine import GenerationRequest
+
+    size = dict(height=32, width=48, frames=5)
+    reference = engines["t2v"].generate(GenerationRequest(**_settings("t2v", size)))
+    out = tmp_path / "cli.npy"
+    args = [sys.executable, "-m", "launch.cli", "generate", "--model", str(tiny_models["t2v"]),
+            "--nproc", "2", "--ulysses", "2", "--fsdp", "--dtype", "fp32", "--device", "cpu",
+            "--output", str(out)]
+    for key, value in _settings("t2v", size).items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=GROUP_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "layout cfg=1 ulysses=2 ring=1 fsdp=2 (2 ranks)" in err
+    np.testing.assert_allclose(np.load(out), reference, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("flags,field", [
+    (["--nproc", "2", "--ulysses", "3"], "--ulysses"),
+    (["--nproc", "4", "--ulysses", "3"], "--ulysses"),
+    (["--nproc", "2", "--ring", "4"], "--ring"),
+    (["--nproc", "3", "--cfg-parallel", "2"], "--nproc"),
+    (["--nproc", "2", "--fsdp", "3"], "--fsdp"),
+    (["--nproc", "2", "--offload"], "--offload"),
+    (["--nproc", "2", "--cfg-parallel", "2", "--guidance", "1", "--guidance-low", "1"], "--cfg-parallel"),
+])
+def test_bad_layout_flags_exit_2_before_spawning(flags, field, tiny_models, relay, tmp_path):
+    result = relay("generate", "--model", tiny_models["t2v"], "--prompt", "x", "--output",
+                   tmp_path / "x.npy", "--device", "cpu", *flags)
+    assert result.code == 2, result.err
+    assert f"error: {field}:" in result.err
+
+
+# --- layout validation at cluster sizes, no processes -------------------------------------------
+
+@pytest.mark.parametrize("world,cfg,ulysses,ring,fsdp", [
+    (8, 1, 8, 1, 8), (8, 2, 4, 1, 4), (8, 2, 4, 1, 8), (8, 1, 4, 2, 1), (8, 2, 2, 2, 4),
+    (16, 2, 8, 1, 8), (16, 2, 4, 2, 16), (16, 1, 8, 2, 16), (16, 1, 4, 4, 1),
+])
+def test_valid_layouts_at_8_and_16(world, cfg, ulysses, ring, fsdp):
+    layout = ParallelLayout(cfg_degree=cfg, ulysses_degree=ulysses, ring_degree=ring, fsdp_degree=fsdp)
+    layout.check_world(world)
+    layout.check_model(num_heads=40)
+    assert layout.world_size == world and layout.mesh_shape == (cfg, ring, ulysses)
+
+
+@pytest.mark.parametrize("kwargs,world,heads,field", [
+    (dict(ulysses_degree=8), 16, 40, "nproc"),                 # product != world
+    (dict(ulysses_degree=16), 16, 40, "ulysses"),              # 16 does not divide 40 heads
+    (dict(ulysses_degree=16), 16, 24, "ulysses"),              # nor TI2V-5B's 24
+    (dict(cfg_degree=2, ulysses_degree=8, fsdp_degree=4), 16, 40, "fsdp"),
+    (dict(cfg_degree=4, ulysses_degree=2), 8, 40, "cfg_parallel"),
+    (dict(ulysses_degree=4, ring_degree=2, fsdp_degree=2), 8, 40, "fsdp"),
+    (dict(ulysses_degree=0), 8, 40, "ulysses"),
+])
+def test_invalid_layouts_at_8_and_16(kwargs, world, heads, field):
+    with pytest.raises(LayoutError) as caught:
+        layout = ParallelLayout(**kwargs)
+        layout.check_world(world)
+        layout.check_model(num_heads=heads)
+    assert caught.value.field == field
+
+
+def test_from_flags_fills_the_sequence_degrees():
+    assert ParallelLayout.from_flags(nproc=8, cfg=2) == ParallelLayout(cfg_degree=2, ulysses_degree=4)
+    assert ParallelLayout.from_flags(nproc=16, ring=2, fsdp=True) == ParallelLayout(
+        ulysses_degree=8, ring_degree=2, fsdp_degree=16)
+    with pytest.raises(LayoutError):
+        ParallelLayout.from_flags(nproc=8, ulysses=3)
