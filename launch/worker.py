@@ -97,6 +97,9 @@ def run_generation(info: RankInfo, job: GenerateJob) -> dict:
     from parallel.fsdp import local_parameter_bytes
     from parallel.groups import destroy_groups, init_groups
 
+    from launch.cli import quiet_libraries
+
+    quiet_libraries()
     if job.device_type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
     groups = init_groups(job.layout, info, device_type=job.device_type)
@@ -112,7 +115,7 @@ def run_generation(info: RankInfo, job: GenerateJob) -> dict:
         predict = CfgParallelPredictor(groups.cfg_group, groups.cfg_rank) if groups.cfg_group else None
         run = engine.start(engine.prepare(request), predict=predict)
         loaded = time.perf_counter() - started
-        _denoise(run, job, groups.is_output_rank)
+        step_s = _denoise(run, job, groups.is_output_rank)
         if groups.is_output_rank:
             from engine.video import write_output
 
@@ -123,13 +126,14 @@ def run_generation(info: RankInfo, job: GenerateJob) -> dict:
             if handle is not None:
                 handle.remove()
         dist.barrier()
-        return {"rank": info.rank, "param_bytes": param_bytes, "load_s": loaded,
+        return {"rank": info.rank, "param_bytes": param_bytes, "load_s": loaded, "step_s": step_s,
                 "total_s": time.perf_counter() - started}
     finally:
         destroy_groups()
 
 
-def _denoise(run, job: GenerateJob, reporting: bool) -> None:
+def _denoise(run, job: GenerateJob, reporting: bool) -> list[float]:
+    """Runs every step; returns each step's wall time in seconds."""
     folder = Path(job.checkpoint_dir) if job.checkpoint_dir and reporting else None
     wanted = set(job.checkpoint_at)
     bar = None
@@ -139,7 +143,10 @@ def _denoise(run, job: GenerateJob, reporting: bool) -> None:
         bar = tqdm(total=run.num_steps, unit="step", desc=f"denoise x{job.layout.world_size}",
                    file=sys.stderr, dynamic_ncols=True)
 
+    elapsed = [0.0]
+
     def on_step(event) -> None:
+        elapsed.append(event.elapsed)
         if bar is not None:
             bar.set_postfix_str(f"{event.expert} eta {event.eta:.1f}s", refresh=False)
             bar.update(1)
@@ -152,3 +159,4 @@ def _denoise(run, job: GenerateJob, reporting: bool) -> None:
     finally:
         if bar is not None:
             bar.close()
+    return [b - a for a, b in zip(elapsed, elapsed[1:])]

@@ -14,6 +14,13 @@ transformers keep in fp32 (``_keep_in_fp32_modules``; FSDP2 all-gathers a mixed-
 bytes, so mixed groups are fine). Non-persistent buffers are not in checkpoints and are garbage
 after ``to_empty``; the ones we know how to rebuild (Wan's rotary tables) are recomputed on the
 CPU, and any other one is an error rather than silent garbage.
+
+With ``offload=True`` every ``fully_shard`` group gets a ``CPUOffloadPolicy``: the parameter
+shards rest in host memory (pinned when the device is CUDA, for asynchronous copies) and each
+block's shards are copied to the device only to be all-gathered for its forward, then freed
+again -- for devices too small to hold even a 1/N shard of the model. FSDP2 requires offloaded
+shards to be materialised on the CPU, so they are allocated (and loaded) there, while buffers,
+which FSDP does not manage and the forward reads in place, still go to the device.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 logger = logging.getLogger(__name__)
@@ -36,7 +43,8 @@ _REDUCED = (torch.float16, torch.bfloat16)
 
 
 def load_sharded_transformer(model_dir: str | Path, subfolder: str, *, mesh: DeviceMesh,
-                             device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+                             device: str | torch.device, dtype: torch.dtype,
+                             offload: bool = False) -> nn.Module:
     """Builds a ``WanTransformer3DModel`` sharded with FSDP2 over ``mesh``, loading rank-locally.
 
     Args:
@@ -46,9 +54,12 @@ def load_sharded_transformer(model_dir: str | Path, subfolder: str, *, mesh: Dev
         device: This rank's device; only its parameter shards are allocated there.
         dtype: Parameter dtype; diffusers' fp32 modules (rope, time embedder, norms,
             modulation tables) stay fp32 as in ``from_pretrained``.
+        offload: Keep the parameter shards in host memory (``CPUOffloadPolicy``) and copy
+            each block's shards to ``device`` only for its forward.
 
     Returns:
-        The model in eval mode with ``requires_grad`` off; its parameters are ``DTensor`` shards.
+        The model in eval mode with ``requires_grad`` off; its parameters are ``DTensor`` shards
+        (on the CPU with ``offload``, else on ``device``); buffers are on ``device``.
 
     Raises:
         FileNotFoundError: no safetensors checkpoint in the folder.
@@ -64,11 +75,11 @@ def load_sharded_transformer(model_dir: str | Path, subfolder: str, *, mesh: Dev
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
     fp32 = keep if dtype != torch.float32 else set()
     return _shard_and_load(model, model.blocks, folder, "diffusion_pytorch_model",
-                           mesh=mesh, device=device, dtype=dtype, fp32=fp32)
+                           mesh=mesh, device=device, dtype=dtype, fp32=fp32, offload=offload)
 
 
 def load_sharded_text_encoder(path: str | Path, *, mesh: DeviceMesh, device: str | torch.device,
-                              dtype: torch.dtype) -> nn.Module:
+                              dtype: torch.dtype, offload: bool = False) -> nn.Module:
     """Builds a ``UMT5EncoderModel`` sharded with FSDP2 over ``mesh``, loading rank-locally.
 
     ``shared.weight`` and ``encoder.embed_tokens.weight`` are one tied parameter; checkpoints
@@ -80,9 +91,12 @@ def load_sharded_text_encoder(path: str | Path, *, mesh: DeviceMesh, device: str
         device: This rank's device.
         dtype: Parameter dtype; as in transformers, ``_keep_in_fp32_modules`` (T5's ``wo``)
             stay fp32 under fp16 and ``_keep_in_fp32_modules_strict`` under fp16 and bf16.
+        offload: Keep the parameter shards in host memory (``CPUOffloadPolicy``) and copy
+            each block's shards to ``device`` only for its forward.
 
     Returns:
-        The encoder in eval mode with ``requires_grad`` off.
+        The encoder in eval mode with ``requires_grad`` off (shards placed as for the
+        transformer).
 
     Raises:
         FileNotFoundError: no safetensors checkpoint in the folder.
@@ -100,7 +114,7 @@ def load_sharded_text_encoder(path: str | Path, *, mesh: DeviceMesh, device: str
     if dtype in _REDUCED:
         fp32 |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     return _shard_and_load(model, model.encoder.block, folder, "model",
-                           mesh=mesh, device=device, dtype=dtype, fp32=fp32)
+                           mesh=mesh, device=device, dtype=dtype, fp32=fp32, offload=offload)
 
 
 def local_parameter_bytes(module: nn.Module) -> int:
@@ -116,22 +130,49 @@ def local_parameter_bytes(module: nn.Module) -> int:
     return total
 
 
+def offload_policy(device: str | torch.device, offload: bool) -> OffloadPolicy:
+    """The ``fully_shard`` policy: host-resident shards (pinned only for CUDA) or none."""
+    if not offload:
+        return OffloadPolicy()
+    # Pinned host memory lets the host-to-device copies run asynchronously; it only exists
+    # for CUDA (and pinning needs a CUDA context), so any other device gets pageable memory.
+    return CPUOffloadPolicy(pin_memory=torch.device(device).type == "cuda")
+
+
 def _shard_and_load(model: nn.Module, blocks: Iterable[nn.Module], folder: Path, stem: str, *,
                     mesh: DeviceMesh, device: str | torch.device, dtype: torch.dtype,
-                    fp32: set[str]) -> nn.Module:
+                    fp32: set[str], offload: bool = False) -> nn.Module:
     """Casts ``model`` (on meta), shards ``blocks`` then the root, allocates, and loads."""
     model.requires_grad_(False)  # inference only; also keeps FSDP from tracking grads
     for name, tensor in _checkpointed(model).items():
         if tensor.is_floating_point():
             # ``.data`` assignment keeps the Parameter object, so tied weights stay tied.
             tensor.data = tensor.data.to(torch.float32 if fp32 & set(name.split(".")) else dtype)
+    policy = offload_policy(device, offload)
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
-    model.to_empty(device=torch.device(device))
+        fully_shard(block, mesh=mesh, reshard_after_forward=True, offload_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True, offload_policy=policy)
+    device = torch.device(device)
+    # FSDP2 refuses (at the first forward) offloaded shards that are not on the CPU; its
+    # ``_apply`` override re-pads (and, for CUDA, pins) each shard after ``to_empty``.
+    model.to_empty(device=torch.device("cpu") if offload else device)
+    if offload:
+        _buffers_to(model, device)  # FSDP does not manage buffers: forward uses them in place
     _load_checkpoint(model, folder, stem)
     _rebuild_non_persistent_buffers(model)
     return model.eval()
+
+
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    """Moves every buffer to ``device`` (before loading); a shared buffer stays shared."""
+    moved: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is None or buffer.device == device:
+                continue
+            if id(buffer) not in moved:
+                moved[id(buffer)] = buffer.to(device)
+            module._buffers[name] = moved[id(buffer)]
 
 
 def _checkpointed(model: nn.Module) -> dict[str, torch.Tensor]:

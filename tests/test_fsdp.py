@@ -193,6 +193,31 @@ def test_reduced_dtypes_match_from_pretrained(ranks):
         assert result["fp16_encoder_diff"] == 0.0
 
 
+def test_offload_policy_pins_only_for_cuda():
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    from parallel.fsdp import offload_policy
+
+    assert type(offload_policy("cuda:1", False)) is OffloadPolicy  # the no-offload default
+    for device, pinned in (("cuda", True), ("cuda:1", True), ("cpu", False)):
+        policy = offload_policy(device, True)
+        assert isinstance(policy, CPUOffloadPolicy) and policy.pin_memory is pinned, device
+
+
+def test_cpu_offload_matches_unsharded_with_shards_on_the_host(ranks):
+    """``offload=True``: the same outputs, the same 1/N shares, every shard in host memory."""
+    if not ranks[0]["extras"]:
+        pytest.skip("checked in the 2-rank run")
+    for result in ranks:
+        for model in ("t2v", "encoder"):
+            assert result[f"offload_{model}_diff"] <= 1e-5, (model, result[f"offload_{model}_diff"])
+            assert result[f"offload_{model}_policy"] == ["CPUOffloadPolicy"], model
+            assert result[f"offload_{model}_shard_devices"] == ["cpu"], model
+            assert result[f"offload_{model}_local_bytes"] == result[f"{model}_local_bytes"], model
+        assert result["offload_t2v_buffer_mismatches"] == []
+        assert result["offload_encoder_tied"]
+
+
 def test_missing_checkpoint_key_is_named(ranks):
     if not ranks[0]["extras"]:
         pytest.skip("checked in the 2-rank run")
@@ -211,6 +236,7 @@ def _worker(job: dict) -> None:
     import torch.distributed as dist
     from diffusers import WanTransformer3DModel
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, distribute_tensor
     from transformers import UMT5EncoderModel
 
@@ -241,6 +267,7 @@ def _worker(job: dict) -> None:
     with torch.no_grad():
         got = model(latents, torch.tensor([500]), text, return_dict=False)[0]
         want = ref(latents, torch.tensor([500]), text, return_dict=False)[0]
+    t2v_ref, t2v_latents, t2v_want = ref, latents, want  # the offload run below reuses them
     out.update(t2v_diff=diff(got, want), t2v_scale=want.abs().mean().item(),
                t2v_local_bytes=local_parameter_bytes(model),
                t2v_full_bytes=local_parameter_bytes(ref), t2v_row_slack=row_slack(ref),
@@ -278,12 +305,39 @@ def _worker(job: dict) -> None:
     with torch.no_grad():
         got = encoder(ids, attention_mask=mask).last_hidden_state
         want = ref(ids, attention_mask=mask).last_hidden_state
+    encoder_want = want
     out.update(encoder_diff=diff(got, want), encoder_scale=want.abs().mean().item(),
                encoder_tied=encoder.shared.weight is encoder.encoder.embed_tokens.weight,
                encoder_local_bytes=local_parameter_bytes(encoder),
                encoder_full_bytes=local_parameter_bytes(ref), encoder_row_slack=row_slack(ref))
 
     if job["extras"]:
+        def offload_facts(sharded) -> dict:
+            groups = [group for module in sharded.modules() if isinstance(module, FSDPModule)
+                      for group in module._get_fsdp_state()._fsdp_param_groups]
+            return {"policy": sorted({type(group.offload_policy).__name__ for group in groups}),
+                    "shard_devices": sorted({p.to_local().device.type for p in sharded.parameters()}
+                                            | {p.device.type for p in sharded.parameters()}),
+                    "local_bytes": local_parameter_bytes(sharded)}
+
+        model = load_sharded_transformer(job["t2v"], "transformer", mesh=mesh, device="cpu",
+                                         dtype=torch.float32, offload=True)
+        with torch.no_grad():
+            got = model(t2v_latents, torch.tensor([500]), text, return_dict=False)[0]
+        out.update({f"offload_t2v_{key}": value for key, value in offload_facts(model).items()})
+        out["offload_t2v_diff"] = diff(got, t2v_want)
+        ref_buffers = dict(t2v_ref.named_buffers())
+        out["offload_t2v_buffer_mismatches"] = [
+            n for n, b in model.named_buffers() if not torch.equal(b, ref_buffers[n])]
+        encoder = load_sharded_text_encoder(Path(job["t2v"]) / "text_encoder", mesh=mesh,
+                                            device="cpu", dtype=torch.float32, offload=True)
+        with torch.no_grad():
+            got = encoder(ids, attention_mask=mask).last_hidden_state
+        out.update({f"offload_encoder_{key}": value
+                    for key, value in offload_facts(encoder).items()})
+        out.update(offload_encoder_diff=diff(got, encoder_want),
+                   offload_encoder_tied=encoder.shared.weight is encoder.encoder.embed_tokens.weight)
+
         model = load_sharded_transformer(job["t2v"], "transformer", mesh=mesh, device="cpu",
                                          dtype=torch.bfloat16)
         ref = WanTransformer3DModel.from_pretrained(job["t2v"], subfolder="transformer",

@@ -103,3 +103,15 @@ def test_full_size_architectures_build_on_meta(conf, billions):
         model = WanTransformer3DModel(**{k: (tuple(v) if k == "patch_size" else v) for k, v in conf.items()})
     params = sum(p.numel() for p in model.parameters()) / 1e9
     assert abs(params - billions) / billions < 0.05, params
+
+
+def test_flop_count_matches_the_wan22_reference_figures():
+    """One A14B expert forward at 720p x 81 frames is about 6.5 PFLOP, ~72% self-attention."""
+    from engine.flops import transformer_flops, video_tokens
+
+    tokens = video_tokens(A14B, height=720, width=1280, frames=81)
+    assert tokens == 75_600
+    assert video_tokens(A14B, height=480, width=832, frames=81) == 32_760
+    flops = transformer_flops(A14B, tokens)
+    assert abs(flops["total"] / 6.5e15 - 1) < 0.02
+    assert abs(flops["self_attention"] / flops["total"] - 0.72) < 0.01
