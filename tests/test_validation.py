@@ -134,7 +134,7 @@ def test_valid_request_passes_validation_then_needs_weights(configs_only, relay,
     result = relay("generate", "--model", configs_only["t2v"], "--prompt", "a quiet street",
                    "--output", tmp_path / "x.npy", "--quiet")
     assert result.code == 2
-    assert "--model:" in result.err and "cannot load model components" in result.err
+    assert "--model:" in result.err and "cannot load the text encoder" in result.err
 
 
 def test_i2v_size_follows_image_aspect(tiny_models, png_bytes):
