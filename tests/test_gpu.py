@@ -40,3 +40,30 @@ def test_offload_lowers_resident_memory(tiny_models):
     assert torch.cuda.memory_allocated() - base < held
     frames = offloaded.generate(GenerationRequest(prompt="a fox", **SETTINGS))
     assert frames.shape == (9, 64, 64, 3) and np.isfinite(frames).all()
+
+
+def test_xfuser_attention_imports_and_runs_on_cuda(tmp_path):
+    """The CUDA branch of xfuser's attention imports (the yunchang NPU import is handled) and a
+    1-rank USP attention equals SDPA."""
+    import torch.distributed as dist
+
+    from parallel.groups import RankInfo, destroy_groups, init_groups
+    from parallel.layout import ParallelLayout
+    from parallel import xdit
+
+    loaded = xdit.load()
+    assert loaded.LongContextAttention.__mro__[1] is not object
+    init_groups(ParallelLayout(), RankInfo(rank=0, local_rank=0, world_size=1,
+                                           init_method=f"file://{tmp_path}/rdzv"), device_type="cuda")
+    try:
+        from yunchang.globals import PROCESS_GROUP
+
+        PROCESS_GROUP.ULYSSES_PG = PROCESS_GROUP.RING_PG = dist.group.WORLD
+        q, k, v = (torch.randn(1, 256, 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for padded in (False, True):
+            out = xdit.make_attention(torch.device("cuda"), padded=padded)(None, q, k, v)
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+            assert (out.float() - ref.float()).abs().max() < 2e-2
+    finally:
+        destroy_groups()

@@ -171,3 +171,30 @@ def test_from_flags_fills_the_sequence_degrees():
         ulysses_degree=8, ring_degree=2, fsdp_degree=16)
     with pytest.raises(LayoutError):
         ParallelLayout.from_flags(nproc=8, ulysses=3)
+
+
+def test_torchrun_launch_equals_single_process(tiny_models, engines, tmp_path):
+    """`torchrun --nproc_per_node 2 -m launch.torchrun generate ...` with cfg-parallel."""
+    from engine import GenerationRequest
+    from launch.local import free_port
+
+    size = dict(height=32, width=48, frames=5)
+    reference = engines["t2v"].generate(GenerationRequest(**_settings("t2v", size)))
+    out = tmp_path / "torchrun.npy"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "-m", "launch.torchrun", "generate",
+            "--model", str(tiny_models["t2v"]), "--cfg-parallel", "2", "--dtype", "fp32",
+            "--device", "cpu", "--output", str(out)]
+    for key, value in _settings("t2v", size).items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=GROUP_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    np.testing.assert_allclose(np.load(out), reference, atol=TOLERANCE, rtol=0)
