@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/dev.txt
 
 install: $(STAMP)
 
+# The main job: relay serve on the embedded tiny model, relay submit with streamed progress
+# and previews, the video written to out/demo.mp4, the server drained.
 demo: $(STAMP)
-	$(VENV)/bin/relay generate --prompt "$(DEMO_PROMPT)" --seed 42 --output out/demo.mp4
+	$(VENV)/bin/relay demo --prompt "$(DEMO_PROMPT)" --output out/demo.mp4
 
 # pytest exits 5 when it collected nothing; that is not a failure of the suite.
 test: $(STAMP)

@@ -15,20 +15,33 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def write_mp4(frames: np.ndarray, path: str | os.PathLike, *, fps: int, quality: int = 8) -> None:
-    """Encodes frames as H.264/yuv420p mp4 at ``fps`` with the ffmpeg that imageio-ffmpeg ships."""
-    import imageio_ffmpeg
+def encode_mp4(frames: np.ndarray, *, fps: int, crf: int = 16) -> bytes:
+    """Encodes frames as H.264 / yuv420p mp4 at ``fps``, in memory.
+
+    Uses PyAV (FFmpeg linked in-process), so a threaded server never forks an encoder process.
+    """
+    import io
+
+    import av
 
     pixels = to_uint8(frames)
     _, height, width, _ = pixels.shape
-    writer = imageio_ffmpeg.write_frames(
-        str(path), (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=quality,
-        macro_block_size=1, ffmpeg_log_level="error",
-    )
-    writer.send(None)
-    for frame in pixels:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in pixels:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def write_mp4(frames: np.ndarray, path: str | os.PathLike, *, fps: int) -> None:
+    """Writes frames to ``path`` as H.264 mp4 at ``fps`` (see :func:`encode_mp4`)."""
+    Path(path).write_bytes(encode_mp4(frames, fps=fps))
 
 
 def write_output(frames: np.ndarray, path: str | os.PathLike, *, fps: int) -> Path:

@@ -1,4 +1,5 @@
-"""The ``relay`` command line: ``generate``, ``resume`` and ``make-tiny``.
+"""The ``relay`` command line: ``generate``, ``resume``, ``serve``, ``submit``, ``demo`` and
+``make-tiny``.
 
 The CLI is thin: it parses flags into a :class:`engine.request.GenerationRequest`, validates it
 against the model's configs before loading any weights (exit code 2 naming the field), then
@@ -83,6 +84,47 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(bit-identical to an uninterrupted run on the same device).")
     res.add_argument("state", help="snapshot file (.pt)")
     _runtime_flags(res)
+    srv = sub.add_parser("serve", help="serve generations over gRPC (relay.v1.Relay)",
+                         description="Serve Wan 2.2 generations over gRPC with streamed progress. "
+                                     "SIGTERM drains: no new jobs, in-flight jobs finish within --grace.")
+    srv.add_argument("--model", action="append",
+                     help="model directory (repeatable; default: the embedded tiny T2V model)")
+    srv.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=50051, help="listen port; 0 picks a free one")
+    srv.add_argument("--port-file", help="write the bound port here once listening")
+    srv.add_argument("--max-queue", type=int, default=8, help="jobs that may wait behind the running one")
+    srv.add_argument("--heartbeat", type=float, default=5.0, help="seconds between queued heartbeats")
+    srv.add_argument("--grace", type=float, default=60.0, help="seconds in-flight jobs get on SIGTERM")
+    srv.add_argument("--token", help="require bearer tokens: comma-separated, or @FILE (one per line)")
+    srv.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
+    srv.add_argument("--tls-key", help="server private key (PEM)")
+    srv.add_argument("--tls-client-ca", help="require client certificates from this CA (mutual TLS)")
+    srv.add_argument("--reflection", action="store_true", help="serve gRPC reflection")
+    srv.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="as for generate")
+    srv.add_argument("--device", help="as for generate")
+    srv.add_argument("--offload", action="store_true", help="as for generate")
+    sub_ = sub.add_parser("submit", help="submit a generation to a relay server and stream it",
+                          description="Submit a generation to `relay serve`, show streamed progress, "
+                                      "save the video. Bad input exits 2 with the server's message.")
+    _generation_flags(sub_)
+    sub_.add_argument("--server", default="127.0.0.1:50051", help="host:port of relay serve")
+    sub_.add_argument("--model", default="", help="served model name (default: the server's default)")
+    sub_.add_argument("--output", required=True, help=".mp4 or .npy (the raw frames, as relay generate)")
+    sub_.add_argument("--preview-dir", help="save streamed preview PNGs here")
+    sub_.add_argument("--preview-every", type=int, default=0, help="a preview every N steps")
+    sub_.add_argument("--priority", type=int, default=0, help="higher runs first")
+    sub_.add_argument("--token", help="bearer token")
+    sub_.add_argument("--tls-ca", help="CA certificate to verify the server (enables TLS)")
+    sub_.add_argument("--tls-cert", help="client certificate (mutual TLS)")
+    sub_.add_argument("--tls-key", help="client key (mutual TLS)")
+    sub_.add_argument("--timeout", type=float, help="deadline in seconds")
+    sub_.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo = sub.add_parser("demo", help="start a server on the tiny model, submit, save the video",
+                          description="The main job end to end: relay serve on the embedded tiny "
+                                      "model, relay submit with streamed progress, graceful stop.")
+    demo.add_argument("--prompt", default="a red robot walking through a neon city at night, cinematic")
+    demo.add_argument("--output", default="out/demo.mp4")
+    demo.add_argument("--seed", type=int, default=42)
     tiny = sub.add_parser("make-tiny", help="write a tiny random Wan 2.2 model (diffusers layout)",
                           description="Write a random tiny Wan 2.2 model for tests and demos.")
     tiny.add_argument("directory", help="target folder")
@@ -112,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     from launch import commands
 
+    from launch import service_commands
+
     handler = {"generate": commands.generate, "resume": commands.resume,
-               "make-tiny": commands.make_tiny}[args.command]
+               "make-tiny": commands.make_tiny, "serve": service_commands.serve,
+               "submit": service_commands.submit, "demo": service_commands.demo}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

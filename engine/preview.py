@@ -1,0 +1,200 @@
+"""Cheap latent previews: a linear latent-to-RGB projection instead of a VAE decode.
+
+A preview of the current latents is one small PNG per streamed progress event. Decoding with the
+VAE would cost about as much as a denoise step, so each latent pixel is projected to a colour
+instead: ``rgb = latent @ factors + bias`` (roughly in ``[-1, 1]``), shown as ``(rgb + 1) / 2``.
+One latent frame covers ``scale_factor_temporal`` video frames (the first covers one) and one
+latent pixel ``scale_factor_spatial`` squared pixels.
+
+For the Wan 2.1 VAE (16 channels; Wan 2.2 T2V-A14B and I2V-A14B) the published factors in
+``engine/data/wan21_latent_rgb.json`` are used. Any other VAE gets a projection fitted once, by
+least squares, to its own decode of random latents. Both act on the *normalised* latents that the
+denoiser holds, ``(z - latents_mean) / latents_std``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PUBLISHED_PATH = Path(__file__).resolve().parent / "data" / "wan21_latent_rgb.json"
+
+#: How close a VAE's ``latents_mean``/``latents_std`` must be to the published ones.
+STATS_TOLERANCE = 1e-3
+
+#: Latents drawn for a fit: ``(batch, frames, height, width)``; 2 * 2 * 8 * 8 = 256 samples, over
+#: five times the 49 unknowns of a 48-channel VAE, and one decode of well under a second on a CPU.
+FIT_SHAPE = (2, 2, 8, 8)
+FIT_SEED = 0
+
+
+def load_published(path: str | Path = PUBLISHED_PATH) -> dict:
+    """Reads the published Wan 2.1 projection.
+
+    Args:
+        path: The JSON file; defaults to the copy shipped in ``engine/data``.
+
+    Returns:
+        The JSON object: ``factors_rgb_per_channel`` (16 x 3), ``bias_rgb`` (3),
+        ``vae_latents_mean`` and ``vae_latents_std`` (16 each), and more.
+    """
+    return json.loads(Path(path).read_text())
+
+
+def _matches(config, published: dict) -> bool:
+    """Whether a VAE config has the latent layout and statistics the published factors assume."""
+    if int(config.z_dim) != int(published["latent_channels"]):
+        return False
+    for key, ref in (("latents_mean", "vae_latents_mean"), ("latents_std", "vae_latents_std")):
+        ours = getattr(config, key, None)
+        if ours is None or len(ours) != len(published[ref]):
+            return False
+        if not np.allclose(ours, published[ref], rtol=0.0, atol=STATS_TOLERANCE):
+            return False
+    return True
+
+
+def pool_to_latent_grid(video: torch.Tensor, latent_frames: int, temporal: int, spatial: int) -> torch.Tensor:
+    """Averages a decoded video over the pixels that each latent cell covers.
+
+    Args:
+        video: ``(B, C, T, H, W)`` with ``T = 1 + temporal * (latent_frames - 1)``.
+        latent_frames: Latent frames ``F`` the video was decoded from.
+        temporal: Video frames per latent frame after the first (which covers one).
+        spatial: Pixels per latent pixel along each side.
+
+    Returns:
+        ``(B, C, F, H // spatial, W // spatial)``.
+
+    Raises:
+        ValueError: If the video's shape does not fit that layout.
+    """
+    _, _, frames, height, width = video.shape
+    if frames != 1 + temporal * (latent_frames - 1) or height % spatial or width % spatial:
+        raise ValueError(f"decoded video {tuple(video.shape)} does not fit {latent_frames} latent "
+                         f"frames at temporal stride {temporal} and spatial stride {spatial}")
+    parts = [F.avg_pool3d(video[:, :, :1], (1, spatial, spatial))]
+    if latent_frames > 1:
+        parts.append(F.avg_pool3d(video[:, :, 1:], (temporal, spatial, spatial)))
+    return torch.cat(parts, dim=2)
+
+
+class LatentPreviewer:
+    """Projects normalised latents to RGB with a ``(z_dim, 3)`` factor matrix and a ``(3,)`` bias.
+
+    Attributes:
+        factors: ``(z_dim, 3)`` float32 CPU tensor.
+        bias: ``(3,)`` float32 CPU tensor.
+        source: ``"published"`` (the Wan 2.1 factors) or ``"fitted"`` (least squares on the VAE).
+    """
+
+    def __init__(self, factors, bias, *, source: str = "given") -> None:
+        self.factors = torch.as_tensor(factors, dtype=torch.float32).detach().cpu().reshape(-1, 3)
+        self.bias = torch.as_tensor(bias, dtype=torch.float32).detach().cpu().reshape(3)
+        self.source = source
+
+    @property
+    def z_dim(self) -> int:
+        """Latent channels this projection expects."""
+        return self.factors.shape[0]
+
+    @classmethod
+    def published(cls, path: str | Path = PUBLISHED_PATH) -> LatentPreviewer:
+        """The published Wan 2.1 projection (16 channels)."""
+        data = load_published(path)
+        return cls(data["factors_rgb_per_channel"], data["bias_rgb"], source="published")
+
+    @classmethod
+    def for_vae(cls, vae) -> LatentPreviewer:
+        """The projection for ``vae``: published when its latents match, else fitted (keep it).
+
+        Args:
+            vae: A diffusers ``AutoencoderKLWan`` (any device and dtype).
+
+        Returns:
+            A previewer whose ``source`` says which branch was taken.
+        """
+        return cls.published() if _matches(vae.config, load_published()) else cls.fit(vae)
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, vae, *, shape: tuple[int, ...] = FIT_SHAPE, seed: int = FIT_SEED) -> LatentPreviewer:
+        """Fits ``rgb ~ latent @ W + b`` by least squares to ``vae``'s decode of random latents.
+
+        Standard-normal latents (normalised, as the denoiser holds them) are un-normalised exactly
+        as the pipeline does before decoding, decoded, and the video is averaged over each latent
+        cell; each latent pixel is then one sample.
+
+        Args:
+            vae: A diffusers ``AutoencoderKLWan`` (any device and dtype).
+            shape: ``(batch, frames, height, width)`` of the random latents.
+            seed: Seed of the CPU generator that draws them.
+
+        Returns:
+            A previewer with ``source == "fitted"``.
+        """
+        config = vae.config
+        z_dim = int(config.z_dim)
+        batch, frames, height, width = shape
+        generator = torch.Generator().manual_seed(seed)
+        latents = torch.randn(batch, z_dim, frames, height, width, generator=generator)
+        device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+        mean = torch.tensor(config.latents_mean, device=device).view(1, z_dim, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(config.latents_std, device=device).view(1, z_dim, 1, 1, 1)
+        raw = latents.to(device, dtype) / inv_std.to(dtype) + mean.to(dtype)
+        video = vae.decode(raw, return_dict=False)[0].float().cpu()
+        target = pool_to_latent_grid(video, frames, int(config.scale_factor_temporal),
+                                     int(config.scale_factor_spatial))
+        if target.shape[-2:] != (height, width):
+            raise ValueError(f"decoded {tuple(video.shape)} does not match latents {tuple(latents.shape)}")
+        x = latents.permute(0, 2, 3, 4, 1).reshape(-1, z_dim).double()
+        y = target.permute(0, 2, 3, 4, 1).reshape(-1, 3).double()
+        design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        solution = torch.linalg.lstsq(design, y, driver="gelsd").solution
+        return cls(solution[:-1], solution[-1], source="fitted")
+
+    @torch.no_grad()
+    def rgb(self, latents: torch.Tensor) -> np.ndarray:
+        """Projects normalised latents to colours.
+
+        Args:
+            latents: ``(1, z_dim, F, h, w)`` as the denoise loop holds them (any device and dtype).
+
+        Returns:
+            uint8 array ``(F, h, w, 3)``.
+
+        Raises:
+            ValueError: If the latents are not ``(1, z_dim, F, h, w)``.
+        """
+        if latents.dim() != 5 or latents.shape[0] != 1 or latents.shape[1] != self.z_dim:
+            raise ValueError(f"latents must be (1, {self.z_dim}, F, h, w), got {tuple(latents.shape)}")
+        x = latents[0].detach().to("cpu", torch.float32)
+        colour = torch.einsum("cfhw,cr->fhwr", x, self.factors) + self.bias
+        unit = ((colour + 1.0) / 2.0).clamp(0.0, 1.0)
+        return (unit * 255.0 + 0.5).to(torch.uint8).numpy()
+
+    def png(self, latents: torch.Tensor, *, max_side: int = 256) -> bytes:
+        """The middle latent frame as a PNG, enlarged by nearest neighbour.
+
+        Args:
+            latents: ``(1, z_dim, F, h, w)`` normalised latents.
+            max_side: Bound on the longer side; the integer scale is the largest that keeps within
+                it, and at least 1 (so a grid larger than ``max_side`` is not shrunk).
+
+        Returns:
+            The encoded PNG.
+        """
+        from PIL import Image
+
+        middle = latents.shape[2] // 2 if latents.dim() == 5 else 0  # rgb() reports a bad shape
+        frame = self.rgb(latents[:, :, middle:middle + 1] if latents.dim() == 5 else latents)[0]
+        scale = max(1, int(max_side) // max(frame.shape[:2]))
+        frame = np.repeat(np.repeat(frame, scale, axis=0), scale, axis=1)
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(frame)).save(buffer, "PNG")
+        return buffer.getvalue()

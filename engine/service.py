@@ -1,0 +1,395 @@
+"""The asynchronous engine behind the service: admission, a priority queue, one runner per
+device group, per-job event streams, cancellation at step boundaries, and drain.
+
+It speaks engine dataclasses only (no gRPC): the servicer converts messages and yields the
+events of :meth:`AsyncEngine.events`. Progress and preview events are merged for a slow
+consumer (the newest replaces an unread one), so a stalled client never makes memory grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from engine.errors import ValidationError
+from engine.request import GenerationRequest, ResolvedRequest
+
+log = logging.getLogger(__name__)
+
+
+#: Unread events a stream may accumulate before progress/preview events are merged.
+MERGE_BACKLOG = 64
+
+
+class JobState(Enum):
+    """Lifecycle of a job."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DECODING = "decoding"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        """True for the terminal states."""
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class QueueFull(RuntimeError):
+    """Admission refused: the running slot and the queue are full."""
+
+
+class Draining(RuntimeError):
+    """Admission refused: the engine is draining for shutdown."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event of a job stream; ``kind`` is accepted, queued, started, progress, preview,
+    decoding, done, failed or cancelled; ``data`` holds the kind's fields."""
+
+    kind: str
+    data: dict = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class Job:
+    """A submitted generation and its live state (owned by the engine's event loop)."""
+
+    job_id: str
+    model: str
+    request: ResolvedRequest
+    output_format: str  # "mp4" or "npy"
+    preview_every: int
+    priority: int
+    client_request_id: str
+    state: JobState = JobState.QUEUED
+    step: int = 0
+    error: str = ""
+    output: bytes = b""
+    mime: str = ""
+    timings: dict = field(default_factory=dict)
+    submitted: float = field(default_factory=time.monotonic)
+    cancel_requested: bool = False
+    _events: deque = field(default_factory=deque)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class AsyncEngine:
+    """Admits, queues and runs jobs; one job at a time per runner.
+
+    Args:
+        runners: ``{model name: runner}``; a runner has ``resolve(GenerationRequest) ->
+            ResolvedRequest`` (validation, no GPU work) and ``run(job, emit, should_stop) ->
+            (bytes, mime, timings)`` which executes on a worker thread.
+        default_model: Name used when a request names none.
+        max_queue: Jobs that may wait behind the running one before admission is refused.
+        heartbeat_s: Interval of ``queued`` heartbeats while a job waits.
+        keep_finished: How many ended jobs stay visible to :meth:`get`.
+    """
+
+    def __init__(self, runners: dict, *, default_model: str, max_queue: int = 8,
+                 heartbeat_s: float = 5.0, keep_finished: int = 256) -> None:
+        self.runners = runners
+        self.default_model = default_model
+        self.max_queue = max_queue
+        self.heartbeat_s = heartbeat_s
+        self.keep_finished = keep_finished
+        self.jobs: dict[str, Job] = {}
+        self._finished: deque[str] = deque()
+        self._queue: list = []
+        self._order = itertools.count()
+        self._running: Job | None = None
+        self._wakeup = asyncio.Event()
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self.worker_calls = 0  # jobs handed to a runner (tests: invalid input never gets here)
+        self.open_streams = 0
+        self._step_seconds: float | None = None
+        self.ready = False  # set once every runner's model is loaded
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Starts the scheduling task on the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._schedule(), name="relay-scheduler")
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuses new jobs, cancels queued ones, lets the running one finish within
+        ``grace_s`` (then cancels it at its next step), and stops the scheduler."""
+        self._draining = True
+        for _, _, job in list(self._queue):
+            self._finish(job, JobState.CANCELLED, error="server is shutting down")
+        self._queue.clear()
+        deadline = time.monotonic() + grace_s
+        while self._running is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._running is not None:
+            self._running.cancel_requested = True
+            while self._running is not None:
+                await asyncio.sleep(0.05)
+        if self._task is not None:
+            self._task.cancel()
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` has begun."""
+        return self._draining
+
+    @property
+    def active_jobs(self) -> int:
+        """Jobs queued or running."""
+        return len(self._queue) + (self._running is not None)
+
+    # --- admission ---------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, *, model: str = "", output_format: str = "mp4",
+               preview_every: int = 0, priority: int = 0, client_request_id: str = "") -> Job:
+        """Validates and admits a job (call on the event loop).
+
+        Raises:
+            ValidationError: a field is invalid (nothing is queued, no runner is touched).
+            QueueFull: the running slot and the queue are full.
+            Draining: the engine is shutting down.
+        """
+        if self._draining:
+            raise Draining("server is draining; no new jobs")
+        if not self.ready:
+            raise Draining("server is starting; models are still loading")
+        name = model or self.default_model
+        if name not in self.runners:
+            raise ValidationError("model", f"unknown model {name!r}; served: {', '.join(sorted(self.runners))}")
+        if output_format not in ("mp4", "npy"):
+            raise ValidationError("output_format", f"must be mp4 or npy, got {output_format!r}")
+        if not 0 <= preview_every <= 1000:
+            raise ValidationError("preview_every", f"must be between 0 and 1000, got {preview_every}")
+        if len(client_request_id) > 256:
+            raise ValidationError("client_request_id", "is longer than 256 characters")
+        resolved = self.runners[name].resolve(request)
+        if self.active_jobs >= 1 + self.max_queue:
+            raise QueueFull(f"{self.active_jobs} jobs running or queued; the limit is {1 + self.max_queue}")
+        job = Job(job_id=uuid.uuid4().hex[:16], model=name, request=resolved, output_format=output_format,
+                  preview_every=preview_every, priority=priority, client_request_id=client_request_id)
+        self.jobs[job.job_id] = job
+        heapq.heappush(self._queue, (-priority, next(self._order), job))
+        self._emit(job, Event("accepted"))
+        self._announce_positions()
+        self._wakeup.set()
+        return job
+
+    def cancel(self, job_id: str) -> tuple[bool, JobState]:
+        """Cancels a queued job now or a running one at its next step boundary."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        if job.state.ended:
+            return False, job.state
+        if job.state == JobState.QUEUED:
+            self._queue = [entry for entry in self._queue if entry[2] is not job]
+            heapq.heapify(self._queue)
+            self._finish(job, JobState.CANCELLED, error="cancelled")
+            self._announce_positions()
+            return True, job.state
+        job.cancel_requested = True
+        return True, job.state
+
+    def position(self, job: Job) -> int:
+        """0-based position of a queued job (-1 when not queued)."""
+        ordered = [entry[2] for entry in sorted(self._queue)]
+        return ordered.index(job) if job in ordered else -1
+
+    def estimated_wait(self, job: Job) -> float:
+        """Seconds until ``job`` starts, from recent step times (0 when unknown)."""
+        if self._step_seconds is None:
+            return 0.0
+        ahead = [entry[2] for entry in sorted(self._queue)][: max(self.position(job), 0)]
+        remaining = sum(j.request.steps for j in ahead)
+        if self._running is not None:
+            remaining += self._running.request.steps - self._running.step
+        return remaining * self._step_seconds
+
+    # --- event streams -----------------------------------------------------------------------
+    async def events(self, job: Job):
+        """Yields the job's events until it ends (the terminal event is the last one)."""
+        self.open_streams += 1
+        try:
+            while True:
+                while job._events:
+                    event = job._events.popleft()
+                    yield event
+                    if event.kind in ("done", "failed", "cancelled"):
+                        return
+                job._changed.clear()
+                try:
+                    await asyncio.wait_for(job._changed.wait(), timeout=self.heartbeat_s)
+                except asyncio.TimeoutError:
+                    if job.state == JobState.QUEUED:
+                        yield self._queued_event(job)
+        finally:
+            self.open_streams -= 1
+
+    def _queued_event(self, job: Job) -> Event:
+        return Event("queued", {"position": self.position(job), "estimated_wait_s": self.estimated_wait(job)})
+
+    def _emit(self, job: Job, event: Event) -> None:
+        """Appends an event. When a consumer falls behind (more than ``MERGE_BACKLOG`` unread
+        events), an unread progress/preview/queued event is replaced by the newer one, so a
+        stalled client costs bounded memory while a client that keeps up sees every step."""
+        events = job._events
+        if event.kind in ("progress", "preview", "queued") and (
+                len(events) > MERGE_BACKLOG or event.kind == "queued"):
+            for index in range(len(events) - 1, -1, -1):
+                if events[index].kind == event.kind:
+                    del events[index]
+                    break
+        events.append(event)
+        job._changed.set()
+
+    def _emit_threadsafe(self, job: Job, event: Event) -> None:
+        self._loop.call_soon_threadsafe(self._emit, job, event)
+
+    def _announce_positions(self) -> None:
+        for _, _, job in self._queue:
+            self._emit(job, self._queued_event(job))
+
+    def _finish(self, job: Job, state: JobState, *, error: str = "") -> None:
+        job.state = state
+        job.error = error
+        kind = {JobState.SUCCEEDED: "done", JobState.FAILED: "failed", JobState.CANCELLED: "cancelled"}[state]
+        self._emit(job, Event(kind, {"error": error}))
+        self._finished.append(job.job_id)
+        while len(self._finished) > self.keep_finished:
+            self.jobs.pop(self._finished.popleft(), None)
+
+    # --- execution ---------------------------------------------------------------------------
+    async def _schedule(self) -> None:
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            _, _, job = heapq.heappop(self._queue)
+            self._running = job
+            self._announce_positions()
+            try:
+                await self._run(job)
+            finally:
+                self._running = None
+
+    async def _run(self, job: Job) -> None:
+        job.state = JobState.RUNNING
+        job.timings["queued_s"] = time.monotonic() - job.submitted
+        self._emit(job, Event("started"))
+        self.worker_calls += 1
+        runner = self.runners[job.model]
+
+        def emit(kind: str, **data) -> None:
+            if kind == "progress":
+                job.step = data["step"]
+            if kind == "decoding":
+                job.state = JobState.DECODING
+            self._emit_threadsafe(job, Event(kind, data))
+
+        try:
+            output, mime, timings = await asyncio.to_thread(
+                runner.run, job, emit, lambda: job.cancel_requested)
+        except _Cancelled:
+            self._finish(job, JobState.CANCELLED, error="cancelled")
+            return
+        except Exception:  # noqa: BLE001 - reported to the client as an id, logged in full here
+            error_id = uuid.uuid4().hex[:8]
+            log.exception("job %s failed (error id %s)", job.job_id, error_id)
+            self._finish(job, JobState.FAILED, error=f"internal error (id {error_id})")
+            return
+        job.output, job.mime = output, mime
+        job.timings.update(timings)
+        job.timings["total_s"] = time.monotonic() - job.submitted
+        steps = max(job.request.steps, 1)
+        per_step = timings.get("denoise_s", 0.0) / steps
+        self._step_seconds = per_step if self._step_seconds is None else 0.7 * self._step_seconds + 0.3 * per_step
+        self._finish(job, JobState.SUCCEEDED)
+
+
+class _Cancelled(Exception):
+    """Raised inside a runner when a job is cancelled at a step boundary."""
+
+
+CANCELLED = _Cancelled
+
+
+class LocalRunner:
+    """Runs jobs of one model on this process's device with :class:`engine.pipeline.Engine`.
+
+    Args:
+        model: The loaded model.
+        name: The model's served name.
+    """
+
+    def __init__(self, model, *, name: str) -> None:
+        from engine.pipeline import Engine
+
+        self.engine = Engine(model)
+        self.name = name
+        self._previewer = None
+
+    def resolve(self, request: GenerationRequest) -> ResolvedRequest:
+        """Validation only (prompt length included); no device work."""
+        return self.engine.resolve(request)
+
+    def _preview_png(self, latents) -> tuple[bytes, int, int]:
+        import io
+
+        from PIL import Image
+
+        if self._previewer is None:
+            from engine.preview import LatentPreviewer
+
+            self._previewer = LatentPreviewer.for_vae(self.engine.model.vae)
+        png = self._previewer.png(latents)
+        with Image.open(io.BytesIO(png)) as image:
+            return png, image.width, image.height
+
+    def run(self, job: Job, emit, should_stop) -> tuple[bytes, str, dict]:
+        """Prepares, denoises (stopping at a step boundary when asked), decodes and encodes."""
+        import io
+
+        import numpy as np
+
+        from engine.video import encode_mp4
+
+        timings = {}
+        started = time.monotonic()
+        run = self.engine.start(self.engine.prepare(job.request))
+        timings["encode_s"] = time.monotonic() - started
+
+        def on_step(event) -> None:
+            emit("progress", step=event.step, total=event.total, expert=event.expert,
+                 elapsed_s=event.elapsed, eta_s=event.eta, timestep=event.timestep)
+            if job.preview_every and (event.step % job.preview_every == 0 or event.step == event.total):
+                png, width, height = self._preview_png(run.latents)
+                emit("preview", step=event.step, png=png, width=width, height=height)
+
+        denoise_started = time.monotonic()
+        run.run(callback=on_step, stop=should_stop)
+        if not run.done:
+            raise CANCELLED
+        timings["denoise_s"] = time.monotonic() - denoise_started
+        emit("decoding")
+        decode_started = time.monotonic()
+        frames = self.engine.decode(run)
+        if job.output_format == "npy":
+            buffer = io.BytesIO()
+            np.save(buffer, frames.astype(np.float32))
+            output, mime = buffer.getvalue(), "application/x-npy"
+        else:
+            output, mime = encode_mp4(frames, fps=job.request.fps), "video/mp4"
+        timings["decode_s"] = time.monotonic() - decode_started
+        return output, mime, timings

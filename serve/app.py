@@ -1,0 +1,54 @@
+"""``relay serve``: load the models, start the gRPC server, serve until SIGTERM drains it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from engine.service import AsyncEngine, LocalRunner
+from serve.server import RelayServer, ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+def model_name(path: Path) -> str:
+    """A served model's name: its folder name (``Wan2.2-T2V-A14B-Diffusers``)."""
+    return path.name
+
+
+async def serve(model_dirs: list[str], *, config: ServerConfig, dtype: str | None = None,
+                device: str | None = None, offload: bool = False, max_queue: int = 8,
+                heartbeat_s: float = 5.0, port_file: str | None = None) -> None:
+    """Runs the server until it has drained.
+
+    Health is NOT_SERVING (and Generate answers UNAVAILABLE) until every model has loaded.
+    """
+    from engine.loader import load_model
+    from engine.model_info import read_model_info
+
+    infos = {}
+    for directory in model_dirs:
+        info = read_model_info(directory)
+        infos[model_name(info.path)] = info
+    runners: dict = {}
+    engine = AsyncEngine(runners, default_model=next(iter(infos)), max_queue=max_queue,
+                         heartbeat_s=heartbeat_s)
+    server = RelayServer(engine, infos, config)
+    await server.start()
+    server.install_signal_handlers()
+    address = f"{config.host}:{server.port}"
+    print(f"relay serve: listening on {address} ({'TLS' if config.tls_cert else 'plaintext'}"
+          f"{', token auth' if config.tokens else ''}); loading {', '.join(infos)}", file=sys.stderr, flush=True)
+    if port_file:
+        Path(port_file).write_text(f"{server.port}\n")
+    for name, info in infos.items():
+        model = await asyncio.to_thread(load_model, info, dtype=dtype, device=device, offload=offload)
+        runners[name] = LocalRunner(model, name=name)
+    engine.start()
+    engine.ready = True
+    await server.set_serving(True)
+    print(f"relay serve: SERVING on {address}", file=sys.stderr, flush=True)
+    await server.wait()
+    print("relay serve: drained and stopped", file=sys.stderr, flush=True)

@@ -1,0 +1,342 @@
+"""The gRPC service with a real server on 127.0.0.1 and real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from serve.gen.relay.v1 import relay_pb2 as pb
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(height=32, width=32, frames=5, steps=4, seed=7, guidance=4.0, guidance_low=3.0, shift=5.0)
+
+
+class LiveServer:
+    """A Relay server on its own event loop thread, with the engine reachable for counters."""
+
+    def __init__(self, model_dir, *, max_queue=8, heartbeat_s=5.0, tokens=()):
+        from engine.loader import load_model
+        from engine.model_info import read_model_info
+        from engine.service import AsyncEngine, LocalRunner
+        from serve.server import RelayServer, ServerConfig
+
+        self.loop = asyncio.new_event_loop()
+        info = read_model_info(model_dir)
+        self.name = info.path.name
+        runners = {self.name: LocalRunner(load_model(info, dtype="fp32", device="cpu"), name=self.name)}
+        ready = threading.Event()
+
+        async def boot():
+            self.engine = AsyncEngine(runners, default_model=self.name, max_queue=max_queue,
+                                      heartbeat_s=heartbeat_s)
+            self.server = RelayServer(self.engine, {self.name: info},
+                                      ServerConfig(host="127.0.0.1", port=0, tokens=list(tokens)))
+            await self.server.start()
+            self.engine.start()
+            self.engine.ready = True
+            await self.server.set_serving(True)
+            ready.set()
+
+        self.thread = threading.Thread(target=self._run, args=(boot,), daemon=True)
+        self.thread.start()
+        assert ready.wait(60)
+        self.target = f"127.0.0.1:{self.server.port}"
+
+    def _run(self, boot):
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(boot())
+        self.loop.run_forever()
+
+    def call(self, fn):
+        """Runs ``fn()`` on the server loop and returns its result (reads engine state safely)."""
+        return asyncio.run_coroutine_threadsafe(_wrap(fn), self.loop).result(10)
+
+    def wait_idle(self, timeout=30.0):
+        """Until no job is queued or running and no stream is open (a barrier, not a guess)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.call(lambda: self.engine.active_jobs == 0 and self.engine.open_streams == 0):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.server.server.stop(0), self.loop).result(10)
+        self.call(lambda: self.engine._task.cancel())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+async def _wrap(fn):
+    return fn()
+
+
+@pytest.fixture(scope="module")
+def live(tiny_models):
+    server = LiveServer(tiny_models["t2v"], max_queue=60, heartbeat_s=0.2)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(live):
+    from serve.client import RelayClient
+
+    with RelayClient(live.target) as c:
+        yield c
+
+
+def _request(**fields):
+    return pb.GenerateRequest(prompt="a red kite over the sea", **fields)
+
+
+def _health(target):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def test_stream_order_previews_and_frames_equal_generate(live, client, tiny_models):
+    from PIL import Image
+
+    from engine import Engine, GenerationRequest, load_model
+
+    result = client.generate(_request(output_format=pb.OUTPUT_FORMAT_NPY, preview_every=1, **FAST))
+    kinds = [e.WhichOneof("event") for e in result.events]
+    assert kinds[0] == "accepted" and kinds[-1] == "done"
+    first_progress = kinds.index("progress")
+    assert "started" in kinds[:first_progress]
+    steps = [e.progress.step for e in result.events if e.HasField("progress")]
+    assert steps == list(range(1, FAST["steps"] + 1))
+    assert [e.progress.expert for e in result.events if e.HasField("progress")][0] == "high_noise"
+    assert kinds.index("decoding") > max(i for i, k in enumerate(kinds) if k == "progress")
+    assert all(k == "video_chunk" for k in kinds[kinds.index("decoding") + 1:-1])
+    previews = [e.preview for e in result.events if e.HasField("preview")]
+    assert [p.step for p in previews] == steps
+    with Image.open(io.BytesIO(previews[-1].png)) as image:
+        assert image.size == (previews[-1].width, previews[-1].height)
+    assert result.settings.seed == FAST["seed"]
+    frames = np.load(io.BytesIO(result.data))
+    engine = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu"))
+    expected = engine.generate(GenerationRequest(prompt="a red kite over the sea", **FAST))
+    assert np.array_equal(frames, expected)
+
+
+def test_mp4_output_and_job_queries(client):
+    result = client.generate(_request(**FAST))
+    assert result.done.mime == "video/mp4" and result.data[4:8] == b"ftyp"
+    job = client.get_job(result.job_id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED and job.step == FAST["steps"]
+    models = client.list_models().models
+    assert len(models) == 1 and models[0].is_default and models[0].kind == "t2v"
+    with pytest.raises(grpc.RpcError) as caught:
+        client.get_job("nope")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+BAD = [
+    ("height", dict(height=30)), ("width", dict(width=100000)), ("frames", dict(frames=8)),
+    ("steps", dict(steps=0)), ("steps", dict(steps=5000)), ("guidance", dict(guidance=float("nan"))),
+    ("guidance", dict(guidance=float("inf"))), ("guidance_low", dict(guidance_low=-3.0)),
+    ("shift", dict(shift=0.0)), ("boundary", dict(boundary=1.5)), ("fps", dict(fps=0)),
+    ("seed", dict(seed=-5)), ("image", dict(image=b"not an image")), ("model", dict(model="nope")),
+    ("preview_every", dict(preview_every=-1)), ("output_format", dict(output_format=7)),
+]
+
+
+@pytest.mark.parametrize("field,fields", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
+def test_bad_input_is_invalid_argument_before_any_work(field, fields, live, client):
+    before = live.call(lambda: live.engine.worker_calls)
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate(pb.GenerateRequest(prompt="x", **fields), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"{field}:")
+    assert live.call(lambda: live.engine.worker_calls) == before
+    assert _health(live.target) == 1  # SERVING
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", " ".join(["astronaut"] * 600)])
+def test_bad_prompts(prompt, live, client):
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate(pb.GenerateRequest(prompt=prompt), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("prompt:")
+
+
+def test_fuzzed_requests_never_yield_unknown_or_internal(live, client):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    ints = st.one_of(st.none(), st.integers(-2**31, 2**31 - 1), st.sampled_from([16, 32, 5, 1, 2]))
+    floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32))
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(prompt=st.text(max_size=40), height=ints, width=ints, frames=ints, steps=st.one_of(
+        st.none(), st.integers(-5, 3)), seed=st.one_of(st.none(), st.integers(-2**63, 2**63 - 1)),
+        guidance=floats, shift=floats, fps=ints, image=st.binary(max_size=64), fmt=st.integers(0, 5))
+    def check(prompt, height, width, frames, steps, seed, guidance, shift, fps, image, fmt):
+        request = pb.GenerateRequest(prompt=prompt, image=image, output_format=fmt)
+        for name, value in (("height", height), ("width", width), ("frames", frames), ("steps", steps),
+                            ("seed", seed), ("guidance", guidance), ("shift", shift), ("fps", fps)):
+            if value is not None:
+                setattr(request, name, value)
+        try:
+            client.generate(request, timeout=60)
+        except grpc.RpcError as exc:
+            assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), (
+                exc.code(), exc.details())
+
+    check()
+    assert _health(live.target) == 1
+    assert live.wait_idle()
+
+
+def _stream_until(client, request, kind):
+    """Starts a Generate call and returns it once an event of ``kind`` arrived."""
+    call = client.stub.Generate(request, timeout=120)
+    for event in call:
+        if event.WhichOneof("event") == kind:
+            return call, event
+    raise AssertionError(f"no {kind} event")
+
+
+LONG = dict(FAST, steps=400)
+
+
+def test_cancel_running_and_queued_jobs(live, client):
+    running, first = _stream_until(client, _request(**LONG), "progress")
+    queued, accepted = _stream_until(client, _request(**LONG), "accepted")
+    assert client.cancel(accepted.job_id).cancelled
+    with pytest.raises(grpc.RpcError) as caught:
+        list(queued)
+    assert caught.value.code() == grpc.StatusCode.CANCELLED
+    assert client.cancel(first.job_id).cancelled
+    with pytest.raises(grpc.RpcError) as caught:
+        list(running)
+    assert caught.value.code() == grpc.StatusCode.CANCELLED
+    assert live.wait_idle()
+    job = client.get_job(first.job_id)
+    assert job.state == pb.JOB_STATE_CANCELLED and job.step < LONG["steps"]
+
+
+def test_client_gone_mid_stream_aborts_the_job(live, client):
+    call, event = _stream_until(client, _request(**LONG), "progress")
+    call.cancel()
+    assert live.wait_idle()
+    assert client.get_job(event.job_id).state == pb.JOB_STATE_CANCELLED
+
+
+def test_deadline_shorter_than_the_job(live, client):
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate(_request(**LONG), timeout=1.5)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert live.wait_idle()
+
+
+def test_overload_refuses_exactly_the_excess(tiny_models):
+    server = LiveServer(tiny_models["t2v"], max_queue=2)
+    try:
+        from serve.client import RelayClient
+
+        barrier = threading.Barrier(6)
+
+        def one(_):
+            with RelayClient(server.target) as c:
+                barrier.wait()
+                try:
+                    c.generate(_request(**dict(FAST, steps=60)), timeout=120)
+                    return "ok"
+                except grpc.RpcError as exc:
+                    return exc.code()
+
+        with ThreadPoolExecutor(6) as pool:
+            health_during = []
+            futures = [pool.submit(one, i) for i in range(6)]
+            while not all(f.done() for f in futures):
+                health_during.append(_health(server.target))
+            codes = [f.result() for f in futures]
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 3
+        assert codes.count("ok") == 3
+        assert health_during and set(health_during) == {1}
+    finally:
+        server.stop()
+
+
+def test_fifty_concurrent_streams_lose_no_events(live):
+    from serve.client import RelayClient
+
+    def one(i):
+        with RelayClient(live.target) as c:
+            result = c.generate(_request(**dict(FAST, steps=2, seed=i)), timeout=600)
+            return [e.progress.step for e in result.events if e.HasField("progress")], result.done.size
+
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(one, range(50)))
+    assert all(steps == [1, 2] and size > 0 for steps, size in results)
+    assert live.wait_idle()
+
+
+def test_token_auth_on_the_relay_service(tiny_models):
+    from serve.client import RelayClient
+
+    server = LiveServer(tiny_models["t2v"], tokens=["s3cret"])
+    try:
+        with RelayClient(server.target) as anonymous, RelayClient(server.target, token="wrong") as wrong:
+            for c in (anonymous, wrong):
+                with pytest.raises(grpc.RpcError) as caught:
+                    c.generate(_request(**FAST), timeout=10)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert _health(server.target) == 1  # health is exempt
+        with RelayClient(server.target, token="s3cret") as good:
+            assert good.generate(_request(**FAST), timeout=60).done.size > 0
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains(tiny_models, tmp_path):
+    """SIGTERM: the running job finishes, new calls get UNAVAILABLE, the process exits 0."""
+    from launch.service_commands import _wait_serving
+    from serve.client import RelayClient
+
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "serve", "--model", str(tiny_models["t2v"]),
+                             "--port", "0", "--port-file", str(port_file), "--dtype", "fp32",
+                             "--device", "cpu", "--grace", "120"],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        port = _wait_serving(proc, port_file, timeout_s=120)
+        with RelayClient(f"127.0.0.1:{port}") as c:
+            call, _ = _stream_until(c, _request(**dict(FAST, steps=40)), "progress")
+            proc.send_signal(signal.SIGTERM)
+            events = list(call)  # the in-flight job runs to the end
+            assert events[-1].HasField("done")
+            try:
+                c.generate(_request(**FAST), timeout=10)
+                refused = None
+            except grpc.RpcError as exc:
+                refused = exc.code()
+            assert refused in (grpc.StatusCode.UNAVAILABLE,)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_generated_stubs_are_fresh():
+    from serve.codegen import stale_files
+
+    assert stale_files() == []
