@@ -147,6 +147,14 @@ def test_mp4_output_and_job_queries(client):
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def _png(size, mode="RGB") -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 BAD = [
     ("height", dict(height=30)), ("width", dict(width=100000)), ("frames", dict(frames=8)),
     ("steps", dict(steps=0)), ("steps", dict(steps=5000)), ("guidance", dict(guidance=float("nan"))),
@@ -154,6 +162,10 @@ BAD = [
     ("shift", dict(shift=0.0)), ("boundary", dict(boundary=1.5)), ("fps", dict(fps=0)),
     ("seed", dict(seed=-5)), ("image", dict(image=b"not an image")), ("model", dict(model="nope")),
     ("preview_every", dict(preview_every=-1)), ("output_format", dict(output_format=7)),
+    ("image", dict(image=_png((8000, 6000), mode="1"))),  # decompression bomb: 48 MP, a few KB
+    ("image", dict(image=b"\x89PNG" + bytes(33 * 1024 * 1024))),  # over the 32 MiB limit
+    ("height", dict(height=1 << 30)), ("frames", dict(frames=100_001)),
+    ("client_request_id", dict(client_request_id="x" * 300)),
 ]
 
 
@@ -340,3 +352,60 @@ def test_generated_stubs_are_fresh():
     from serve.codegen import stale_files
 
     assert stale_files() == []
+
+
+def test_queued_jobs_receive_heartbeats(live, client):
+    running, first = _stream_until(client, _request(**LONG), "progress")
+    waiting = client.stub.Generate(_request(**FAST), timeout=120)
+    queued = 0
+    for event in waiting:
+        if event.WhichOneof("event") == "queued":
+            queued += 1
+            if queued == 3:  # admission plus two heartbeats (heartbeat_s=0.2 on this server)
+                break
+    assert queued == 3
+    waiting.cancel()
+    client.cancel(first.job_id)
+    with pytest.raises(grpc.RpcError):
+        list(running)
+    assert live.wait_idle()
+
+
+def test_reflection_lists_the_services(tiny_models):
+    """Reflection is opt-in (--reflection); with it, clients can discover the services."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from engine.model_info import read_model_info
+    from engine.service import AsyncEngine
+    from serve.server import RelayServer, ServerConfig
+
+    async def names():
+        engine = AsyncEngine({}, default_model="x")
+        relay = RelayServer(engine, {"x": read_model_info(tiny_models["t2v"])},
+                            ServerConfig(host="127.0.0.1", port=0, reflection=True))
+        await relay.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{relay.port}") as channel:
+                stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+                request = reflection_pb2.ServerReflectionRequest(list_services="")
+                async for response in stub.ServerReflectionInfo(iter([request])):
+                    return {s.name for s in response.list_services_response.service}
+        finally:
+            await relay.server.stop(0)
+
+    found = asyncio.run(names())
+    assert {"relay.v1.Relay", "grpc.health.v1.Health"} <= found
+
+
+def test_relay_submit_cli(live, relay, tmp_path):
+    out = tmp_path / "submitted.npy"
+    args = ["submit", "--server", live.target, "--prompt", "a red kite over the sea", "--output", out,
+            "--preview-every", "2", "--preview-dir", tmp_path / "previews", "--quiet"]
+    for key, value in FAST.items():
+        args += [f"--{key.replace('_', '-')}", value]
+    result = relay(*args)
+    assert result.code == 0, result.err
+    assert np.load(out).shape == (FAST["frames"], FAST["height"], FAST["width"], 3)
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["step-0002.png", "step-0004.png"]
+    bad = relay("submit", "--server", live.target, "--prompt", "x", "--height", "30", "--output", out)
+    assert bad.code == 2 and "INVALID_ARGUMENT: height:" in bad.err
