@@ -45,6 +45,20 @@ CASES = {
 }
 
 
+def _run_group_command(args: list[str]) -> tuple[int, str]:
+    """Runs a launcher command in its own session; on timeout the whole process group is killed
+    (its worker ranks included), so a hung group never outlives the test."""
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=GROUP_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, err
+
+
 def _settings(kind, size):
     return dict(MOE if kind != "ti2v" else BASE, **size)
 
@@ -106,15 +120,8 @@ def test_cli_nproc_group_writes_the_same_video(tiny_models, engines, tmp_path):
             "--output", str(out)]
     for key, value in _settings("t2v", size).items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=GROUP_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, err
+    code, err = _run_group_command(args)
+    assert code == 0, err
     assert "layout cfg=1 ulysses=2 ring=1 fsdp=2 (2 ranks)" in err
     np.testing.assert_allclose(np.load(out), reference, atol=TOLERANCE, rtol=0)
 
@@ -188,13 +195,6 @@ def test_torchrun_launch_equals_single_process(tiny_models, engines, tmp_path):
             "--device", "cpu", "--output", str(out)]
     for key, value in _settings("t2v", size).items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=GROUP_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, err
+    code, err = _run_group_command(args)
+    assert code == 0, err
     np.testing.assert_allclose(np.load(out), reference, atol=TOLERANCE, rtol=0)
