@@ -42,8 +42,9 @@ def _runtime_flags(parser: argparse.ArgumentParser, *, model_required: bool = Fa
                    help="transformer/text-encoder dtype (default: bf16 on CUDA, fp32 on CPU)")
     r.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: cuda if present)")
     r.add_argument("--offload", action="store_true",
-                   help="keep the text encoder and experts in CPU memory, moving each to the GPU "
-                        "only while it runs (one 14B expert at a time fits a 48 GB card)")
+                   help="one device: keep the text encoder and experts in CPU memory, moving each "
+                        "to the GPU only while it runs; a group with --fsdp: keep the FSDP shards "
+                        "in CPU memory between uses (FSDP2 CPU offload)")
     r.add_argument("--output", required=True, help="output file: .mp4 (H.264) or .npy (float32 frames)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -120,8 +120,8 @@ def _layout(args, info, resolved):
     device_type = _device_type(args)
     if layout.world_size > 1 and device_type == "cuda" and torch.cuda.device_count() < args.nproc:
         raise ValidationError("nproc", f"{args.nproc} processes but only {torch.cuda.device_count()} GPUs")
-    if layout.world_size > 1 and args.offload:
-        raise ValidationError("offload", "is for a single device; shard a group with --fsdp instead")
+    if layout.world_size > 1 and args.offload and layout.fsdp_degree == 1:
+        raise ValidationError("offload", "in a group offloads FSDP shards: add --fsdp")
     return layout
 
 
@@ -188,7 +188,7 @@ def _generate_in_group(args, info, resolved, layout, checkpoints, output, rank_i
     job = GenerateJob(
         model=str(info.path), request=resolved.to_dict(with_image=True), layout=layout,
         dtype=args.dtype, device_type=_device_type(args), output=str(output),
-        text_encoder=args.text_encoder, checkpoint_dir=args.checkpoint_dir,
+        text_encoder=args.text_encoder, offload=args.offload, checkpoint_dir=args.checkpoint_dir,
         checkpoint_at=tuple(sorted(checkpoints)), quiet=args.quiet,
     )
     _say(args.quiet, f"layout {layout.describe()}")

@@ -34,6 +34,8 @@ class GenerateJob:
         output: Output path (written by rank 0).
         text_encoder: ``device`` (a copy per rank), ``cpu`` (run on the host) or ``fsdp``
             (sharded over every rank).
+        offload: Keep FSDP shards in host memory between uses (FSDP2 CPU offload), for GPUs
+            too small to hold even a shard of an expert next to the activations.
         checkpoint_dir: Where rank 0 writes snapshots, if anywhere.
         checkpoint_at: Step counts after which to snapshot.
         quiet: No progress bar.
@@ -46,6 +48,7 @@ class GenerateJob:
     device_type: str
     output: str
     text_encoder: str = "device"
+    offload: bool = False
     checkpoint_dir: str | None = None
     checkpoint_at: tuple[int, ...] = ()
     quiet: bool = False
@@ -68,12 +71,14 @@ def _load(job: GenerateJob, groups):
 
         for name, folder in expert_folders(info).items():
             model.experts[name] = load_sharded_transformer(
-                info.path, folder, mesh=groups.fsdp_mesh, device=device, dtype=torch_dtype)
+                info.path, folder, mesh=groups.fsdp_mesh, device=device, dtype=torch_dtype,
+                offload=job.offload)
     if job.text_encoder == "fsdp" and groups.world_mesh is not None:
         from parallel.fsdp import load_sharded_text_encoder
 
         model.text_encoder = load_sharded_text_encoder(
-            info.path / "text_encoder", mesh=groups.world_mesh, device=device, dtype=torch_dtype)
+            info.path / "text_encoder", mesh=groups.world_mesh, device=device, dtype=torch_dtype,
+            offload=job.offload)
     elif job.text_encoder != "device":
         from engine.loader import load_text_encoder
 

@@ -39,6 +39,8 @@ CASES = {
                                        dict(height=32, width=48, frames=5), {"text_encoder": "fsdp"}),
     "cfg2-ulysses2-fsdp2": ("t2v", dict(cfg_degree=2, ulysses_degree=2, fsdp_degree=2),
                             dict(height=32, width=48, frames=5), {}),
+    "ulysses2-fsdp2-cpu-offload": ("t2v", dict(ulysses_degree=2, fsdp_degree=2),
+                                   dict(height=32, width=48, frames=5), {"offload": True}),
     "i2v-ring2": ("i2v", dict(ring_degree=2), dict(height=32, width=48, frames=5), {"image": True}),
     "ti2v-ulysses2-per-token-timesteps": ("ti2v", dict(ulysses_degree=2),
                                           dict(height=64, width=96, frames=5), {}),
