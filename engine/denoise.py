@@ -92,6 +92,12 @@ class DenoiseRun:
         self.latents = state.latents.to(device)
         self.cond = _map_conditioning(state.conditioning, device)
         self._step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        if expand_timesteps:  # per-token timestep weights, fixed for the whole run (TI2V)
+            mask = self.cond.first_frame_mask
+            if mask is None:
+                mask = torch.ones(self.latents.shape, dtype=torch.float32, device=device)
+            _, ph, pw = patch_size
+            self._token_mask = mask[0][0][:, ::ph, ::pw]
         self._started = time.perf_counter()
         self._steps_run = 0
 
@@ -122,11 +128,7 @@ class DenoiseRun:
         batch = self.latents.shape[0]
         if not self.expand_timesteps:
             return t.expand(batch)
-        mask = self.cond.first_frame_mask
-        if mask is None:
-            mask = torch.ones(self.latents.shape, dtype=torch.float32, device=self.device)
-        _, ph, pw = self.patch_size
-        per_token = (mask[0][0][:, ::ph, ::pw] * t).flatten()
+        per_token = (self._token_mask * t).flatten()
         return per_token.unsqueeze(0).expand(batch, -1)
 
     @torch.no_grad()
