@@ -110,6 +110,8 @@ class AsyncEngine:
         self._order = itertools.count()
         self._running: Job | None = None
         self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()  # set whenever no job is running
+        self._idle.set()
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -131,13 +133,12 @@ class AsyncEngine:
         for _, _, job in list(self._queue):
             self._finish(job, JobState.CANCELLED, error="server is shutting down")
         self._queue.clear()
-        deadline = time.monotonic() + grace_s
-        while self._running is not None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
         if self._running is not None:
-            self._running.cancel_requested = True
-            while self._running is not None:
-                await asyncio.sleep(0.05)
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+            except asyncio.TimeoutError:
+                self._running.cancel_requested = True  # stops at its next step boundary
+                await self._idle.wait()
         if self._task is not None:
             self._task.cancel()
 
@@ -278,11 +279,13 @@ class AsyncEngine:
                 await self._wakeup.wait()
             _, _, job = heapq.heappop(self._queue)
             self._running = job
+            self._idle.clear()
             self._announce_positions()
             try:
                 await self._run(job)
             finally:
                 self._running = None
+                self._idle.set()
 
     async def _run(self, job: Job) -> None:
         job.state = JobState.RUNNING
