@@ -64,31 +64,15 @@ def _model_info(model: str | None):
     return read_model_info(model if model else default_model_dir("t2v"))
 
 
-class _Progress:
-    """A tqdm bar over denoise steps (stderr), showing the expert and Relay's own ETA."""
-
-    def __init__(self, total: int, *, start: int, enabled: bool) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, initial=start, unit="step", desc="denoise", disable=not enabled,
-                        file=sys.stderr, dynamic_ncols=True)
-
-    def __call__(self, event) -> None:
-        self.bar.set_postfix_str(f"{event.expert} t={event.timestep} eta {event.eta:.1f}s", refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def _say(quiet: bool, text: str) -> None:
     if not quiet:
         print(text, file=sys.stderr, flush=True)
 
 
 def _finish(engine, run, *, output: Path, fps: int, quiet: bool, on_step=None) -> None:
-    progress = _Progress(run.num_steps, start=run.step_index,
-                         enabled=not quiet)
+    from launch.progress import StepProgress
+
+    progress = StepProgress(run.num_steps, start=run.step_index, enabled=not quiet)
     try:
         def callback(event):
             progress(event)
@@ -170,15 +154,10 @@ def generate(args: argparse.Namespace, rank_info=None) -> int:
         return _fail("generate", f"--model: {exc}")
     engine = Engine(model)
     run = engine.start(engine.prepare(resolved))
-    folder = Path(args.checkpoint_dir) if checkpoints else None
-
-    def save_checkpoint(event) -> None:
-        if event.step in checkpoints:
-            folder.mkdir(parents=True, exist_ok=True)
-            run.snapshot().save(folder / f"step-{event.step:04d}.pt")
+    from launch.progress import checkpoint_writer
 
     _finish(engine, run, output=output, fps=resolved.fps, quiet=args.quiet,
-            on_step=save_checkpoint if folder else None)
+            on_step=checkpoint_writer(run, args.checkpoint_dir, checkpoints) if checkpoints else None)
     return EXIT_OK
 
 

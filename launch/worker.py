@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -139,25 +138,18 @@ def run_generation(info: RankInfo, job: GenerateJob) -> dict:
 
 def _denoise(run, job: GenerateJob, reporting: bool) -> list[float]:
     """Runs every step; returns each step's wall time in seconds."""
-    folder = Path(job.checkpoint_dir) if job.checkpoint_dir and reporting else None
-    wanted = set(job.checkpoint_at)
-    bar = None
-    if reporting and not job.quiet:
-        from tqdm.auto import tqdm
+    from launch.progress import StepProgress, checkpoint_writer
 
-        bar = tqdm(total=run.num_steps, unit="step", desc=f"denoise x{job.layout.world_size}",
-                   file=sys.stderr, dynamic_ncols=True)
-
+    save = checkpoint_writer(run, job.checkpoint_dir, job.checkpoint_at) if job.checkpoint_dir and reporting else None
+    bar = StepProgress(run.num_steps, desc=f"denoise x{job.layout.world_size}") if reporting and not job.quiet else None
     elapsed = [0.0]
 
     def on_step(event) -> None:
         elapsed.append(event.elapsed)
         if bar is not None:
-            bar.set_postfix_str(f"{event.expert} eta {event.eta:.1f}s", refresh=False)
-            bar.update(1)
-        if folder is not None and event.step in wanted:
-            folder.mkdir(parents=True, exist_ok=True)
-            run.snapshot().save(folder / f"step-{event.step:04d}.pt")
+            bar(event)
+        if save is not None:
+            save(event)
 
     try:
         run.run(callback=on_step)
