@@ -47,6 +47,7 @@ class LoadedModel:
     vae: torch.nn.Module | None
     experts: dict[str, torch.nn.Module] = field(default_factory=dict)
     offload: bool = False
+    _resident: str | None = field(default=None, repr=False)  # what offload last put on the device
 
     @property
     def expert_names(self) -> tuple[str, ...]:
@@ -56,21 +57,23 @@ class LoadedModel:
     def on_device(self, name: str) -> torch.nn.Module | None:
         """The expert ``name`` on the run device; with offload, every other module leaves it."""
         module = self.experts.get(name)
-        if module is None or not self.offload:
-            return module
+        if module is None or not self.offload or self._resident == name:
+            return module  # moves happen only when the resident module changes, not every step
         for other_name, other in self.experts.items():
             if other_name != name:
                 other.to("cpu")
         if self.text_encoder is not None:
             self.text_encoder.to("cpu")
+        self._resident = name
         return module.to(self.device)
 
     def encoder_on_device(self) -> torch.nn.Module:
         """The text encoder on the run device; with offload, the experts leave it first."""
-        if self.offload:
+        if self.offload and self._resident != "text_encoder":
             for module in self.experts.values():
                 module.to("cpu")
             self.text_encoder.to(self.device)
+            self._resident = "text_encoder"
         return self.text_encoder
 
 
