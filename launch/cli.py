@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--kind", choices=("t2v", "i2v", "ti2v"), default="t2v",
                       help="t2v / i2v: two experts (MoE); ti2v: dense, 48-channel VAE")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    from launch import bench_cli, plan_cli
+
+    plan_cli.add_parser(sub)
+    bench_cli.add_parser(sub)
     return parser
 
 
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from launch import service_commands
 
-    handler = {"generate": commands.generate, "resume": commands.resume,
+    # Subcommands defined in their own modules carry their handler (set_defaults(handler=...)).
+    handler = getattr(args, "handler", None) or {"generate": commands.generate, "resume": commands.resume,
                "make-tiny": commands.make_tiny, "serve": service_commands.serve,
                "submit": service_commands.submit, "demo": service_commands.demo}[args.command]
     try:
