@@ -154,3 +154,19 @@ def propose_split(num_devices: int, high_steps: int, low_steps: int, *,
               f"gives stage times {high_s:.3g} vs {low_s:.3g} (balance {min(high_s, low_s) / max(high_s, low_s, 1e-12):.0%}); "
               f"the {slower} stage sets the pace")
     return StageSplit(high_devices=high, low_devices=low, high_s=high_s, low_s=low_s, reason=reason)
+
+
+def request_experts(info, request) -> list[str]:
+    """The expert of each step of ``request`` on the model ``info`` (from configs, on the CPU).
+
+    Args:
+        info: :class:`engine.model_info.ModelInfo`.
+        request: A :class:`engine.request.ResolvedRequest`.
+    """
+    from engine.denoise import expert_schedule
+    from engine.loader import build_scheduler
+
+    scheduler = build_scheduler(info, request.shift)
+    scheduler.set_timesteps(request.steps)
+    return expert_schedule([int(t) for t in scheduler.timesteps.tolist()], request.boundary,
+                           info.num_train_timesteps)

@@ -49,6 +49,35 @@ def _runtime_flags(parser: argparse.ArgumentParser, *, model_required: bool = Fa
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _executor_flags(parser: argparse.ArgumentParser) -> None:
+    e = parser.add_argument_group(
+        "executor and placement (--executor ray: worker groups of Ray actors, one per device)")
+    e.add_argument("--executor", choices=("local", "torchrun", "ray"), default="local",
+                   help="local: this process, or --nproc spawned processes; torchrun: under "
+                        "torchrun; ray: Ray actors in placement groups (default local)")
+    e.add_argument("--placement", choices=("fused", "staged"), default="fused",
+                   help="fused: each group holds both experts; staged: the high-noise and the "
+                        "low-noise expert on separate groups, the state handed over at the boundary")
+    e.add_argument("--replicas", type=int, default=1, help="fused: identical groups (data parallel)")
+    e.add_argument("--stage-split", metavar="HIGH:LOW",
+                   help="staged: devices per expert group (default: balanced to the step counts)")
+    e.add_argument("--high-layout", metavar="SPEC", help='staged: layout of the high-noise group, e.g. "ulysses=4,fsdp=4"')
+    e.add_argument("--low-layout", metavar="SPEC", help="staged: layout of the low-noise group")
+    e.add_argument("--encode-on", choices=("high", "low", "own"), default="high",
+                   help="staged: group that encodes text/image (own: a device of its own)")
+    e.add_argument("--decode-on", choices=("high", "low", "own"), default="low",
+                   help="staged: group that VAE-decodes (own: a device of its own)")
+    e.add_argument("--ray-address", help="existing Ray cluster (default: start a local Ray)")
+    e.add_argument("--ray-strategy", choices=("STRICT_PACK", "PACK", "SPREAD"), default="STRICT_PACK",
+                   help="placement-group strategy: STRICT_PACK keeps a group on one node")
+    e.add_argument("--checkpoint-every", type=int, default=1,
+                   help="ray: steps between the scheduler's in-memory checkpoints (default 1)")
+    e.add_argument("--step-timeout", type=float, default=300.0,
+                   help="ray: watchdog seconds per step before a group is declared hung")
+    e.add_argument("--max-retries", type=int, default=2,
+                   help="ray: group failures one request may survive (default 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``relay`` command."""
     parser = argparse.ArgumentParser(
@@ -76,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", choices=("device", "cpu", "fsdp"), default="device",
                    help="text encoder placement in a group: a copy per device, on the host CPU, "
                         "or sharded over all ranks")
+    _executor_flags(gen)
     c = gen.add_argument_group("checkpoints")
     c.add_argument("--checkpoint-dir", help="write denoise-state snapshots into this folder")
     c.add_argument("--checkpoint-at", default="",
@@ -156,6 +186,7 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``relay`` console script; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # relaunching under torchrun
     quiet_libraries()
     from launch import commands
 

@@ -96,17 +96,39 @@ def _layout(args, info, resolved):
 
     from parallel.layout import ParallelLayout
 
+    if args.placement == "staged":  # each stage group has its own layout (launch.placement)
+        return ParallelLayout()
     fsdp = args.fsdp
     layout = ParallelLayout.from_flags(nproc=args.nproc, ulysses=args.ulysses, ring=args.ring,
                                        cfg=args.cfg_parallel, fsdp=True if fsdp == -1 else fsdp)
     layout.check_model(num_heads=info.num_attention_heads,
                        guidance_needs_uncond=resolved.guidance > 1 or (resolved.guidance_low or 0) > 1)
     device_type = _device_type(args)
-    if layout.world_size > 1 and device_type == "cuda" and torch.cuda.device_count() < args.nproc:
+    local = args.executor != "ray"  # a Ray cluster's GPUs are checked when the groups reserve them
+    if local and layout.world_size > 1 and device_type == "cuda" and torch.cuda.device_count() < args.nproc:
         raise ValidationError("nproc", f"{args.nproc} processes but only {torch.cuda.device_count()} GPUs")
     if layout.world_size > 1 and args.offload and layout.fsdp_degree == 1:
         raise ValidationError("offload", "in a group offloads FSDP shards: add --fsdp")
     return layout
+
+
+def _check_executor(args) -> None:
+    """Placement flags that need the Ray executor, or that conflict with the layout flags."""
+    executor = getattr(args, "executor", "local")
+    if executor != "ray":
+        for flag, given in (("placement", args.placement != "fused"), ("replicas", args.replicas != 1),
+                            ("stage_split", args.stage_split), ("high_layout", args.high_layout),
+                            ("low_layout", args.low_layout), ("ray_address", args.ray_address)):
+            if given:
+                raise ValidationError(flag, "needs --executor ray")
+    if args.placement == "staged" and any(v is not None for v in (args.ulysses, args.ring, args.cfg_parallel, args.fsdp)):
+        raise ValidationError("placement", "staged groups take --high-layout / --low-layout, "
+                                           "not --ulysses / --ring / --cfg-parallel / --fsdp")
+    for flag, value, low in (("checkpoint_every", args.checkpoint_every, 1), ("max_retries", args.max_retries, 0)):
+        if value < low:
+            raise ValidationError(flag, f"must be at least {low}, got {value}")
+    if not args.step_timeout > 0:
+        raise ValidationError("step_timeout", f"must be positive, got {args.step_timeout}")
 
 
 def _device_type(args) -> str:
@@ -139,12 +161,21 @@ def generate(args: argparse.Namespace, rank_info=None) -> int:
         resolved = resolve_request(request, info, tokenizer=tokenizer)
         checkpoints = _checkpoint_steps(args.checkpoint_at, args.checkpoint_dir, resolved.steps)
         layout = _layout(args, info, resolved)
+        _check_executor(args)
     except ValidationError as exc:
         return _fail("generate", f"{_flag(exc.field)}: {exc.message}")
     except ModelError as exc:
         return _fail("generate", f"--model: {exc}")
     _say(args.quiet, f"model {info.path} ({info.kind}); {resolved.width}x{resolved.height}, "
                      f"{resolved.frames} frames, {resolved.steps} steps, seed {resolved.seed}")
+    if rank_info is None and args.executor == "ray":
+        from launch.ray_commands import generate_on_ray
+
+        return generate_on_ray(args, info, resolved, layout, output, checkpoints)
+    if rank_info is None and args.executor == "torchrun":
+        from launch.ray_commands import generate_under_torchrun
+
+        return generate_under_torchrun(args)
     if layout.world_size > 1 or rank_info is not None:
         return _generate_in_group(args, info, resolved, layout, checkpoints, output, rank_info)
     try:

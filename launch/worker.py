@@ -53,36 +53,177 @@ class GenerateJob:
     quiet: bool = False
 
 
-def _load(job: GenerateJob, groups):
-    """Loads the model for this rank: FSDP-sharded experts when the layout asks for it."""
-    from engine.loader import DTYPES, default_dtype, expert_folders, load_model
-    from engine.model_info import read_model_info
+@dataclass(frozen=True, kw_only=True)
+class WorkerSpec:
+    """What one worker group loads and how it is laid out (picklable; the same on every rank).
 
-    info = read_model_info(job.model)
+    Attributes:
+        model: Model directory.
+        layout: The parallel layout of the group.
+        roles: Stages this group runs (:data:`engine.stages.STAGE_ORDER` names); the experts it
+            loads are the expert stages among them. ``None`` = every stage (fused).
+        dtype: ``bf16`` / ``fp16`` / ``fp32`` or ``None`` for the device default.
+        device_type: ``cuda`` or ``cpu``.
+        text_encoder: ``device``, ``cpu`` or ``fsdp`` (see :class:`GenerateJob`).
+        offload: FSDP2 CPU offload of the shards (or, on one rank, model offload).
+        timeout_s: Collective timeout of the group.
+    """
+
+    model: str
+    layout: ParallelLayout
+    roles: tuple[str, ...] | None = None
+    dtype: str | None = None
+    device_type: str = "cpu"
+    text_encoder: str = "device"
+    offload: bool = False
+    timeout_s: float = 600.0
+
+
+class StageWorker:
+    """One rank of a worker group: joins the group, loads what its roles need, and runs stages.
+
+    Every launcher (torchrun, the local spawner, Ray actors) builds one per rank from rank
+    information and calls the same methods on every rank of a group in the same order
+    (lock-step); only the output rank (global rank 0) returns states, previews and frames.
+
+    Args:
+        info: Rank information from the launcher.
+        spec: What to load and the layout.
+    """
+
+    def __init__(self, info: RankInfo, spec: WorkerSpec) -> None:
+        from engine.model_info import read_model_info
+        from engine.pipeline import Engine
+        from parallel import parallelize
+        from parallel.cfg import CfgParallelPredictor
+        from parallel.groups import init_groups
+
+        from launch.cli import quiet_libraries
+
+        quiet_libraries()
+        if spec.device_type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+        self.info, self.spec = info, spec
+        self.model_info = read_model_info(spec.model)
+        self.groups = init_groups(spec.layout, info, device_type=spec.device_type, timeout_s=spec.timeout_s)
+        self.model = _load(spec, self.groups, self.model_info)
+        self._handles = [parallelize(expert, self.groups) for expert in self.model.experts.values()]
+        self.engine = Engine(self.model)
+        groups = self.groups
+        self._predict = CfgParallelPredictor(groups.cfg_group, groups.cfg_rank) if groups.cfg_group else None
+        self._previewer = None
+        self.run = None
+
+    @property
+    def is_output_rank(self) -> bool:
+        """Whether this rank returns states, previews and frames (global rank 0)."""
+        return self.groups.is_output_rank
+
+    def parameter_bytes(self) -> dict[str, int]:
+        """This rank's parameter bytes of each loaded expert (shards under FSDP)."""
+        from parallel.fsdp import local_parameter_bytes
+
+        return {name: local_parameter_bytes(expert) for name, expert in self.model.experts.items()}
+
+    def prepare(self, request: dict):
+        """The ``encode`` stage: text (and image) conditioning and the initial noise.
+
+        Args:
+            request: ``ResolvedRequest.to_dict(with_image=True)``, identical on every rank.
+
+        Returns:
+            The :class:`~engine.state.DenoiseState` before step 0 (output rank; ``None`` elsewhere).
+        """
+        from engine.request import ResolvedRequest
+
+        state = self.engine.prepare(ResolvedRequest(**request))
+        return state.to_cpu() if self.is_output_rank else None
+
+    def begin(self, state) -> None:
+        """Starts denoising ``state`` (a fresh state, a hand-off or a checkpoint) on this group."""
+        self.run = self.engine.start(state, predict=self._predict)
+
+    def advance(self, *, until: int, max_steps: int, snapshot: bool = True, preview: bool = False):
+        """Runs at most ``max_steps`` steps, stopping before step index ``until``.
+
+        Returns:
+            ``(events, state, preview)`` on the output rank: the step events, the snapshot after
+            the last step (when ``snapshot``) and a preview PNG of the latents (when
+            ``preview``); ``([], None, None)`` elsewhere.
+        """
+        if self.run is None:
+            raise RuntimeError("advance() before begin()")
+        events = []
+        end = min(until, self.run.step_index + max_steps)
+        self.run.run(until=end, callback=events.append)
+        if not self.is_output_rank:
+            return [], None, None
+        state = self.run.snapshot() if snapshot else None
+        png = self.preview_png(self.run.latents) if preview else None
+        return events, state, png
+
+    def preview_png(self, latents) -> bytes:
+        """A small PNG of ``latents`` through the VAE's linear latent-to-RGB projection."""
+        if self._previewer is None:
+            from engine.preview import LatentPreviewer
+
+            self._previewer = LatentPreviewer.for_vae(self.model.vae)
+        return self._previewer.png(latents)
+
+    def decode(self, state=None):
+        """The ``decode`` stage: frames ``(F, H, W, 3)`` of ``state`` (default: the current run)
+        on the output rank, ``None`` elsewhere (other ranks have nothing to do)."""
+        if not self.is_output_rank:
+            return None
+        return self.engine.decode(state if state is not None else self.run)
+
+    def close(self) -> None:
+        """Removes the parallel hooks and leaves the process group."""
+        from parallel.groups import destroy_groups
+
+        for handle in self._handles:
+            if handle is not None:
+                handle.remove()
+        self._handles = []
+        destroy_groups()
+
+
+def _load(spec: WorkerSpec, groups, info):
+    """Loads the model for this rank: the experts of its roles (FSDP-sharded when the layout
+    asks for it), the text encoder when it encodes, and the VAE (decode, image encode, previews)."""
+    from engine.loader import DTYPES, default_dtype, expert_folders, load_model
+    from engine.stages import ENCODE
+
     device = groups.device
-    dtype_name = job.dtype or default_dtype(device)
+    dtype_name = spec.dtype or default_dtype(device)
+    folders = expert_folders(info)
+    wanted = tuple(folders) if spec.roles is None else tuple(n for n in folders if n in spec.roles)
+    encodes = spec.roles is None or ENCODE in spec.roles
     sharded = groups.fsdp_mesh is not None
-    model = load_model(info, dtype=dtype_name, device=device, experts=() if sharded else None,
-                       text_encoder=job.text_encoder == "device")
+    model = load_model(info, dtype=dtype_name, device=device, experts=() if sharded else wanted,
+                       text_encoder=encodes and spec.text_encoder == "device",
+                       offload=spec.offload and groups.layout.world_size == 1)
     torch_dtype = DTYPES[dtype_name]
     if sharded:
         from parallel.fsdp import load_sharded_transformer
 
-        for name, folder in expert_folders(info).items():
+        for name in wanted:
             model.experts[name] = load_sharded_transformer(
-                info.path, folder, mesh=groups.fsdp_mesh, device=device, dtype=torch_dtype,
-                offload=job.offload)
-    if job.text_encoder == "fsdp" and groups.world_mesh is not None:
+                info.path, folders[name], mesh=groups.fsdp_mesh, device=device, dtype=torch_dtype,
+                offload=spec.offload)
+    if not encodes:
+        return model
+    if spec.text_encoder == "fsdp" and groups.world_mesh is not None:
         from parallel.fsdp import load_sharded_text_encoder
 
         model.text_encoder = load_sharded_text_encoder(
             info.path / "text_encoder", mesh=groups.world_mesh, device=device, dtype=torch_dtype,
-            offload=job.offload)
-    elif job.text_encoder != "device":
+            offload=spec.offload)
+    elif spec.text_encoder != "device":
         from engine.loader import load_text_encoder
 
         model.text_encoder = load_text_encoder(
-            info, dtype=torch_dtype, device=torch.device("cpu") if job.text_encoder == "cpu" else device)
+            info, dtype=torch_dtype, device=torch.device("cpu") if spec.text_encoder == "cpu" else device)
     return model
 
 
@@ -94,46 +235,34 @@ def run_generation(info: RankInfo, job: GenerateJob) -> dict:
     """
     import torch.distributed as dist
 
-    from engine.pipeline import Engine
-    from engine.request import ResolvedRequest
-    from parallel import parallelize
-    from parallel.cfg import CfgParallelPredictor
-    from parallel.fsdp import local_parameter_bytes
-    from parallel.groups import destroy_groups, init_groups
-
-    from launch.cli import quiet_libraries
-
-    quiet_libraries()
-    if job.device_type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
-    groups = init_groups(job.layout, info, device_type=job.device_type)
+    started = time.perf_counter()
+    spec = WorkerSpec(model=job.model, layout=job.layout, dtype=job.dtype, device_type=job.device_type,
+                      text_encoder=job.text_encoder, offload=job.offload)
+    worker = StageWorker(info, spec)
     try:
         shared = [job.request]
         dist.broadcast_object_list(shared, src=0)  # every rank uses rank 0's request (and seed)
-        request = ResolvedRequest(**shared[0])
-        started = time.perf_counter()
-        model = _load(job, groups)
-        handles = [parallelize(expert, groups) for expert in model.experts.values()]
-        param_bytes = {name: local_parameter_bytes(expert) for name, expert in model.experts.items()}
-        engine = Engine(model)
-        predict = CfgParallelPredictor(groups.cfg_group, groups.cfg_rank) if groups.cfg_group else None
-        run = engine.start(engine.prepare(request), predict=predict)
+        state = worker.engine.prepare(_resolved(shared[0]))
+        worker.begin(state)
         loaded = time.perf_counter() - started
-        step_s = _denoise(run, job, groups.is_output_rank)
-        if groups.is_output_rank:
+        step_s = _denoise(worker.run, job, worker.is_output_rank)
+        if worker.is_output_rank:
             from engine.video import write_output
 
-            write_output(engine.decode(run), job.output, fps=request.fps)
+            write_output(worker.decode(), job.output, fps=state.request["fps"])
             if not job.quiet:
                 print(f"wrote {job.output}", file=sys.stderr, flush=True)
-        for handle in handles:
-            if handle is not None:
-                handle.remove()
         dist.barrier()
-        return {"rank": info.rank, "param_bytes": param_bytes, "load_s": loaded, "step_s": step_s,
-                "total_s": time.perf_counter() - started}
+        return {"rank": info.rank, "param_bytes": worker.parameter_bytes(), "load_s": loaded,
+                "step_s": step_s, "total_s": time.perf_counter() - started}
     finally:
-        destroy_groups()
+        worker.close()
+
+
+def _resolved(request: dict):
+    from engine.request import ResolvedRequest
+
+    return ResolvedRequest(**request)
 
 
 def _denoise(run, job: GenerateJob, reporting: bool) -> list[float]:

@@ -123,6 +123,43 @@ class ParallelLayout:
         layout.check_world(nproc)
         return layout
 
+    @classmethod
+    def from_spec(cls, spec: str, *, nproc: int | None = None, field: str = "layout") -> ParallelLayout:
+        """Parses ``"ulysses=4,ring=1,cfg=2,fsdp=8"`` (the layout flags' names, any subset).
+
+        Args:
+            spec: Comma-separated ``key=value`` pairs; keys ``ulysses``, ``ring``, ``cfg``
+                (or ``cfg_parallel``) and ``fsdp``.
+            nproc: Ranks the layout must fill; unset sequence degrees take what is left (as in
+                :meth:`from_flags`). ``None``: unset degrees are 1.
+            field: Flag name to report parse errors under.
+
+        Raises:
+            LayoutError: unknown key, non-integer value, or an impossible layout.
+        """
+        values: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            key, sep, value = part.partition("=")
+            key = {"cfg_parallel": "cfg"}.get(key.strip(), key.strip())
+            if not sep or key not in ("ulysses", "ring", "cfg", "fsdp"):
+                raise LayoutError(field, f"{part!r} is not KEY=N with KEY one of ulysses, ring, cfg, fsdp")
+            if key in values:
+                raise LayoutError(field, f"{key} is given twice")
+            try:
+                values[key] = int(value)
+            except ValueError:
+                raise LayoutError(field, f"{key} must be an integer, got {value.strip()!r}") from None
+        if nproc is None:
+            return cls(cfg_degree=values.get("cfg", 1), ulysses_degree=values.get("ulysses", 1),
+                       ring_degree=values.get("ring", 1), fsdp_degree=values.get("fsdp", 1))
+        return cls.from_flags(nproc=nproc, ulysses=values.get("ulysses"), ring=values.get("ring"),
+                              cfg=values.get("cfg"), fsdp=values.get("fsdp"))
+
+    def spec(self) -> str:
+        """The inverse of :meth:`from_spec`: ``"cfg=1,ulysses=4,ring=1,fsdp=4"``."""
+        return (f"cfg={self.cfg_degree},ulysses={self.ulysses_degree},ring={self.ring_degree},"
+                f"fsdp={self.fsdp_degree}")
+
     def describe(self) -> str:
         """One line for logs: ``cfg=2 ulysses=4 ring=1 fsdp=4 (8 ranks)``."""
         return (f"cfg={self.cfg_degree} ulysses={self.ulysses_degree} ring={self.ring_degree} "

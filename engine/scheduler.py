@@ -1,0 +1,470 @@
+"""The stage scheduler: requests flow through worker groups stage by stage.
+
+A request is a chain of stages (:mod:`engine.stages`): ``encode``, one segment per expert, and
+``decode``. Each worker group runs the stages of its *roles*; a *fused* group has every role and
+runs whole requests, a *staged* pair splits the experts so that request i's low-noise steps run
+while request i+1's high-noise steps do. The scheduler:
+
+* admits requests into a bounded queue (priority, then FIFO) and routes each to the per-stage
+  queue of its next stage; a free group takes the most advanced waiting request it can serve
+  (finishing in-flight work first), runs every consecutive stage it holds, and hands the
+  :class:`~engine.state.DenoiseState` on;
+* drives the denoise steps in calls of ``checkpoint_every`` steps and keeps the state after each
+  call *outside the workers* (the checkpoint); progress, previews and the checkpoint come back
+  from the group's output rank;
+* cancels at step boundaries (it simply stops calling the group: every rank stops in lock-step);
+* treats a dead or hung worker (a :class:`GroupFailure`: the executor's watchdog or a lost
+  actor) by rebuilding the whole group and re-queueing its request from the last checkpoint.
+  A request that breaks its group more than ``max_request_retries`` times fails with a clear
+  error; a group rebuilt more than ``max_group_restarts`` times is retired. Other requests are
+  never lost.
+
+It never imports ray or torch.distributed: a group is anything with the :class:`WorkerGroup`
+methods (:mod:`launch.ray_executor` provides Ray actor groups).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.stages import DECODE, ENCODE, Segment, segments
+
+log = logging.getLogger(__name__)
+
+
+class GroupFailure(RuntimeError):
+    """A worker group can no longer be used (a worker died or a call exceeded the watchdog)."""
+
+
+class RequestFailed(RuntimeError):
+    """A request could not be completed; the message says why."""
+
+
+class RequestCancelled(RuntimeError):
+    """A request was cancelled before it completed."""
+
+
+class WorkerGroup(Protocol):
+    """What the scheduler needs from an executor's group of workers (every call is lock-step
+    over the group's ranks and raises :class:`GroupFailure` when the group is broken)."""
+
+    name: str
+    roles: tuple[str, ...]
+
+    def prepare(self, request: dict, *, timeout_s: float): ...
+    def begin(self, state, *, timeout_s: float) -> None: ...
+    def advance(self, *, until: int, max_steps: int, preview: bool, timeout_s: float): ...
+    def decode(self, state, *, timeout_s: float): ...
+    def restart(self) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """Scheduling policy.
+
+    Attributes:
+        max_queue: Requests that may wait to enter the pipeline; more are refused.
+        checkpoint_every: Steps per group call; the scheduler holds a checkpoint after each.
+        step_timeout_s: Watchdog: seconds a step (or encode/decode) may take before the group is
+            declared hung.
+        load_timeout_s: Extra seconds the first call after a (re)build may take.
+        max_request_retries: Group failures one request may cause before it fails.
+        max_group_restarts: Rebuilds of one group before it is retired.
+        overlap: Whether a new request may enter the pipeline while others are in flight
+            (``False`` is the no-overlap baseline: request i+1 waits for request i).
+    """
+
+    max_queue: int = 64
+    checkpoint_every: int = 1
+    step_timeout_s: float = 300.0
+    load_timeout_s: float = 600.0
+    max_request_retries: int = 2
+    max_group_restarts: int = 10
+    overlap: bool = True
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.max_queue < 0 or self.max_request_retries < 0 or self.max_group_restarts < 0:
+            raise ValueError("max_queue, max_request_retries and max_group_restarts must be >= 0")
+        if self.step_timeout_s <= 0:
+            raise ValueError(f"step_timeout_s must be positive, got {self.step_timeout_s}")
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    """One group call, for overlap analysis: ``kind`` is prepare, step, decode or restart."""
+
+    group: str
+    request: int
+    kind: str
+    start: float
+    end: float
+
+
+@dataclass(eq=False, kw_only=True)
+class Ticket:
+    """A submitted request and its live state.
+
+    Attributes:
+        request_id: Sequential id.
+        request: ``ResolvedRequest.to_dict(with_image=True)``.
+        priority: Higher enters first.
+        on_event: Called (on a scheduler thread) as ``on_event(kind, data)``.
+        preview_every: A preview PNG every N steps (0: none).
+    """
+
+    request_id: int
+    request: dict
+    priority: int = 0
+    on_event: Callable[[str, dict], None] | None = None
+    preview_every: int = 0
+    stages: list = field(default_factory=list)  # remaining: ENCODE, Segment..., DECODE
+    state: object = None  # the checkpoint: DenoiseState after the last completed call
+    attempts: int = 0
+    cancelled: bool = False
+    started: float | None = None
+    step_seconds: list = field(default_factory=list)
+    _done: threading.Event = field(default_factory=threading.Event)
+    _result: object = None
+    _error: BaseException | None = None
+
+    @property
+    def next_stage(self) -> str | None:
+        """Name of the next stage to run (``None`` when finished)."""
+        if not self.stages:
+            return None
+        stage = self.stages[0]
+        return stage.expert if isinstance(stage, Segment) else stage
+
+    @property
+    def done(self) -> bool:
+        """True once the request succeeded, failed or was cancelled."""
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None):
+        """Waits for and returns the frames ``(F, H, W, 3)``.
+
+        Raises:
+            RequestFailed: the request failed. RequestCancelled: it was cancelled.
+            TimeoutError: not finished within ``timeout``.
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout}s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class StageScheduler:
+    """Runs requests over worker groups (see the module docstring).
+
+    Args:
+        groups: The worker groups, already built; every stage must be served by one of them.
+        config: Scheduling policy.
+    """
+
+    def __init__(self, groups: Sequence[WorkerGroup], config: SchedulerConfig = SchedulerConfig()) -> None:
+        self.groups = list(groups)
+        self.config = config
+        self.restarts = {group.name: 0 for group in self.groups}
+        self.trace: list[TraceEntry] = []
+        self._retired: set[str] = set()
+        self._waiting: list[Ticket] = []
+        self._in_flight = 0
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self._closed = False
+        self._epoch = time.perf_counter()
+        self._threads = [threading.Thread(target=self._serve, args=(group,), name=f"relay-{group.name}",
+                                          daemon=True) for group in self.groups]
+        for thread in self._threads:
+            thread.start()
+
+    # --- public API --------------------------------------------------------------------------
+    def submit(self, request: dict, *, experts: Sequence[str], priority: int = 0, preview_every: int = 0,
+               on_event: Callable[[str, dict], None] | None = None) -> Ticket:
+        """Admits a resolved request.
+
+        Args:
+            request: ``ResolvedRequest.to_dict(with_image=True)`` (validated, seed fixed).
+            experts: The request's expert per step (:func:`engine.denoise.expert_schedule`),
+                computed on the CPU from the model config; it decides the stages.
+            priority: Higher enters the pipeline first.
+            preview_every: A preview PNG every N steps (0: none).
+            on_event: ``on_event(kind, data)``, called on a scheduler thread for queued,
+                started, stage, progress, preview, decoding, retry, done, failed, cancelled.
+
+        Raises:
+            RequestFailed: the queue is full, the scheduler is closed, or no group can serve
+                one of the request's stages.
+        """
+        stages: list = [ENCODE, *segments(list(experts)), DECODE]
+        with self._lock:
+            if self._closed:
+                raise RequestFailed("the scheduler is shut down")
+            waiting = sum(1 for t in self._waiting if t.state is None and t.attempts == 0)
+            if waiting >= self.config.max_queue:
+                raise RequestFailed(f"queue full ({waiting} requests waiting)")
+            ticket = Ticket(request_id=next(self._ids), request=request, priority=priority,
+                            on_event=on_event, preview_every=preview_every, stages=stages)
+            missing = [s for s in {_name(s) for s in stages} if not self._servers(s)]
+            if missing:
+                raise RequestFailed(f"no live worker group runs stage(s) {sorted(missing)}")
+            self._waiting.append(ticket)
+            self._lock.notify_all()
+        self._emit(ticket, "queued", position=self.position(ticket))
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Cancels ``ticket``: at once when waiting, at the next step boundary when running."""
+        with self._lock:
+            ticket.cancelled = True
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+                if ticket.state is not None or ticket.attempts:
+                    self._in_flight -= 1
+                self._finish(ticket, error=RequestCancelled(f"request {ticket.request_id} cancelled"))
+            self._lock.notify_all()
+
+    def position(self, ticket: Ticket) -> int:
+        """0-based position among requests that have not entered the pipeline (-1 otherwise)."""
+        with self._lock:
+            fresh = sorted((t for t in self._waiting if t.state is None and t.attempts == 0), key=self._rank)
+            return fresh.index(ticket) if ticket in fresh else -1
+
+    def close(self) -> None:
+        """Stops the group threads after their current call (waiting requests are cancelled)."""
+        with self._lock:
+            self._closed = True
+            for ticket in self._waiting:
+                self._finish(ticket, error=RequestCancelled("the scheduler is shut down"))
+            self._waiting.clear()
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    # --- routing -----------------------------------------------------------------------------
+    def _servers(self, stage: str) -> list[WorkerGroup]:
+        return [g for g in self.groups if stage in g.roles and g.name not in self._retired]
+
+    def _rank(self, ticket: Ticket):
+        # In-flight work first (a later stage), then priority, then arrival.
+        progress = -len(ticket.stages) if ticket.state is not None else 0
+        return (progress, -ticket.priority, ticket.request_id)
+
+    def _take(self, group: WorkerGroup) -> Ticket | None:
+        """Blocks until a request whose next stage ``group`` serves is available (or closing)."""
+        with self._lock:
+            while True:
+                if self._closed or group.name in self._retired:
+                    return None
+                candidates = [t for t in self._waiting if t.next_stage in group.roles
+                              and (self.config.overlap or t.state is not None or t.attempts
+                                   or self._in_flight == 0)]
+                if candidates:
+                    ticket = min(candidates, key=self._rank)
+                    self._waiting.remove(ticket)
+                    if ticket.state is None and ticket.attempts == 0:
+                        self._in_flight += 1
+                    return ticket
+                self._lock.wait()
+
+    def _requeue(self, ticket: Ticket) -> None:
+        with self._lock:
+            if ticket.cancelled:
+                self._in_flight -= 1
+                self._finish(ticket, error=RequestCancelled(f"request {ticket.request_id} cancelled"))
+            elif not self._servers(ticket.next_stage):
+                self._in_flight -= 1
+                self._finish(ticket, error=RequestFailed(
+                    f"request {ticket.request_id}: no live worker group runs stage {ticket.next_stage}"))
+            else:
+                self._waiting.append(ticket)
+            self._lock.notify_all()
+
+    def _finish(self, ticket: Ticket, *, result=None, error: BaseException | None = None) -> None:
+        ticket._result, ticket._error = result, error
+        ticket._done.set()
+        if error is None:
+            self._emit(ticket, "done")
+        elif isinstance(error, RequestCancelled):
+            self._emit(ticket, "cancelled", error=str(error))
+        else:
+            self._emit(ticket, "failed", error=str(error))
+
+    # --- execution ---------------------------------------------------------------------------
+    def _serve(self, group: WorkerGroup) -> None:
+        fresh = True  # the first call after a (re)build may include loading
+        while True:
+            ticket = self._take(group)
+            if ticket is None:
+                return
+            try:
+                self._run_stages(group, ticket, fresh)
+                fresh = False
+            except GroupFailure as exc:
+                fresh = True
+                self._on_failure(group, ticket, exc)
+                continue
+            except RequestCancelled as exc:
+                with self._lock:
+                    self._in_flight -= 1
+                    self._finish(ticket, error=exc)
+                    self._lock.notify_all()
+                continue
+            except Exception as exc:  # noqa: BLE001 - a request error must not stop the group
+                log.exception("request %s failed on %s", ticket.request_id, group.name)
+                with self._lock:
+                    self._in_flight -= 1
+                    self._finish(ticket, error=RequestFailed(f"request {ticket.request_id}: {exc}"))
+                    self._lock.notify_all()
+                continue
+            if ticket.stages:
+                self._requeue(ticket)
+
+    def _timeout(self, steps: int, fresh: bool) -> float:
+        return steps * self.config.step_timeout_s + (self.config.load_timeout_s if fresh else 0.0)
+
+    def _run_stages(self, group: WorkerGroup, ticket: Ticket, fresh: bool) -> None:
+        if ticket.started is None:
+            ticket.started = time.perf_counter()
+            self._emit(ticket, "started", group=group.name)
+        while ticket.stages and ticket.next_stage in group.roles:
+            if ticket.cancelled:
+                raise RequestCancelled(f"request {ticket.request_id} cancelled")
+            stage = ticket.stages[0]
+            self._emit(ticket, "stage", stage=ticket.next_stage, group=group.name)
+            if stage == ENCODE:
+                with self._timed(group, ticket, "prepare"):
+                    state = group.prepare(ticket.request, timeout_s=self._timeout(1, fresh))
+                planned = [s.expert for s in ticket.stages if isinstance(s, Segment)]
+                if [s.expert for s in segments(state.experts)] != planned:
+                    raise RequestFailed(f"request {ticket.request_id}: the workers' expert schedule "
+                                        f"{state.experts} differs from the planned one")
+                ticket.state = state
+            elif stage == DECODE:
+                self._emit(ticket, "decoding", group=group.name)
+                with self._timed(group, ticket, "decode"):
+                    frames = group.decode(ticket.state, timeout_s=self._timeout(1, fresh))
+                ticket.stages.pop(0)
+                with self._lock:
+                    self._in_flight -= 1
+                    self._finish(ticket, result=frames)
+                    self._lock.notify_all()
+                return
+            else:
+                self._denoise(group, ticket, stage, fresh)
+            fresh = False
+            ticket.stages.pop(0)
+
+    def _denoise(self, group: WorkerGroup, ticket: Ticket, segment: Segment, fresh: bool) -> None:
+        group.begin(ticket.state, timeout_s=self._timeout(1, fresh))
+        fresh = False
+        while ticket.state.step_index < segment.end:
+            if ticket.cancelled:
+                raise RequestCancelled(f"request {ticket.request_id} cancelled")
+            step = ticket.state.step_index
+            count = min(self.config.checkpoint_every, segment.end - step)
+            every = ticket.preview_every
+            preview = bool(every) and any((s + 1) % every == 0 or s + 1 == ticket.state.num_steps
+                                          for s in range(step, step + count))
+            begun = time.perf_counter()
+            with self._timed(group, ticket, "step"):
+                events, state, png = group.advance(until=segment.end, max_steps=count, preview=preview,
+                                                   timeout_s=self._timeout(count, False))
+            ticket.step_seconds.append((time.perf_counter() - begun) / max(len(events), 1))
+            ticket.state = state  # the checkpoint, held outside the workers
+            for event in events:
+                self._progress(ticket, group, event)
+            if png is not None:
+                self._emit(ticket, "preview", step=state.step_index, png=png)
+
+    def _progress(self, ticket: Ticket, group: WorkerGroup, event) -> None:
+        recent = ticket.step_seconds[-8:]
+        per_step = sum(recent) / len(recent)
+        self._emit(ticket, "progress", step=event.step, total=event.total, expert=event.expert,
+                   timestep=event.timestep, group=group.name,
+                   elapsed_s=time.perf_counter() - ticket.started,
+                   eta_s=per_step * (event.total - event.step))
+
+    def _on_failure(self, group: WorkerGroup, ticket: Ticket, exc: GroupFailure) -> None:
+        ticket.attempts += 1
+        log.warning("group %s failed on request %s (attempt %d): %s", group.name, ticket.request_id,
+                    ticket.attempts, exc)
+        self._emit(ticket, "retry", group=group.name, attempt=ticket.attempts, error=str(exc))
+        started = time.perf_counter()
+        self.restarts[group.name] += 1
+        if self.restarts[group.name] > self.config.max_group_restarts:
+            with self._lock:
+                self._retired.add(group.name)
+            log.error("group %s retired after %d restarts", group.name, self.restarts[group.name] - 1)
+            group.shutdown()
+        else:
+            try:
+                group.restart()
+            except Exception as rebuild_error:  # noqa: BLE001 - a group that cannot rebuild retires
+                log.exception("group %s could not be rebuilt", group.name)
+                with self._lock:
+                    self._retired.add(group.name)
+                self._emit(ticket, "retry", group=group.name, error=f"rebuild failed: {rebuild_error}")
+        self.trace.append(TraceEntry(group.name, ticket.request_id, "restart",
+                                     started - self._epoch, time.perf_counter() - self._epoch))
+        if ticket.attempts > self.config.max_request_retries:
+            with self._lock:
+                self._in_flight -= 1
+                self._finish(ticket, error=RequestFailed(
+                    f"request {ticket.request_id} failed: its worker group broke {ticket.attempts} times "
+                    f"(last: {exc}); giving up after {self.config.max_request_retries} retries"))
+                self._lock.notify_all()
+            return
+        self._requeue(ticket)
+        with self._lock:  # requests stranded on a retired group's stage cannot complete
+            for other in list(self._waiting):
+                if not self._servers(other.next_stage):
+                    self._waiting.remove(other)
+                    if other.state is not None or other.attempts:
+                        self._in_flight -= 1
+                    self._finish(other, error=RequestFailed(
+                        f"request {other.request_id}: no live worker group runs stage {other.next_stage}"))
+
+    def _timed(self, group: WorkerGroup, ticket: Ticket, kind: str):
+        return _Timed(self, group.name, ticket.request_id, kind)
+
+    def _emit(self, ticket: Ticket, kind: str, **data) -> None:
+        if ticket.on_event is not None:
+            try:
+                ticket.on_event(kind, data)
+            except Exception:  # noqa: BLE001 - a consumer's bug must not break scheduling
+                log.exception("event callback of request %s failed", ticket.request_id)
+
+
+class _Timed:
+    def __init__(self, scheduler: StageScheduler, group: str, request: int, kind: str) -> None:
+        self.scheduler, self.group, self.request, self.kind = scheduler, group, request, kind
+
+    def __enter__(self):
+        self.start = time.perf_counter() - self.scheduler._epoch
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = time.perf_counter() - self.scheduler._epoch
+        self.scheduler.trace.append(TraceEntry(self.group, self.request, self.kind, self.start, end))
+
+
+def _name(stage) -> str:
+    return stage.expert if isinstance(stage, Segment) else stage
+
+
+def busy_overlap(trace: Sequence[TraceEntry], a: str, b: str) -> float:
+    """Seconds during which groups ``a`` and ``b`` were both inside a call."""
+    spans_a = [(e.start, e.end) for e in trace if e.group == a and e.kind != "restart"]
+    spans_b = [(e.start, e.end) for e in trace if e.group == b and e.kind != "restart"]
+    return sum(max(0.0, min(ea, eb) - max(sa, sb)) for sa, ea in spans_a for sb, eb in spans_b)

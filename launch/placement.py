@@ -1,0 +1,147 @@
+"""Which worker groups to build: *fused* replicas or a *staged* expert pair (no Ray here).
+
+:func:`plan_groups` turns the placement flags into :class:`GroupPlan` entries (name, roles,
+layout) and validates them against the model before anything starts, so a bad combination
+exits 2 naming its flag. The executor (:mod:`launch.ray_executor`) builds one Ray worker group
+per entry; the scheduler (:mod:`engine.scheduler`) routes stages to groups by role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.errors import ValidationError
+from engine.loader import DENSE, HIGH, LOW
+from engine.stages import DECODE, ENCODE, expert_step_counts, propose_split
+from parallel.layout import ParallelLayout
+
+PLACEMENTS = ("fused", "staged")
+#: Where encode / decode run in a staged placement: with an expert group, or on their own device.
+AUX_PLACES = ("high", "low", "own")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupPlan:
+    """One worker group to build.
+
+    Attributes:
+        name: ``fused0``, ``fused1``, ... or ``high``, ``low``, ``encode``, ``decode``, ``aux``.
+        roles: Stages it runs.
+        layout: Its parallel layout (``layout.world_size`` devices).
+    """
+
+    name: str
+    roles: tuple[str, ...]
+    layout: ParallelLayout
+
+    @property
+    def devices(self) -> int:
+        """Devices (ranks) of the group."""
+        return self.layout.world_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """The validated placement: the groups and, for staged, why the split was chosen."""
+
+    kind: str
+    groups: tuple[GroupPlan, ...]
+    reason: str = ""
+
+    @property
+    def devices(self) -> int:
+        """Devices over every group."""
+        return sum(group.devices for group in self.groups)
+
+
+def default_group_layout(devices: int, num_heads: int) -> ParallelLayout:
+    """The layout of a stage group of ``devices``: Ulysses over all of them when it divides the
+    heads (else ring), experts FSDP-sharded over the group (the official Wan multi-GPU set-up)."""
+    if devices == 1:
+        return ParallelLayout()
+    if num_heads % devices == 0:
+        return ParallelLayout(ulysses_degree=devices, fsdp_degree=devices)
+    return ParallelLayout(ring_degree=devices, fsdp_degree=devices)
+
+
+def parse_split(text: str) -> tuple[int, int]:
+    """Parses ``--stage-split HIGH:LOW`` (devices per stage)."""
+    high, sep, low = text.partition(":")
+    try:
+        values = int(high), int(low)
+    except ValueError:
+        values = None
+    if not sep or values is None or min(values) < 1:
+        raise ValidationError("stage_split", f"must be HIGH:LOW with positive integers, got {text!r}")
+    return values
+
+
+def plan_groups(info, request, *, placement: str = "fused", layout: ParallelLayout | None = None,
+                replicas: int = 1, devices: int | None = None, stage_split: str | None = None,
+                high_layout: str | None = None, low_layout: str | None = None,
+                encode_on: str = "high", decode_on: str = "low") -> Placement:
+    """Validates the placement flags and returns the groups to build.
+
+    Args:
+        info: :class:`engine.model_info.ModelInfo` of the model.
+        request: The resolved request (its steps / shift / boundary size the stage split).
+        placement: ``fused`` or ``staged``.
+        layout: Fused: each replica's layout (default one device).
+        replicas: Fused: identical groups running whole requests (data parallel).
+        devices: Staged: devices to split when ``stage_split`` is not given (default 2).
+        stage_split: Staged: ``HIGH:LOW`` devices per expert group (default: balanced by
+            :func:`engine.stages.propose_split`).
+        high_layout, low_layout: Staged: layout specs (``"ulysses=2,fsdp=2"``) of each group
+            (default :func:`default_group_layout`).
+        encode_on, decode_on: Staged: ``high``, ``low`` or ``own`` (a one-device group of its own).
+
+    Raises:
+        ValidationError: naming the flag (``placement``, ``replicas``, ``stage_split``, ...).
+    """
+    heads = info.num_attention_heads
+    if placement not in PLACEMENTS:
+        raise ValidationError("placement", f"must be fused or staged, got {placement!r}")
+    if placement == "fused":
+        if replicas < 1:
+            raise ValidationError("replicas", f"must be at least 1, got {replicas}")
+        layout = layout or ParallelLayout()
+        layout.check_model(num_heads=heads)
+        groups = tuple(GroupPlan(name=f"fused{i}", roles=(ENCODE, HIGH, LOW, DENSE, DECODE), layout=layout)
+                       for i in range(replicas))
+        return Placement(kind="fused", groups=groups,
+                         reason=f"{replicas} replica(s) of {layout.describe()}, each running whole requests")
+    if not info.is_moe:
+        raise ValidationError("placement", "staged needs a two-expert (MoE) model; this one is dense")
+    for name, value in (("encode_on", encode_on), ("decode_on", decode_on)):
+        if value not in AUX_PLACES:
+            raise ValidationError(name, f"must be one of {', '.join(AUX_PLACES)}, got {value!r}")
+    counts = expert_step_counts(request.steps, request.shift, request.boundary, info.num_train_timesteps)
+    if stage_split:
+        high_n, low_n = parse_split(stage_split)
+        reason = f"--stage-split {high_n}:{low_n} as given ({counts[HIGH]} high-noise vs {counts[LOW]} low-noise steps)"
+    else:
+        total = devices or 2
+        if total < 2:
+            raise ValidationError("nproc", f"staged placement needs at least 2 devices, got {total}")
+        split = propose_split(total, counts[HIGH], counts[LOW], allowed=lambda n: heads % n == 0 or n == 1)
+        high_n, low_n, reason = split.high_devices, split.low_devices, split.reason
+    layouts = {}
+    for name, n, spec in (("high", high_n, high_layout), ("low", low_n, low_layout)):
+        flag = f"{name}_layout"
+        group_layout = ParallelLayout.from_spec(spec, nproc=n, field=flag) if spec else default_group_layout(n, heads)
+        if group_layout.world_size != n:
+            raise ValidationError(flag, f"fills {group_layout.world_size} devices but the stage has {n}")
+        try:
+            group_layout.check_model(num_heads=heads)
+        except ValidationError as exc:
+            raise ValidationError(flag, exc.message) from None
+        layouts[name] = group_layout
+    roles = {"high": [HIGH], "low": [LOW]}
+    own = []
+    for stage, place in ((ENCODE, encode_on), (DECODE, decode_on)):
+        (own if place == "own" else roles[place]).append(stage)
+    groups = [GroupPlan(name="high", roles=tuple(roles["high"]), layout=layouts["high"]),
+              GroupPlan(name="low", roles=tuple(roles["low"]), layout=layouts["low"])]
+    if own:
+        groups.append(GroupPlan(name="aux", roles=tuple(own), layout=ParallelLayout()))
+    return Placement(kind="staged", groups=tuple(groups), reason=reason)

@@ -1,0 +1,144 @@
+"""``relay generate --executor ray|torchrun``: one generation on Ray worker groups, or re-launched
+under torchrun. Validation has already happened (:func:`launch.commands.generate`); placement
+flags are checked here before Ray starts, so they exit 2 too."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from engine.errors import ValidationError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def placement_from_args(args, info, resolved, layout):
+    """The validated :class:`launch.placement.Placement` of the executor flags."""
+    from launch.placement import plan_groups
+
+    return plan_groups(info, resolved, placement=args.placement, layout=layout, replicas=args.replicas,
+                       devices=args.nproc if args.nproc > 1 else None, stage_split=args.stage_split, high_layout=args.high_layout,
+                       low_layout=args.low_layout, encode_on=args.encode_on, decode_on=args.decode_on)
+
+
+def generate_on_ray(args, info, resolved, layout, output, checkpoints) -> int:
+    """Runs one request through the stage scheduler on Ray worker groups and writes the output."""
+    from engine.scheduler import RequestFailed, SchedulerConfig
+    from engine.stages import request_experts
+    from engine.video import write_output
+    from launch.ray_executor import RayExecutor, connect, shutdown
+    from launch.worker import WorkerSpec
+
+    from launch.commands import _device_type, _fail, _flag
+
+    try:
+        placement = placement_from_args(args, info, resolved, layout)
+    except ValidationError as exc:
+        return _fail("generate", f"{_flag(exc.field)}: {exc.message}")
+    device_type = _device_type(args)
+    started_here = False
+    import ray
+
+    if not ray.is_initialized():
+        started_here = True
+        connect(args.ray_address)
+    try:
+        if device_type == "cuda":
+            have = int(ray.cluster_resources().get("GPU", 0))
+            if have < placement.devices:
+                return _fail("generate", f"--nproc: the placement needs {placement.devices} GPUs, "
+                                         f"the Ray cluster has {have}")
+        _say(args.quiet, f"placement {placement.kind}: {placement.reason}")
+        for plan in placement.groups:
+            _say(args.quiet, f"  group {plan.name}: {'+'.join(plan.roles)} on {plan.layout.describe()}")
+        spec = WorkerSpec(model=str(info.path), layout=layout, dtype=args.dtype, device_type=device_type,
+                          text_encoder=args.text_encoder, offload=args.offload)
+        config = SchedulerConfig(checkpoint_every=args.checkpoint_every, step_timeout_s=args.step_timeout,
+                                 max_request_retries=args.max_retries)
+        began = time.perf_counter()
+        with RayExecutor(placement, spec, config=config, address=args.ray_address,
+                         strategy=args.ray_strategy) as executor:
+            _say(args.quiet, f"{len(placement.groups)} group(s) ready in {time.perf_counter() - began:.1f}s")
+            frames = _run_one(executor, resolved, request_experts(info, resolved), args, checkpoints)
+            restarts = sum(executor.scheduler.restarts.values())
+        if restarts:
+            _say(args.quiet, f"recovered from {restarts} group restart(s)")
+        write_output(frames, output, fps=resolved.fps)
+        _say(args.quiet, f"wrote {output}")
+        return EXIT_OK
+    except RequestFailed as exc:
+        print(f"relay generate: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if started_here:
+            shutdown()
+
+
+def _run_one(executor, resolved, experts, args, checkpoints):
+    from pathlib import Path
+
+    from launch.progress import StepProgress
+
+    bar = StepProgress(resolved.steps, enabled=not args.quiet, desc="denoise (ray)")
+    holder = {}
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "progress":
+            bar(_Event(data))
+            if data["step"] in checkpoints and holder["ticket"].state is not None:
+                folder = Path(args.checkpoint_dir)
+                folder.mkdir(parents=True, exist_ok=True)
+                holder["ticket"].state.save(folder / f"step-{data['step']:04d}.pt")
+        elif kind == "retry":
+            bar.bar.write(f"group {data['group']} failed ({data.get('error', '')}); rebuilt, resuming from the "
+                          "last checkpoint")
+
+    try:
+        holder["ticket"] = ticket = executor.scheduler.submit(
+            resolved.to_dict(with_image=True), experts=experts, on_event=on_event)
+        return ticket.result()
+    finally:
+        bar.close()
+
+
+class _Event:
+    """Adapts a progress event dict to what :class:`launch.progress.StepProgress` reads."""
+
+    def __init__(self, data: dict) -> None:
+        self.expert, self.timestep, self.eta = data["expert"], data["timestep"], data["eta_s"]
+
+
+def generate_under_torchrun(args) -> int:
+    """Re-runs this ``relay generate`` under ``torchrun --standalone`` with ``--nproc`` ranks."""
+    argv = _strip_flag(args.argv, "--executor")
+    if argv and argv[0] == "generate":
+        argv = argv[1:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={args.nproc}", "-m", "launch.torchrun", "generate", *argv]
+    if shutil.which(sys.executable) is None:
+        raise RuntimeError(f"cannot find the Python interpreter {sys.executable}")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(command, env=env)
+
+
+def _strip_flag(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == flag:
+            skip = True
+            continue
+        if item.startswith(flag + "="):
+            continue
+        out.append(item)
+    return out
