@@ -128,13 +128,12 @@ def plan_groups(info, request, *, placement: str = "fused", layout: ParallelLayo
     layouts = {}
     for name, n, spec in (("high", high_n, high_layout), ("low", low_n, low_layout)):
         flag = f"{name}_layout"
-        group_layout = ParallelLayout.from_spec(spec, nproc=n, field=flag) if spec else default_group_layout(n, heads)
-        if group_layout.world_size != n:
-            raise ValidationError(flag, f"fills {group_layout.world_size} devices but the stage has {n}")
-        try:
+        try:  # any layout error is reported under the group's own flag
+            group_layout = (ParallelLayout.from_spec(spec, nproc=n, field=flag) if spec
+                            else default_group_layout(n, heads))
             group_layout.check_model(num_heads=heads)
         except ValidationError as exc:
-            raise ValidationError(flag, exc.message) from None
+            raise ValidationError(flag, f"{exc.field}: {exc.message}" if exc.field != flag else exc.message) from None
         layouts[name] = group_layout
     roles = {"high": [HIGH], "low": [LOW]}
     own = []

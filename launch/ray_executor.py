@@ -149,6 +149,7 @@ class RayWorkerGroup:
         self.pids: list[int] = []
         self.placement_group = None
         self.builds = 0
+        self._faults: dict[int, dict | None] = {}
 
     @property
     def size(self) -> int:
@@ -195,6 +196,8 @@ class RayWorkerGroup:
                      for r in range(self.size)]
             self.pids = self._gather([a.setup.remote(i, self.spec) for a, i in zip(self.actors, infos)],
                                      "setup", self.build_timeout_s)
+            for rank, fault in self._faults.items():
+                ray.get(self.actors[rank].arm_fault.remote(fault), timeout=60)
         except GroupFailure:
             self.teardown()
             raise
@@ -243,10 +246,13 @@ class RayWorkerGroup:
 
         return self._call("decode", ray.put(state) if state is not None else None, timeout_s=timeout_s)
 
-    def arm_fault(self, fault: dict | None, *, rank: int = 0) -> None:
-        """Arms :meth:`RankActor.arm_fault` on one rank (resilience tests)."""
+    def arm_fault(self, fault: dict | None, *, rank: int = 0, persistent: bool = False) -> None:
+        """Arms :meth:`RankActor.arm_fault` on one rank (resilience tests); a persistent fault
+        is armed again on every rebuild (a request that always breaks its group)."""
         import ray
 
+        if persistent:
+            self._faults[rank] = fault
         ray.get(self.actors[rank].arm_fault.remote(fault), timeout=60)
 
     def restart(self) -> None:
