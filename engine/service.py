@@ -85,14 +85,16 @@ class Job:
 
 
 class AsyncEngine:
-    """Admits, queues and runs jobs; one job at a time per runner.
+    """Admits, queues and runs jobs; up to ``runner.capacity`` jobs at a time per runner.
 
     Args:
         runners: ``{model name: runner}``; a runner has ``resolve(GenerationRequest) ->
             ResolvedRequest`` (validation, no GPU work) and ``run(job, emit, should_stop) ->
-            (bytes, mime, timings)`` which executes on a worker thread.
+            (bytes, mime, timings)`` which executes on a worker thread, and optionally a
+            ``capacity`` (jobs it runs at once, default 1: a stage scheduler overlapping
+            requests over several worker groups takes more).
         default_model: Name used when a request names none.
-        max_queue: Jobs that may wait behind the running one before admission is refused.
+        max_queue: Jobs that may wait behind the running ones before admission is refused.
         heartbeat_s: Interval of ``queued`` heartbeats while a job waits.
         keep_finished: How many ended jobs stay visible to :meth:`get`.
     """
@@ -108,7 +110,7 @@ class AsyncEngine:
         self._finished: deque[str] = deque()
         self._queue: list = []
         self._order = itertools.count()
-        self._running: Job | None = None
+        self._running: dict[str, Job] = {}  # by job id
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()  # set whenever no job is running
         self._idle.set()
@@ -133,11 +135,12 @@ class AsyncEngine:
         for _, _, job in list(self._queue):
             self._finish(job, JobState.CANCELLED, error="server is shutting down")
         self._queue.clear()
-        if self._running is not None:
+        if self._running:
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
             except asyncio.TimeoutError:
-                self._running.cancel_requested = True  # stops at its next step boundary
+                for job in self._running.values():
+                    job.cancel_requested = True  # stops at its next step boundary
                 await self._idle.wait()
         if self._task is not None:
             self._task.cancel()
@@ -150,7 +153,12 @@ class AsyncEngine:
     @property
     def active_jobs(self) -> int:
         """Jobs queued or running."""
-        return len(self._queue) + (self._running is not None)
+        return len(self._queue) + len(self._running)
+
+    @property
+    def slots(self) -> int:
+        """Jobs that may run at once: the sum of the runners' ``capacity`` (default 1 each)."""
+        return sum(getattr(runner, "capacity", 1) for runner in self.runners.values()) or 1
 
     # --- admission ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, *, model: str = "", output_format: str = "mp4",
@@ -176,8 +184,9 @@ class AsyncEngine:
         if len(client_request_id) > 256:
             raise ValidationError("client_request_id", "is longer than 256 characters")
         resolved = self.runners[name].resolve(request)
-        if self.active_jobs >= 1 + self.max_queue:
-            raise QueueFull(f"{self.active_jobs} jobs running or queued; the limit is {1 + self.max_queue}")
+        limit = self.slots + self.max_queue
+        if self.active_jobs >= limit:
+            raise QueueFull(f"{self.active_jobs} jobs running or queued; the limit is {limit}")
         job = Job(job_id=uuid.uuid4().hex[:16], model=name, request=resolved, output_format=output_format,
                   preview_every=preview_every, priority=priority, client_request_id=client_request_id)
         self.jobs[job.job_id] = job
@@ -214,8 +223,8 @@ class AsyncEngine:
             return 0.0
         ahead = [entry[2] for entry in sorted(self._queue)][: max(self.position(job), 0)]
         remaining = sum(j.request.steps for j in ahead)
-        if self._running is not None:
-            remaining += self._running.request.steps - self._running.step
+        remaining += sum(job.request.steps - job.step for job in self._running.values())
+        remaining /= self.slots
         return remaining * self._step_seconds
 
     # --- event streams -----------------------------------------------------------------------
@@ -272,20 +281,36 @@ class AsyncEngine:
             self.jobs.pop(self._finished.popleft(), None)
 
     # --- execution ---------------------------------------------------------------------------
+    def _free(self, model: str) -> bool:
+        busy = sum(1 for job in self._running.values() if job.model == model)
+        return busy < getattr(self.runners[model], "capacity", 1)
+
     async def _schedule(self) -> None:
+        tasks: set[asyncio.Task] = set()
         while True:
-            while not self._queue:
+            ready = [entry for entry in sorted(self._queue) if self._free(entry[2].model)]
+            if not ready:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            _, _, job = heapq.heappop(self._queue)
-            self._running = job
+                continue
+            job = ready[0][2]
+            self._queue.remove(ready[0])
+            heapq.heapify(self._queue)
+            self._running[job.job_id] = job
             self._idle.clear()
             self._announce_positions()
-            try:
-                await self._run(job)
-            finally:
-                self._running = None
+            task = asyncio.get_running_loop().create_task(self._run_and_release(job))
+            tasks.add(task)  # keep a reference until it finishes
+            task.add_done_callback(tasks.discard)
+
+    async def _run_and_release(self, job: Job) -> None:
+        try:
+            await self._run(job)
+        finally:
+            self._running.pop(job.job_id, None)
+            if not self._running:
                 self._idle.set()
+            self._wakeup.set()
 
     async def _run(self, job: Job) -> None:
         job.state = JobState.RUNNING
@@ -348,26 +373,14 @@ class LocalRunner:
         return self.engine.resolve(request)
 
     def _preview_png(self, latents) -> tuple[bytes, int, int]:
-        import io
-
-        from PIL import Image
-
         if self._previewer is None:
             from engine.preview import LatentPreviewer
 
             self._previewer = LatentPreviewer.for_vae(self.engine.model.vae)
-        png = self._previewer.png(latents)
-        with Image.open(io.BytesIO(png)) as image:
-            return png, image.width, image.height
+        return png_with_size(self._previewer.png(latents))
 
     def run(self, job: Job, emit, should_stop) -> tuple[bytes, str, dict]:
         """Prepares, denoises (stopping at a step boundary when asked), decodes and encodes."""
-        import io
-
-        import numpy as np
-
-        from engine.video import encode_mp4
-
         timings = {}
         started = time.monotonic()
         run = self.engine.start(self.engine.prepare(job.request))
@@ -387,12 +400,31 @@ class LocalRunner:
         timings["denoise_s"] = time.monotonic() - denoise_started
         emit("decoding")
         decode_started = time.monotonic()
-        frames = self.engine.decode(run)
-        if job.output_format == "npy":
-            buffer = io.BytesIO()
-            np.save(buffer, frames.astype(np.float32))
-            output, mime = buffer.getvalue(), "application/x-npy"
-        else:
-            output, mime = encode_mp4(frames, fps=job.request.fps), "video/mp4"
+        output, mime = encode_output(self.engine.decode(run), job.output_format, fps=job.request.fps)
         timings["decode_s"] = time.monotonic() - decode_started
         return output, mime, timings
+
+
+def png_with_size(png: bytes) -> tuple[bytes, int, int]:
+    """``(png, width, height)`` read from the PNG header."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        return png, image.width, image.height
+
+
+def encode_output(frames, output_format: str, *, fps: int) -> tuple[bytes, str]:
+    """Frames ``(F, H, W, 3)`` in [0, 1] as the job's output bytes and MIME type (npy or mp4)."""
+    if output_format == "npy":
+        import io
+
+        import numpy as np
+
+        buffer = io.BytesIO()
+        np.save(buffer, frames.astype(np.float32))
+        return buffer.getvalue(), "application/x-npy"
+    from engine.video import encode_mp4
+
+    return encode_mp4(frames, fps=fps), "video/mp4"

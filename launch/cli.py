@@ -49,12 +49,21 @@ def _runtime_flags(parser: argparse.ArgumentParser, *, model_required: bool = Fa
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _executor_flags(parser: argparse.ArgumentParser) -> None:
+def _executor_flags(parser: argparse.ArgumentParser, *, serve: bool = False) -> None:
     e = parser.add_argument_group(
         "executor and placement (--executor ray: worker groups of Ray actors, one per device)")
-    e.add_argument("--executor", choices=("local", "torchrun", "ray"), default="local",
-                   help="local: this process, or --nproc spawned processes; torchrun: under "
-                        "torchrun; ray: Ray actors in placement groups (default local)")
+    if serve:
+        e.add_argument("--executor", choices=("local", "ray"), default="local",
+                       help="local: the model in this process; ray: worker groups of Ray actors "
+                            "under the stage scheduler (default local)")
+        e.add_argument("--nproc", type=int, default=1,
+                       help="ray, staged: devices to split between the stages (default 2)")
+        e.add_argument("--layout", metavar="SPEC",
+                       help='ray, fused: layout of each replica group, e.g. "ulysses=2,fsdp=2"')
+    else:
+        e.add_argument("--executor", choices=("local", "torchrun", "ray"), default="local",
+                       help="local: this process, or --nproc spawned processes; torchrun: under "
+                            "torchrun; ray: Ray actors in placement groups (default local)")
     e.add_argument("--placement", choices=("fused", "staged"), default="fused",
                    help="fused: each group holds both experts; staged: the high-noise and the "
                         "low-noise expert on separate groups, the state handed over at the boundary")
@@ -134,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="as for generate")
     srv.add_argument("--device", help="as for generate")
     srv.add_argument("--offload", action="store_true", help="as for generate")
+    _executor_flags(srv, serve=True)
     sub_ = sub.add_parser("submit", help="submit a generation to a relay server and stream it",
                           description="Submit a generation to `relay serve`, show streamed progress, "
                                       "save the video. Bad input exits 2 with the server's message.")

@@ -142,3 +142,49 @@ def _strip_flag(argv: list[str], flag: str) -> list[str]:
             continue
         out.append(item)
     return out
+
+
+def serve_runner_factory(args, model_dirs: list[str]):
+    """``relay serve --executor ray``: validates the placement of every model now (exit 2 on a
+    bad flag, before Ray starts) and returns the factory that builds each model's worker groups.
+
+    Raises:
+        ValidationError: naming the flag at fault.
+    """
+    from engine.loader import load_tokenizer
+    from engine.model_info import read_model_info
+    from engine.request import GenerationRequest, resolve_request
+    from engine.scheduler import SchedulerConfig
+    from parallel.layout import ParallelLayout
+
+    from launch.commands import _device_type
+
+    for flag, value, low in (("checkpoint_every", args.checkpoint_every, 1), ("max_retries", args.max_retries, 0)):
+        if value < low:
+            raise ValidationError(flag, f"must be at least {low}, got {value}")
+    layout = ParallelLayout.from_spec(args.layout, field="layout") if args.layout else ParallelLayout()
+    plans = {}
+    for directory in model_dirs:
+        info = read_model_info(directory)
+        # Stage sizing uses the model's reference settings (a request may differ; the split stays).
+        reference = resolve_request(GenerationRequest(prompt="reference"), info)
+        plans[str(info.path)] = placement_from_args(args, info, reference, layout)
+    config = SchedulerConfig(checkpoint_every=args.checkpoint_every, step_timeout_s=args.step_timeout,
+                             max_request_retries=args.max_retries, max_queue=args.max_queue + 1)
+    device_type = _device_type(args)
+
+    def factory(info, name):
+        from engine.scheduled import ScheduledRunner
+        from launch.ray_executor import RayExecutor
+        from launch.worker import WorkerSpec
+
+        placement = plans[str(info.path)]
+        print(f"relay serve: {name}: {placement.kind} placement, {placement.reason}", file=sys.stderr, flush=True)
+        spec = WorkerSpec(model=str(info.path), layout=layout, dtype=args.dtype, device_type=device_type,
+                          offload=args.offload)
+        executor = RayExecutor(placement, spec, config=config, address=args.ray_address, strategy=args.ray_strategy)
+        runner = ScheduledRunner(executor.scheduler, info, name=name, tokenizer=load_tokenizer(info))
+        runner.close = executor.close
+        return runner
+
+    return factory

@@ -323,6 +323,9 @@ class RayExecutor:
         from engine.scheduler import SchedulerConfig, StageScheduler
 
         connect(address)
+        if spec.device_type == "cpu" and spec.threads is None and address is None:
+            # Groups run at the same time: share this machine's cores among all their ranks.
+            spec = replace(spec, threads=max(1, (os.cpu_count() or 1) // placement.devices))
         self.placement = placement
         self.groups = [RayWorkerGroup(name=plan.name, roles=plan.roles, spec=replace(spec, layout=plan.layout),
                                       strategy=strategy)

@@ -18,7 +18,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def serve(args: argparse.Namespace) -> int:
     """``relay serve``."""
-    from engine.errors import ModelError
+    from engine.errors import ModelError, ValidationError
     from engine.tiny import default_model_dir
     from serve.app import serve as run
     from serve.server import ServerConfig
@@ -41,12 +41,29 @@ def serve(args: argparse.Namespace) -> int:
                           tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                           reflection=args.reflection, grace_s=args.grace)
     models = args.model or [str(default_model_dir("t2v"))]
+    factory = None
     try:
+        if args.executor == "ray":
+            from launch.ray_commands import serve_runner_factory
+
+            factory = serve_runner_factory(args, models)
+        elif args.placement != "fused" or args.replicas != 1 or args.stage_split or args.ray_address:
+            raise ValidationError("executor", "--placement / --replicas / --stage-split / --ray-address "
+                                              "need --executor ray")
         asyncio.run(run(models, config=config, dtype=args.dtype, device=args.device, offload=args.offload,
-                        max_queue=args.max_queue, heartbeat_s=args.heartbeat, port_file=args.port_file))
+                        max_queue=args.max_queue, heartbeat_s=args.heartbeat, port_file=args.port_file,
+                        runner_factory=factory))
+    except ValidationError as exc:
+        print(f"relay serve: error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
     except ModelError as exc:
         print(f"relay serve: error: --model: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if factory is not None:
+            from launch.ray_executor import shutdown
+
+            shutdown()
     return EXIT_OK
 
 

@@ -67,6 +67,8 @@ class WorkerSpec:
         text_encoder: ``device``, ``cpu`` or ``fsdp`` (see :class:`GenerateJob`).
         offload: FSDP2 CPU offload of the shards (or, on one rank, model offload).
         timeout_s: Collective timeout of the group.
+        threads: CPU threads per rank (default: the cores divided among the group's ranks;
+            an executor running several groups at once divides them among all its ranks).
     """
 
     model: str
@@ -77,6 +79,7 @@ class WorkerSpec:
     text_encoder: str = "device"
     offload: bool = False
     timeout_s: float = 600.0
+    threads: int | None = None
 
 
 class StageWorker:
@@ -102,7 +105,7 @@ class StageWorker:
 
         quiet_libraries()
         if spec.device_type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+            torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // info.world_size))
         self.info, self.spec = info, spec
         self.model_info = read_model_info(spec.model)
         self.groups = init_groups(spec.layout, info, device_type=spec.device_type, timeout_s=spec.timeout_s)

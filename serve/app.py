@@ -20,10 +20,15 @@ def model_name(path: Path) -> str:
 
 async def serve(model_dirs: list[str], *, config: ServerConfig, dtype: str | None = None,
                 device: str | None = None, offload: bool = False, max_queue: int = 8,
-                heartbeat_s: float = 5.0, port_file: str | None = None) -> None:
+                heartbeat_s: float = 5.0, port_file: str | None = None, runner_factory=None) -> None:
     """Runs the server until it has drained.
 
     Health is NOT_SERVING (and Generate answers UNAVAILABLE) until every model has loaded.
+
+    Args:
+        runner_factory: ``runner_factory(info, name) -> runner`` builds each model's runner
+            (called on a worker thread; e.g. Ray worker groups under a stage scheduler, whose
+            runner may have a ``close()``). Default: the model loaded in this process.
     """
     from engine.loader import load_model
     from engine.model_info import read_model_info
@@ -43,12 +48,23 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, dtype: str | Non
           f"{', token auth' if config.tokens else ''}); loading {', '.join(infos)}", file=sys.stderr, flush=True)
     if port_file:
         Path(port_file).write_text(f"{server.port}\n")
-    for name, info in infos.items():
-        model = await asyncio.to_thread(load_model, info, dtype=dtype, device=device, offload=offload)
-        runners[name] = LocalRunner(model, name=name)
-    engine.start()
-    engine.ready = True
-    await server.set_serving(True)
-    print(f"relay serve: SERVING on {address}", file=sys.stderr, flush=True)
-    await server.wait()
+    def local_runner(info, name):
+        return LocalRunner(load_model(info, dtype=dtype, device=device, offload=offload), name=name)
+
+    try:
+        for name, info in infos.items():
+            runners[name] = await asyncio.to_thread(runner_factory or local_runner, info, name)
+        # Again: libraries started while loading (Ray's core worker) may install their own
+        # SIGTERM handler, which would abort instead of draining.
+        server.install_signal_handlers()
+        engine.start()
+        engine.ready = True
+        await server.set_serving(True)
+        print(f"relay serve: SERVING on {address}", file=sys.stderr, flush=True)
+        await server.wait()
+    finally:
+        for runner in runners.values():
+            close = getattr(runner, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)
     print("relay serve: drained and stopped", file=sys.stderr, flush=True)

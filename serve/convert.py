@@ -69,7 +69,7 @@ def event_message(job: Job, event: Event) -> pb.GenerateEvent | None:
     if event.kind == "progress":
         return pb.GenerateEvent(job_id=job.job_id, progress=pb.Progress(
             step=d["step"], total=d["total"], expert=d["expert"], stage="denoise",
-            elapsed_s=d["elapsed_s"], eta_s=d["eta_s"], timestep=d["timestep"]))
+            elapsed_s=d["elapsed_s"], eta_s=d["eta_s"], timestep=d["timestep"], group=d.get("group", "local")))
     if event.kind == "preview":
         return pb.GenerateEvent(job_id=job.job_id, preview=pb.Preview(
             step=d["step"], png=d["png"], width=d["width"], height=d["height"]))

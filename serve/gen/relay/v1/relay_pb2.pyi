@@ -128,7 +128,7 @@ class Started(_message.Message):
     def __init__(self) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("step", "total", "expert", "stage", "elapsed_s", "eta_s", "timestep")
+    __slots__ = ("step", "total", "expert", "stage", "elapsed_s", "eta_s", "timestep", "group")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,7 @@ class Progress(_message.Message):
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
     ETA_S_FIELD_NUMBER: _ClassVar[int]
     TIMESTEP_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     step: int
     total: int
     expert: str
@@ -143,7 +144,8 @@ class Progress(_message.Message):
     elapsed_s: float
     eta_s: float
     timestep: int
-    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., expert: _Optional[str] = ..., stage: _Optional[str] = ..., elapsed_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., timestep: _Optional[int] = ...) -> None: ...
+    group: str
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., expert: _Optional[str] = ..., stage: _Optional[str] = ..., elapsed_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., timestep: _Optional[int] = ..., group: _Optional[str] = ...) -> None: ...
 
 class Preview(_message.Message):
     __slots__ = ("step", "png", "width", "height")

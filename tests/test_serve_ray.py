@@ -1,0 +1,81 @@
+"""``relay serve --executor ray --placement staged``: the real server process on Ray worker
+groups serves concurrent streams whose frames equal the single-process engine's, reports which
+group ran each step, and drains on SIGTERM leaving no worker process behind."""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve.gen.relay.v1 import relay_pb2 as pb
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(height=32, width=32, frames=5, steps=6, guidance=4.0, guidance_low=3.0, shift=5.0)
+
+
+def test_staged_service_streams_equal_frames_and_drains(tiny_models, tmp_path):
+    from engine import Engine, GenerationRequest, load_model
+    from launch.service_commands import _wait_serving
+    from serve.client import RelayClient
+
+    port_file = tmp_path / "port"
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "serve", "--model", str(tiny_models["t2v"]), "--port", "0",
+         "--port-file", str(port_file), "--dtype", "fp32", "--device", "cpu", "--executor", "ray",
+         "--placement", "staged", "--stage-split", "1:1", "--grace", "30"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        port = _wait_serving(server, port_file)
+        client = RelayClient(f"127.0.0.1:{port}")
+        seeds = (21, 22, 23)
+
+        def one(seed):
+            request = pb.GenerateRequest(prompt="a red kite over the sea", seed=seed,
+                                         output_format=pb.OUTPUT_FORMAT_NPY, **FAST)
+            return client.generate(request, timeout=600)
+
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(one, seeds))
+        engine = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu"))
+        for seed, result in zip(seeds, results):
+            expected = engine.generate(GenerationRequest(prompt="a red kite over the sea", seed=seed, **FAST))
+            got = np.load(io.BytesIO(result.data))
+            assert float(np.abs(got - expected).max()) <= 1e-5
+            groups = [e.progress.group for e in result.events if e.HasField("progress")]
+            assert groups == ["high"] * 3 + ["low"] * 3
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=120) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert "staged placement" in text and "drained and stopped" in text, text[-3000:]
+    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_rank_actor(p)]
+    assert not leftovers
+
+
+def _is_rank_actor(proc: Path) -> bool:
+    try:
+        return b"RankActor" in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--placement", "staged"], "--executor: --placement"),
+    (["--executor", "ray", "--placement", "staged", "--stage-split", "2:0"], "--stage-split:"),
+    (["--executor", "ray", "--layout", "ulysses=x"], "--layout: ulysses must be an integer"),
+])
+def test_serve_placement_errors_exit_2(relay, tiny_models, flags, message):
+    result = relay("serve", "--model", tiny_models["t2v"], "--port", "0", *flags)
+    assert result.code == 2 and message in result.err, result.err
