@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 bench: $(STAMP)
-	$(PY) bench/engine_vs_diffusers.py
+	$(VENV)/bin/relay bench engine
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

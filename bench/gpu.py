@@ -1,0 +1,318 @@
+"""``relay bench gpu`` (CUDA only): one forward of the full-size Wan 2.2 A14B expert
+(``WanTransformer3DModel`` with the T2V-A14B config, random weights, bf16) at 480p and 720p x 81
+frames, batch 1, 512 text tokens.
+
+Reported per size and variant: seconds per forward (median of ``--rounds`` after a warm-up),
+achieved TFLOP/s, the dense matmul peak measured on the same GPU in the same dtype (an
+``n x n`` matmul, default n = 8192), MFU = achieved / measured peak, peak allocated memory, and
+the attention actually used: the diffusers attention backend asked for and the attention
+kernels seen in a profiled forward (``aten::_scaled_dot_product_flash_attention``, cuDNN,
+``flash_attn``, ...). Variants: ``--attention`` lists diffusers attention backends to measure
+side by side (``auto``: torch SDPA plus every installed non-hub backend), ``--compile`` adds a
+``torch.compile``'d run of each. xfuser's attention is not involved: it serves sequence
+parallelism (``relay bench parallel``), not a 1-GPU forward.
+
+FLOPs are computed from the config by :func:`engine.flops.transformer_flops`: 2 FLOPs per
+multiply-add of every matmul (q/k/v/out projections, self-attention scores and weighted sum
+over S video tokens, cross-attention over the 512 text tokens, the two FFN matmuls, patch
+embedding and output projection); norms, rotary, softmax and activations are not counted.
+
+``--device cpu --config tiny`` runs the same code on the tiny architecture on the CPU (the test
+mode of the arithmetic); the figures then mean nothing.
+"""
+
+from __future__ import annotations
+
+from bench import common
+
+A14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+            out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+            rope_max_seq_len=1024)
+#: The embedded tiny model's transformer (:mod:`engine.tiny`), for the CPU test mode.
+TINY = dict(A14B, num_attention_heads=4, attention_head_dim=16, text_dim=32, freq_dim=32, ffn_dim=64,
+            num_layers=2, rope_max_seq_len=32)
+#: name -> (config, {size name: (height, width, frames)}, matmul size of the peak measurement)
+CONFIGS = {
+    "a14b": (A14B, {"480p": (480, 832, 81), "720p": (720, 1280, 81)}, 8192),
+    "tiny": (TINY, {"32x32x5": (32, 32, 5), "64x64x9": (64, 64, 9)}, 512),
+}
+TEXT_TOKENS = 512
+#: Backends ``--attention auto`` tries besides ``native`` (hub kernels need a download: never).
+AUTO_BACKENDS = ("_native_cudnn", "_native_flash", "flash", "_flash_3", "sage")
+_ATTENTION_OPS = ("scaled_dot_product", "flash_attn", "flash_attention", "cudnn_attention",
+                  "efficient_attention", "sageattn", "xformers", "flex_attention", "xfuser")
+
+
+def add_arguments(parser) -> None:
+    """The GPU bench's flags."""
+    parser.add_argument("--config", choices=tuple(CONFIGS), default="a14b",
+                        help="a14b: the full-size expert (default); tiny: the CPU test mode")
+    parser.add_argument("--sizes", help="comma-separated sizes (a14b: 480p,720p; tiny: 32x32x5,64x64x9); "
+                                        "default all, smoke the first")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--attention", default="native",
+                        help="comma-separated diffusers attention backends to compare (native = torch "
+                             "SDPA; _native_cudnn, _native_flash, flash, _flash_3, sage, ...), or auto")
+    parser.add_argument("--compile", action="store_true", help="also measure a torch.compile'd transformer")
+    parser.add_argument("--matmul-size", type=int, help="n of the n x n peak matmul (a14b 8192, tiny 512)")
+
+
+def skip_reason(args) -> str | None:
+    """``no CUDA device`` unless a CUDA device is present or the CPU test mode is asked for."""
+    import torch
+
+    if args.device and not args.device.startswith("cuda"):
+        return None if args.config == "tiny" else "the A14B forward needs a CUDA device (CPU test mode: --config tiny)"
+    return None if torch.cuda.is_available() else "no CUDA device"
+
+
+def flops_per_forward(config: dict, height: int, width: int, frames: int) -> tuple[int, float]:
+    """Tokens and FLOPs of one forward at ``height x width x frames`` (see the module doc)."""
+    from engine.flops import transformer_flops, video_tokens
+
+    tokens = video_tokens(config, height=height, width=width, frames=frames)
+    return tokens, transformer_flops(config, tokens, text_tokens=TEXT_TOKENS)["total"]
+
+
+def utilisation(flops: float, seconds: float, peak_tflops: float) -> dict:
+    """Achieved TFLOP/s and MFU (achieved / measured peak) of ``flops`` done in ``seconds``."""
+    achieved = flops / seconds / 1e12
+    return {"tflops": achieved, "mfu": achieved / peak_tflops}
+
+
+def matmul_peak_tflops(device, dtype, n: int, repeats: int = 20) -> float:
+    """Dense ``n x n`` matmul throughput of ``device`` in ``dtype`` (the MFU denominator)."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+
+    def matmuls(count: int) -> None:
+        for _ in range(count):
+            torch.matmul(a, b, out=out)
+
+    matmuls(3)  # warm-up: kernel selection
+    seconds, _ = common.timed(lambda: matmuls(repeats), device)
+    return 2 * n**3 * repeats / seconds / 1e12
+
+
+def backend_problem(name: str, device) -> str | None:
+    """Why the diffusers attention backend ``name`` cannot run here, or ``None``."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    try:
+        backend = AttentionBackendName(name)
+    except ValueError:
+        return "unknown to diffusers"
+    if name.endswith("_hub"):
+        return "hub kernels need a download"
+    if name.startswith("_native_") and name not in ("_native_math",) and device.type != "cuda":
+        return "CUDA only"
+    try:
+        _check_attention_backend_requirements(backend)
+    except RuntimeError as exc:
+        return str(exc).split(".")[0]
+    return None
+
+
+def attention_backends(spec: str, device) -> list[str]:
+    """The backends to measure: the comma-separated ``spec``; ``auto`` = ``native`` plus every
+    backend of :data:`AUTO_BACKENDS` usable here."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if names == ["auto"]:
+        return ["native"] + [name for name in AUTO_BACKENDS if backend_problem(name, device) is None]
+    known = {member.value for member in AttentionBackendName}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise common.SettingError(f"--attention: unknown backend {', '.join(unknown)}; diffusers has "
+                         f"{', '.join(sorted(known))}")
+    return names
+
+
+def attention_ops(forward) -> list[str]:
+    """Runs ``forward()`` under the profiler; returns the attention ops it dispatched, the most
+    specific first (``aten::_scaled_dot_product_flash_attention`` rather than the SDPA wrapper)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        forward()
+    names = sorted({event.key for event in prof.key_averages()
+                    if any(part in event.key.lower() for part in _ATTENTION_OPS)})
+    specific = [name for name in names if name != "aten::scaled_dot_product_attention"]
+    return specific or names
+
+
+def build_model(config: dict, device, dtype):
+    """A ``WanTransformer3DModel`` with ``config`` and random weights (diffusers' own init),
+    created directly in ``dtype`` on ``device`` (no full-precision copy of 14B parameters), with
+    the modules diffusers keeps in fp32 when loading in half precision kept in fp32 too."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = WanTransformer3DModel(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name.split(".") for part in keep):
+                param.data = param.data.float()
+    return model.eval().requires_grad_(False)
+
+
+def model_inputs(config: dict, height: int, width: int, frames: int, device, dtype) -> dict:
+    """Latents, text states and a timestep for one forward at ``height x width x frames``."""
+    import torch
+
+    latent_frames = (frames - 1) // 4 + 1
+    return {"hidden_states": torch.randn(1, config["in_channels"], latent_frames, height // 8, width // 8,
+                                         device=device, dtype=dtype),
+            "timestep": torch.tensor([500], device=device),
+            "encoder_hidden_states": torch.randn(1, TEXT_TOKENS, config["text_dim"], device=device, dtype=dtype),
+            "return_dict": False}
+
+
+def measure(model, inputs: dict, *, device, backend: str, compiled: bool, repeats: int) -> dict:
+    """Seconds per forward of one variant (after a warm-up that also finds the attention ops)."""
+    import torch
+
+    model.set_attention_backend(backend)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    runner = model
+    if compiled:
+        torch._dynamo.reset()
+        runner = torch.compile(model, dynamic=False)
+    with torch.no_grad():
+        first_s, _ = common.timed(lambda: runner(**inputs), device)  # includes compilation
+        ops = attention_ops(lambda: runner(**inputs))
+        times = [common.timed(lambda: runner(**inputs), device)[0] for _ in range(repeats)]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"backend": backend, "compiled": compiled, "first_call_s": first_s, "forward_s": times,
+            "attention_ops": ops, "peak_gib": peak}
+
+
+def _setup(args) -> dict:
+    """Device, architecture, sizes, backends, peak matmul size and dtype of this run."""
+    from engine.loader import DTYPES
+
+    device = common.resolve_device(args.device or "cuda")
+    config, all_sizes, default_n = CONFIGS[args.config]
+    names = [s.strip() for s in args.sizes.split(",")] if args.sizes else list(all_sizes)[: 1 if args.smoke else None]
+    unknown = [name for name in names if name not in all_sizes]
+    if unknown:
+        raise common.SettingError(f"--sizes: unknown {', '.join(unknown)}; {args.config} has {', '.join(all_sizes)}")
+    backends = attention_backends(args.attention, device)
+    if not backends:
+        raise common.SettingError("--attention names no backend")
+    return {"device": device, "config": config, "sizes": {name: all_sizes[name] for name in names},
+            "backends": backends, "n": args.matmul_size or default_n, "dtype": DTYPES[args.dtype]}
+
+
+def run(args) -> common.BenchResult:
+    """Measures the peak, builds the model once, then every size x backend x (eager, compiled).
+
+    Returns:
+        Raw forward times per variant and the summary rows (s/forward, TFLOP/s, MFU, memory,
+        attention used). A backend that cannot run here gets a row with the reason.
+    """
+    setup = _setup(args)
+    device, dtype = setup["device"], setup["dtype"]
+    repeats = common.rounds(args, smoke=1, full=5)
+    peak = matmul_peak_tflops(device, dtype, setup["n"])
+    model = build_model(setup["config"], device, dtype)
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    rows = _measure_all(model, setup, compile_too=args.compile, repeats=repeats, peak=peak)
+    settings = {"config": args.config, "architecture": setup["config"], "dtype": args.dtype, "device": str(device),
+                "sizes": setup["sizes"], "text_tokens": TEXT_TOKENS, "batch": 1, "attention": setup["backends"],
+                "compile": bool(args.compile), "repeats": repeats, "matmul_size": setup["n"],
+                "smoke": bool(args.smoke), "torch_sdpa_enabled": _sdpa_flags()}
+    summary = {"matmul_peak_tflops": peak, "weights_gib": weights_gib,
+               "rows": [{k: v for k, v in row.items() if k != "forward_s"} for row in rows],
+               "flops_method": "engine.flops.transformer_flops: 2 x multiply-adds of every matmul, from the config"}
+    raw = {"forward_s": {_variant(row): row.get("forward_s") for row in rows}}
+    return common.BenchResult(settings=settings, raw=raw, summary=summary, device=str(device),
+                              table=_table(settings, summary, device))
+
+
+def _measure_all(model, setup: dict, *, compile_too: bool, repeats: int, peak: float) -> list[dict]:
+    """Every size x backend (x eager, compiled); diffusers' active attention backend is restored."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    device, dtype, config = setup["device"], setup["dtype"], setup["config"]
+    active = _AttentionBackendRegistry._active_backend
+    rows = []
+    try:
+        for size, (height, width, frames) in setup["sizes"].items():
+            tokens, flops = flops_per_forward(config, height, width, frames)
+            inputs = model_inputs(config, height, width, frames, device, dtype)
+            for backend in setup["backends"]:
+                base = {"size": size, "tokens": tokens, "flops": flops, "backend": backend, "compiled": False}
+                problem = backend_problem(backend, device)
+                if problem:
+                    rows.append({**base, "error": problem})
+                    continue
+                for compiled in (False, True) if compile_too else (False,):
+                    rows.append(_variant_row({**base, "compiled": compiled}, model, inputs, device=device,
+                                             repeats=repeats, peak=peak))
+            del inputs
+    finally:
+        model.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(active)
+    return rows
+
+
+def _variant_row(base: dict, model, inputs: dict, *, device, repeats: int, peak: float) -> dict:
+    """One measured variant as a summary row; a failure becomes the row's ``error``."""
+    try:
+        result = measure(model, inputs, device=device, backend=base["backend"], compiled=base["compiled"],
+                         repeats=repeats)
+    except Exception as exc:  # noqa: BLE001 - one failing backend must not end the run
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        return {**base, "error": f"{type(exc).__name__}: {first_line[:120]}"}
+    seconds = common.median(result["forward_s"])
+    return {**base, **result, "median_s": seconds, **utilisation(base["flops"], seconds, peak)}
+
+
+def _variant(row: dict) -> str:
+    return f"{row['size']}/{row['backend']}{'/compiled' if row['compiled'] else ''}"
+
+
+def _sdpa_flags() -> dict:
+    import torch
+
+    flags = {}
+    for name in ("flash", "mem_efficient", "math", "cudnn"):
+        check = getattr(torch.backends.cuda, f"{name}_sdp_enabled", None)
+        flags[name] = bool(check()) if check else None
+    return flags
+
+
+def _table(settings: dict, summary: dict, device) -> str:
+    rows = []
+    for row in summary["rows"]:
+        label = [row["size"], row["tokens"], row["backend"] + (" +compile" if row["compiled"] else "")]
+        if "error" in row:
+            rows.append(label + [None, None, None, None, f"not run: {row['error']}"])
+            continue
+        memory = None if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
+        rows.append(label + [f"{row['median_s']:.4g}", f"{row['tflops']:.4g}", f"{row['mfu']:.1%}", memory,
+                             ", ".join(row["attention_ops"]) or "none seen"])
+    title = (f"gpu: {settings['config']} expert forward, {settings['dtype']}, batch 1, {settings['text_tokens']} "
+             f"text tokens | {common.device_name(device)} | measured {settings['dtype']} matmul peak "
+             f"{summary['matmul_peak_tflops']:.4g} TFLOP/s (n={settings['matmul_size']}) | weights "
+             f"{summary['weights_gib']:.3g} GiB | {settings['repeats']} repeat(s)")
+    notes = [("TFLOP/s: FLOPs from the config (engine.flops.transformer_flops: 2 x every matmul multiply-add, "
+              "elementwise ops not counted) / median s; MFU = TFLOP/s / measured matmul peak"),
+             "attention: the diffusers backend asked for -> the attention ops seen in a profiled forward"]
+    headers = ["size", "tokens", "attention backend", "s/forward", "TFLOP/s", "MFU", "peak GiB", "attention ops"]
+    return common.format_table(headers, rows, title=title, notes=notes, align="lrlrrrrl")
