@@ -37,7 +37,8 @@ BENCHES: dict[str, tuple[str, str]] = {
                                "fused replicas, requests/min, achieved/ideal overlap, utilisation"),
     "serve": ("bench.serve",
               "gRPC: time to first event, events/s, 50 concurrent Generate streams"),
-    "scaling": ("bench.scaling", "scaling over worker groups (being built)"),
+    "scaling": ("bench.scaling", "the real engine at 1/2/4/... devices on Ray worker groups, measured vs "
+                                 "the layout planner (CPU: processes and the tiny model)"),
     "gpu": ("bench.gpu",
             "full-size A14B expert forward in bf16 at 480p/720p: s/forward, TFLOP/s, MFU, memory (CUDA only)"),
 }

@@ -110,7 +110,7 @@ def run(args) -> common.BenchResult:
     spec = WorkerSpec(model=str(info.path), layout=None, dtype=args.dtype or ("bf16" if device.type == "cuda" else "fp32"),
                       device_type=device.type)
     config = SchedulerConfig(max_queue=settings["requests"] + 1)
-    connect(args.ray_address)
+    started = connect(args.ray_address)
     try:
         staged = RayExecutor(plan_groups(info, resolved, placement="staged", stage_split="1:1"), spec,
                              config=config, address=args.ray_address)
@@ -122,9 +122,9 @@ def run(args) -> common.BenchResult:
             staged.close()
             fused.close()
     finally:
-        if args.ray_address is None:
+        if started:
             shutdown()
-    settings.update(shift=args.shift, rounds=rounds, high_steps=experts.count("high_noise"),
+    settings.update(smoke=args.smoke, shift=args.shift, rounds=rounds, high_steps=experts.count("high_noise"),
                     low_steps=experts.count("low_noise"), model=str(info.path), dtype=spec.dtype)
     return _report(raw, settings, device)
 

@@ -44,12 +44,9 @@ def generate_on_ray(args, info, resolved, layout, output, checkpoints) -> int:
     except ValidationError as exc:
         return _fail("generate", f"{_flag(exc.field)}: {exc.message}")
     device_type = _device_type(args)
-    started_here = False
     import ray
 
-    if not ray.is_initialized():
-        started_here = True
-        connect(args.ray_address)
+    started_here = connect(args.ray_address)
     try:
         if device_type == "cuda":
             have = int(ray.cluster_resources().get("GPU", 0))

@@ -29,22 +29,27 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     """Joins an existing Ray cluster (``address``) or starts a local one (dashboard off).
 
     A local Ray gets at least 16 logical CPUs: on CPU every rank reserves one, whatever the
     core count (the ranks share the cores; torch threads are divided among them).
+
+    Returns:
+        True when this call connected (the caller should :func:`shutdown`), False when this
+        process was already connected.
     """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus or max(16, os.cpu_count() or 1), include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=True)
+    return True
 
 
 def shutdown() -> None:

@@ -57,7 +57,7 @@ def test_registry_has_the_benches_and_the_stage_slots():
 
     assert {"engine", "parallel", "serve", "gpu", "stages", "scaling"} <= set(BENCHES)
     built = [name for name, (module, _) in BENCHES.items() if importlib.util.find_spec(module) is not None]
-    assert {"engine", "parallel", "serve", "gpu"} <= set(built)
+    assert {"engine", "parallel", "serve", "gpu", "stages", "scaling"} <= set(built)
     for name in built:
         module = importlib.import_module(BENCHES[name][0])
         assert all(callable(getattr(module, fn)) for fn in ("add_arguments", "skip_reason", "run")), name
@@ -98,6 +98,32 @@ def test_serve_smoke(relay, tiny_models, tmp_path):
     assert 0 < summary["first_event_p50_s"] <= summary["first_progress_p50_s"] <= summary["single_total_p50_s"]
     assert summary["concurrent_first_event_p50_s"] <= summary["concurrent_first_event_p95_s"]
     assert summary["stream_events_per_s"] > 0 and summary["stream_preview_events_per_s"] > 0
+
+
+def test_stages_smoke(relay, tiny_models, tmp_path):
+    result = relay("bench", "stages", "--smoke", "--model", tiny_models["t2v"], "--results", tmp_path)
+    assert result.code == 0, result.err
+    _rows(result.out, ["staged, overlap", "staged, no overlap", "fused x2 replicas", "overlap speed-up: achieved"])
+    summary = _document(tmp_path, "stages")["summary"]
+    assert set(summary["requests_per_minute"]) == {"overlap", "no_overlap", "fused"}
+    assert all(v > 0 for v in summary["requests_per_minute"].values())
+    assert 1.0 <= summary["ideal_speedup"] <= 2.0
+    assert summary["achieved_over_ideal"] == pytest.approx(summary["achieved_speedup"] / summary["ideal_speedup"])
+    assert 0 < summary["utilisation"]["high"] <= 1.0 and 0 < summary["utilisation"]["low"] <= 1.0
+
+
+def test_scaling_smoke(relay, tiny_models, tmp_path):
+    result = relay("bench", "scaling", "--smoke", "--model", tiny_models["t2v"], "--results", tmp_path)
+    assert result.code == 0, result.err
+    _rows(result.out, ["1 ", "2 ", "planned = the cost model's absolute step time"])
+    doc = _document(tmp_path, "scaling")
+    assert doc["settings"]["sizes"] == [1, 2]
+    for size in ("1", "2"):
+        entry = doc["summary"][size]
+        assert entry["measured_step_s"] > 0 and entry["planned_step_s"] > 0
+    assert doc["summary"]["1"]["scaled_step_s"] == pytest.approx(doc["summary"]["1"]["measured_step_s"])
+    # The planner predicts a lower step time with two devices (the work is split).
+    assert doc["summary"]["2"]["planned_step_s"] < 2 * doc["summary"]["1"]["planned_step_s"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA behaviour")
