@@ -59,7 +59,10 @@ class WorkerGroup(Protocol):
 
     def prepare(self, request: dict, *, timeout_s: float): ...
     def begin(self, state, *, timeout_s: float) -> None: ...
-    def advance(self, *, until: int, max_steps: int, preview: bool, timeout_s: float): ...
+    def advance_chunks(self, *, until: int, chunks: list[tuple[int, bool]], timeout_s: float):
+        """Runs the chunks ``(steps, preview)`` in order (stopping before step ``until``) and
+        yields ``(events, state, png)`` after each; may queue the next chunk on the workers
+        before the previous result has been read."""
     def decode(self, state, *, timeout_s: float): ...
     def restart(self) -> None: ...
     def shutdown(self) -> None: ...
@@ -365,27 +368,41 @@ class StageScheduler:
             fresh = False
             ticket.stages.pop(0)
 
+    def _chunks(self, ticket: Ticket, start: int, end: int) -> list[tuple[int, bool]]:
+        """``(steps, preview)`` of each group call from step ``start`` to ``end``."""
+        chunks, every, total = [], ticket.preview_every, ticket.state.num_steps
+        step = start
+        while step < end:
+            count = min(self.config.checkpoint_every, end - step)
+            preview = bool(every) and any((s + 1) % every == 0 or s + 1 == total for s in range(step, step + count))
+            chunks.append((count, preview))
+            step += count
+        return chunks
+
     def _denoise(self, group: WorkerGroup, ticket: Ticket, segment: Segment, fresh: bool) -> None:
         group.begin(ticket.state, timeout_s=self._timeout(1, fresh))
-        fresh = False
-        while ticket.state.step_index < segment.end:
-            if ticket.cancelled:
-                raise RequestCancelled(f"request {ticket.request_id} cancelled")
-            step = ticket.state.step_index
-            count = min(self.config.checkpoint_every, segment.end - step)
-            every = ticket.preview_every
-            preview = bool(every) and any((s + 1) % every == 0 or s + 1 == ticket.state.num_steps
-                                          for s in range(step, step + count))
+        chunks = self._chunks(ticket, ticket.state.step_index, segment.end)
+        results = group.advance_chunks(until=segment.end, chunks=chunks,
+                                       timeout_s=self._timeout(self.config.checkpoint_every, False))
+        try:
             begun = time.perf_counter()
-            with self._timed(group, ticket, "step"):
-                events, state, png = group.advance(until=segment.end, max_steps=count, preview=preview,
-                                                   timeout_s=self._timeout(count, False))
-            ticket.step_seconds.append((time.perf_counter() - begun) / max(len(events), 1))
-            ticket.state = state  # the checkpoint, held outside the workers
-            for event in events:
-                self._progress(ticket, group, event)
-            if png is not None:
-                self._emit(ticket, "preview", step=state.step_index, png=png)
+            for events, state, png in results:
+                now = time.perf_counter()
+                self.trace.append(TraceEntry(group.name, ticket.request_id, "step",
+                                             begun - self._epoch, now - self._epoch))
+                ticket.step_seconds.append((now - begun) / max(len(events), 1))
+                begun = now
+                ticket.state = state  # the checkpoint, held outside the workers
+                for event in events:
+                    self._progress(ticket, group, event)
+                if png is not None:
+                    self._emit(ticket, "preview", step=state.step_index, png=png)
+                if ticket.cancelled and ticket.state.step_index < segment.end:
+                    raise RequestCancelled(f"request {ticket.request_id} cancelled")
+        finally:
+            close = getattr(results, "close", None)
+            if close is not None:
+                close()
 
     def _progress(self, ticket: Ticket, group: WorkerGroup, event) -> None:
         recent = ticket.step_seconds[-8:]

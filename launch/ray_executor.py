@@ -241,9 +241,30 @@ class RayWorkerGroup:
 
         self._call("begin", ray.put(state), timeout_s=timeout_s)
 
-    def advance(self, *, until: int, max_steps: int, preview: bool, timeout_s: float):
-        """Runs up to ``max_steps`` steps on every rank; returns rank 0's (events, state, png)."""
-        return self._call("advance", until, max_steps, preview, timeout_s=timeout_s)
+    def advance_chunks(self, *, until: int, chunks: list[tuple[int, bool]], timeout_s: float):
+        """Runs the chunks on every rank, yielding rank 0's ``(events, state, png)`` after each.
+
+        The next chunk is queued on the actors while the driver reads the previous result, so
+        a group never idles between steps waiting for the driver; each chunk still returns its
+        checkpoint. Closing the generator early (cancellation) leaves at most one chunk queued,
+        whose run the next :meth:`begin` replaces.
+        """
+        pending: list[list] = []
+        queued = iter(chunks)
+
+        def submit() -> None:
+            chunk = next(queued, None)
+            if chunk is not None:
+                steps, preview = chunk
+                pending.append([actor.advance.remote(until, steps, preview) for actor in self.actors])
+
+        submit()
+        submit()
+        while pending:
+            refs = pending.pop(0)
+            result = self._gather(refs, "advance", timeout_s)[0]
+            submit()
+            yield result
 
     def decode(self, state, *, timeout_s: float):
         """Decodes on rank 0 (``state`` ``None``: the group's current run)."""

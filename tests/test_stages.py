@@ -139,6 +139,14 @@ def staged(ray_session, t2v):
     executor.close()
 
 
+@pytest.fixture(scope="module")
+def undisturbed(staged, t2v):
+    """Frames of undisturbed staged runs per seed: what a recovered request must equal bit for bit
+    (the single-process reference may differ in the last bit: another thread count)."""
+    tickets = {seed: _submit(staged, t2v, seed) for seed in SEEDS}
+    return {seed: ticket.result(timeout=600) for seed, ticket in tickets.items()}
+
+
 def _submit(executor, t2v, seed, events=None):
     from engine.stages import request_experts
 
@@ -196,16 +204,17 @@ def _restarts(executor) -> int:
     ("low", {"action": "exit", "method": "advance", "at_step": SWITCH + 1}),  # mid low-noise stage
     ("low", {"action": "exit", "method": "begin"}),  # after the hand-off, before the pick-up
 ], ids=["mid-high", "mid-low", "at-pickup"])
-def test_killed_worker_costs_a_restart_not_the_request(staged, t2v, references, group, fault):
+def test_killed_worker_costs_a_restart_not_the_request(staged, t2v, references, undisturbed, group, fault):
     before = _restarts(staged)
     staged.group(group).arm_fault({**fault, "seed": SEEDS[0]})
     victim, bystander = _submit(staged, t2v, SEEDS[0]), _submit(staged, t2v, SEEDS[2])
-    assert np.array_equal(victim.result(timeout=600), references[SEEDS[0]])  # bit-identical
-    assert _max_diff(bystander.result(timeout=600), references[SEEDS[2]]) <= 1e-5
+    assert np.array_equal(victim.result(timeout=600), undisturbed[SEEDS[0]])  # bit-identical
+    assert _max_diff(undisturbed[SEEDS[0]], references[SEEDS[0]]) <= 1e-5
+    assert np.array_equal(bystander.result(timeout=600), undisturbed[SEEDS[2]])
     assert _restarts(staged) == before + 1 and victim.attempts == 1 and bystander.attempts == 0
 
 
-def test_hung_worker_is_caught_by_the_watchdog(staged, t2v, references):
+def test_hung_worker_is_caught_by_the_watchdog(staged, t2v, undisturbed):
     scheduler = staged.scheduler
     saved = scheduler.config
     scheduler.config = replace(saved, step_timeout_s=6.0)
@@ -216,7 +225,7 @@ def test_hung_worker_is_caught_by_the_watchdog(staged, t2v, references):
         frames = _submit(staged, t2v, SEEDS[1], events).result(timeout=600)
     finally:
         scheduler.config = saved
-    assert np.array_equal(frames, references[SEEDS[1]])
+    assert np.array_equal(frames, undisturbed[SEEDS[1]])
     assert _restarts(staged) == before + 1
     assert any(kind == "retry" and "watchdog" in data["error"] for kind, data in events)
 
