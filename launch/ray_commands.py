@@ -115,7 +115,9 @@ class _Event:
 
 def generate_under_torchrun(args) -> int:
     """Re-runs this ``relay generate`` under ``torchrun --standalone`` with ``--nproc`` ranks."""
-    argv = _strip_flag(args.argv, "--executor")
+    # torchrun supplies the world size (launch.torchrun sets --nproc from it); its own parser
+    # would also take --nproc for an abbreviation of --nproc-per-node.
+    argv = _strip_flag(_strip_flag(args.argv, "--executor"), "--nproc")
     if argv and argv[0] == "generate":
         argv = argv[1:]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",

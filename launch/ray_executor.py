@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from dataclasses import replace
 
 from engine.scheduler import GroupFailure
@@ -154,6 +155,7 @@ class RayWorkerGroup:
         self.pids: list[int] = []
         self.placement_group = None
         self.builds = 0
+        self._uid = uuid.uuid4().hex[:8]  # names are unique per cluster: executors may share one
         self._faults: dict[int, dict | None] = {}
 
     @property
@@ -175,7 +177,7 @@ class RayWorkerGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.placement_group = placement_group([self._bundle()] * self.size, strategy=self.strategy,
-                                               name=f"relay-{self.name}-{os.getpid()}-{self.builds}")
+                                               name=f"relay-{self.name}-{self._uid}-{self.builds}")
         try:
             ray.get(self.placement_group.ready(), timeout=self.build_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -187,7 +189,7 @@ class RayWorkerGroup:
         self.actors = [
             remote.options(
                 num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0, max_concurrency=1,
-                name=f"relay-{self.name}-r{rank}-{os.getpid()}-{self.builds}",
+                name=f"relay-{self.name}-r{rank}-{self._uid}-{self.builds}",
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.placement_group, placement_group_bundle_index=rank),
             ).remote()

@@ -299,3 +299,80 @@ def test_group_restart_budget_retires_a_group_and_fails_its_requests_clearly(ray
         assert fused.scheduler.restarts["fused0"] == 2
         with pytest.raises(RequestFailed, match="no live worker group"):
             _submit(fused, t2v, SEEDS[1])
+
+
+def test_priority_then_fifo_and_cancel_at_a_step_boundary(staged, t2v, undisturbed):
+    from engine.scheduler import RequestCancelled
+
+    scheduler = staged.scheduler
+    saved = scheduler.config
+    scheduler.config = replace(saved, overlap=False)  # one request in the pipeline at a time
+    started = []
+    try:
+        events = []
+        first = _submit(staged, t2v, SEEDS[0], events)
+        # Queued behind it: priority first, then arrival order.
+        later = [staged.scheduler.submit(
+            _resolved(t2v, seed=seed).to_dict(with_image=True), priority=priority,
+            experts=_experts(t2v), on_event=lambda kind, data, s=seed: kind == "started" and started.append(s))
+            for seed, priority in ((SEEDS[1], 0), (SEEDS[2], 0), (98, 3), (99, 5))]
+        assert [scheduler.position(t) for t in later] == [2, 3, 1, 0]
+        scheduler.cancel(later[3])  # a queued request is cancelled at once and never starts
+        with pytest.raises(RequestCancelled):
+            later[3].result(timeout=10)
+        # Cancel the running request after its first step: it stops at the next step boundary.
+        while not any(kind == "progress" for kind, _ in list(events)):
+            first._done.wait(0.05)
+        scheduler.cancel(first)
+        with pytest.raises(RequestCancelled):
+            first.result(timeout=300)
+        assert first.state is None or first.state.step_index < 6
+        later[2].result(timeout=300)
+        assert np.array_equal(later[0].result(timeout=300), undisturbed[SEEDS[1]])
+        assert np.array_equal(later[1].result(timeout=300), undisturbed[SEEDS[2]])
+    finally:
+        scheduler.config = saved
+    assert started == [98, SEEDS[1], SEEDS[2]]
+
+
+def _experts(t2v):
+    from engine.stages import request_experts
+
+    return request_experts(t2v, _resolved(t2v))
+
+
+def test_encode_and_decode_on_their_own_device(ray_session, t2v, references):
+    with _executor(t2v, placement="staged", stage_split="1:1", encode_on="own", decode_on="own") as three:
+        assert [(g.name, g.roles) for g in three.groups] == [
+            ("high", ("high_noise",)), ("low", ("low_noise",)), ("aux", ("encode", "decode"))]
+        events = []
+        frames = _submit(three, t2v, SEEDS[0], events).result(timeout=300)
+    assert _max_diff(frames, references[SEEDS[0]]) <= 1e-5
+    stages = [(data["stage"], data["group"]) for kind, data in events if kind == "stage"]
+    assert stages == [("encode", "aux"), ("high_noise", "high"), ("low_noise", "low"), ("decode", "aux")]
+
+
+def test_relay_generate_on_ray_staged_equals_single_process(relay, ray_session, tiny_models, references, tmp_path):
+    out = tmp_path / "staged.npy"
+    result = relay("generate", "--model", tiny_models["t2v"], "--prompt", REQUEST["prompt"], "--height", 32,
+                   "--width", 32, "--frames", 5, "--steps", 6, "--guidance", 4, "--guidance-low", 3, "--shift", 5,
+                   "--seed", SEEDS[0], "--dtype", "fp32", "--device", "cpu", "--executor", "ray",
+                   "--placement", "staged", "--output", out, "--checkpoint-dir", tmp_path / "ck",
+                   "--checkpoint-at", SWITCH)
+    assert result.code == 0, result.err
+    assert "placement staged: 3 high-noise vs 3 low-noise steps" in result.err
+    assert _max_diff(np.load(out), references[SEEDS[0]]) <= 1e-5
+    from engine.state import DenoiseState
+
+    snapshot = DenoiseState.load(tmp_path / "ck" / f"step-{SWITCH:04d}.pt")  # the hand-off state
+    assert snapshot.step_index == SWITCH and snapshot.next_expert == "low_noise"
+
+
+def test_relay_generate_under_torchrun_equals_single_process(relay, tiny_models, references, tmp_path):
+    out = tmp_path / "torchrun.npy"
+    result = relay("generate", "--model", tiny_models["t2v"], "--prompt", REQUEST["prompt"], "--height", 32,
+                   "--width", 32, "--frames", 5, "--steps", 6, "--guidance", 4, "--guidance-low", 3, "--shift", 5,
+                   "--seed", SEEDS[1], "--dtype", "fp32", "--device", "cpu", "--executor", "torchrun",
+                   "--nproc", 2, "--ulysses", 2, "--output", out, "--quiet")
+    assert result.code == 0, result.err
+    assert _max_diff(np.load(out), references[SEEDS[1]]) <= 1e-4
