@@ -172,6 +172,16 @@ class DenoiseRun:
             if callback is not None:
                 callback(event)
 
+    def progress(self) -> dict:
+        """What changes from step to step, on the CPU: step index, latents, solver and RNG state.
+
+        Together with the state this run started from, it is a complete checkpoint
+        (:meth:`DenoiseState.advanced`) without re-shipping the conditioning every step (at 720p
+        I2V the text embeddings and image condition are ~30 MB, the latents ~20 MB).
+        """
+        return {"step_index": self.step_index, "latents": self.latents.detach().to("cpu", copy=True),
+                "solver": capture_solver(self.scheduler), "rng_state": self._generator.get_state()}
+
     def snapshot(self) -> DenoiseState:
         """The state after the last completed step, on the CPU."""
         state = DenoiseState(

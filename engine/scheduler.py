@@ -61,7 +61,8 @@ class WorkerGroup(Protocol):
     def begin(self, state, *, timeout_s: float) -> None: ...
     def advance_chunks(self, *, until: int, chunks: list[tuple[int, bool]], timeout_s: float):
         """Runs the chunks ``(steps, preview)`` in order (stopping before step ``until``) and
-        yields ``(events, state, png)`` after each; may queue the next chunk on the workers
+        yields ``(events, progress, png)`` after each (``progress``: see
+        :meth:`engine.denoise.DenoiseRun.progress`); may queue the next chunk on the workers
         before the previous result has been read."""
     def decode(self, state, *, timeout_s: float): ...
     def restart(self) -> None: ...
@@ -386,13 +387,13 @@ class StageScheduler:
                                        timeout_s=self._timeout(self.config.checkpoint_every, False))
         try:
             begun = time.perf_counter()
-            for events, state, png in results:
+            for events, progress, png in results:
                 now = time.perf_counter()
                 self.trace.append(TraceEntry(group.name, ticket.request_id, "step",
                                              begun - self._epoch, now - self._epoch))
                 ticket.step_seconds.append((now - begun) / max(len(events), 1))
                 begun = now
-                ticket.state = state  # the checkpoint, held outside the workers
+                ticket.state = state = ticket.state.advanced(progress)  # the checkpoint, held here
                 for event in events:
                     self._progress(ticket, group, event)
                 if png is not None:

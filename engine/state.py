@@ -78,6 +78,14 @@ class DenoiseState:
         """The expert that runs the next step, or ``None`` when done."""
         return None if self.done else self.experts[self.step_index]
 
+    def advanced(self, progress: dict) -> DenoiseState:
+        """This state moved on by a run's :meth:`engine.denoise.DenoiseRun.progress` (the same
+        request and conditioning; new step index, latents, solver and RNG state)."""
+        unknown = set(progress) - {"step_index", "latents", "solver", "rng_state"}
+        if unknown:
+            raise ValueError(f"not progress fields: {sorted(unknown)}")
+        return replace(self, **progress)
+
     def to_cpu(self) -> DenoiseState:
         """A deep copy with every tensor on the CPU (safe to ship or keep as a checkpoint)."""
         return _map_tensors(self, lambda t: t.detach().to("cpu", copy=True))

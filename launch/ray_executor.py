@@ -244,7 +244,7 @@ class RayWorkerGroup:
         self._call("begin", ray.put(state), timeout_s=timeout_s)
 
     def advance_chunks(self, *, until: int, chunks: list[tuple[int, bool]], timeout_s: float):
-        """Runs the chunks on every rank, yielding rank 0's ``(events, state, png)`` after each.
+        """Runs the chunks on every rank, yielding rank 0's ``(events, progress, png)`` after each.
 
         The next chunk is queued on the actors while the driver reads the previous result, so
         a group never idles between steps waiting for the driver; each chunk still returns its

@@ -150,9 +150,10 @@ class StageWorker:
         """Runs at most ``max_steps`` steps, stopping before step index ``until``.
 
         Returns:
-            ``(events, state, preview)`` on the output rank: the step events, the snapshot after
-            the last step (when ``snapshot``) and a preview PNG of the latents (when
-            ``preview``); ``([], None, None)`` elsewhere.
+            ``(events, progress, preview)`` on the output rank: the step events, the run's
+            :meth:`~engine.denoise.DenoiseRun.progress` after the last step (when ``snapshot``;
+            ``DenoiseState.advanced`` makes it a full checkpoint) and a preview PNG of the
+            latents (when ``preview``); ``([], None, None)`` elsewhere.
         """
         if self.run is None:
             raise RuntimeError("advance() before begin()")
@@ -161,9 +162,9 @@ class StageWorker:
         self.run.run(until=end, callback=events.append)
         if not self.is_output_rank:
             return [], None, None
-        state = self.run.snapshot() if snapshot else None
+        progress = self.run.progress() if snapshot else None
         png = self.preview_png(self.run.latents) if preview else None
-        return events, state, png
+        return events, progress, png
 
     def preview_png(self, latents) -> bytes:
         """A small PNG of ``latents`` through the VAE's linear latent-to-RGB projection."""
