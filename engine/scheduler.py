@@ -58,13 +58,16 @@ class WorkerGroup(Protocol):
     roles: tuple[str, ...]
 
     def prepare(self, request: dict, *, timeout_s: float): ...
-    def begin(self, state, *, timeout_s: float) -> None: ...
+    def begin(self, state, *, timeout_s: float) -> None:
+        """Starts denoising ``state``; ``None``: continue with the state the group holds (the
+        one it just prepared, or its current run)."""
     def advance_chunks(self, *, until: int, chunks: list[tuple[int, bool]], timeout_s: float):
         """Runs the chunks ``(steps, preview)`` in order (stopping before step ``until``) and
         yields ``(events, progress, png)`` after each (``progress``: see
         :meth:`engine.denoise.DenoiseRun.progress`); may queue the next chunk on the workers
         before the previous result has been read."""
-    def decode(self, state, *, timeout_s: float): ...
+    def decode(self, state, *, timeout_s: float):
+        """Decodes ``state`` (``None``: the group's current run) to frames."""
     def restart(self) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -341,6 +344,7 @@ class StageScheduler:
         if ticket.started is None:
             ticket.started = time.perf_counter()
             self._emit(ticket, "started", group=group.name)
+        held = False  # whether the group already holds the ticket's current state
         while ticket.stages and ticket.next_stage in group.roles:
             if ticket.cancelled:
                 raise RequestCancelled(f"request {ticket.request_id} cancelled")
@@ -357,7 +361,7 @@ class StageScheduler:
             elif stage == DECODE:
                 self._emit(ticket, "decoding", group=group.name)
                 with self._timed(group, ticket, "decode"):
-                    frames = group.decode(ticket.state, timeout_s=self._timeout(1, fresh))
+                    frames = group.decode(None if held else ticket.state, timeout_s=self._timeout(1, fresh))
                 ticket.stages.pop(0)
                 with self._lock:
                     self._in_flight -= 1
@@ -365,8 +369,8 @@ class StageScheduler:
                     self._lock.notify_all()
                 return
             else:
-                self._denoise(group, ticket, stage, fresh)
-            fresh = False
+                self._denoise(group, ticket, stage, fresh, held)
+            fresh, held = False, True
             ticket.stages.pop(0)
 
     def _chunks(self, ticket: Ticket, start: int, end: int) -> list[tuple[int, bool]]:
@@ -380,8 +384,10 @@ class StageScheduler:
             step += count
         return chunks
 
-    def _denoise(self, group: WorkerGroup, ticket: Ticket, segment: Segment, fresh: bool) -> None:
-        group.begin(ticket.state, timeout_s=self._timeout(1, fresh))
+    def _denoise(self, group: WorkerGroup, ticket: Ticket, segment: Segment, fresh: bool, held: bool) -> None:
+        # A group that just encoded or ran the previous segment continues from what it holds;
+        # another group gets the checkpoint (a hand-off).
+        group.begin(None if held else ticket.state, timeout_s=self._timeout(1, fresh))
         chunks = self._chunks(ticket, ticket.state.step_index, segment.end)
         results = group.advance_chunks(until=segment.end, chunks=chunks,
                                        timeout_s=self._timeout(self.config.checkpoint_every, False))

@@ -110,7 +110,7 @@ class RankActor:
 
     def begin(self, state) -> None:
         """See :meth:`StageWorker.begin`."""
-        self._maybe_fail("begin", state.request)
+        self._maybe_fail("begin", state.request if state is not None else self.worker.request)
         self.worker.begin(state)
 
     def advance(self, until: int, max_steps: int, preview: bool):
@@ -122,7 +122,7 @@ class RankActor:
 
     def decode(self, state):
         """See :meth:`StageWorker.decode`."""
-        self._maybe_fail("decode", state.request if state is not None else None)
+        self._maybe_fail("decode", state.request if state is not None else self.worker.request)
         return self.worker.decode(state)
 
     def close(self) -> None:
@@ -238,10 +238,11 @@ class RayWorkerGroup:
         return self._call("prepare", request, timeout_s=timeout_s)
 
     def begin(self, state, *, timeout_s: float) -> None:
-        """Hands ``state`` to every rank through the object store (put once, read by each)."""
+        """Hands ``state`` to every rank through the object store (put once, read by each);
+        ``None``: every rank continues with what it holds."""
         import ray
 
-        self._call("begin", ray.put(state), timeout_s=timeout_s)
+        self._call("begin", ray.put(state) if state is not None else None, timeout_s=timeout_s)
 
     def advance_chunks(self, *, until: int, chunks: list[tuple[int, bool]], timeout_s: float):
         """Runs the chunks on every rank, yielding rank 0's ``(events, progress, png)`` after each.

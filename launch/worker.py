@@ -115,6 +115,7 @@ class StageWorker:
         groups = self.groups
         self._predict = CfgParallelPredictor(groups.cfg_group, groups.cfg_rank) if groups.cfg_group else None
         self._previewer = None
+        self._prepared = None
         self.run = None
 
     @property
@@ -139,12 +140,31 @@ class StageWorker:
         """
         from engine.request import ResolvedRequest
 
-        state = self.engine.prepare(ResolvedRequest(**request))
-        return state.to_cpu() if self.is_output_rank else None
+        self._prepared = self.engine.prepare(ResolvedRequest(**request))
+        return self._prepared.to_cpu() if self.is_output_rank else None
 
-    def begin(self, state) -> None:
-        """Starts denoising ``state`` (a fresh state, a hand-off or a checkpoint) on this group."""
+    def begin(self, state=None) -> None:
+        """Starts denoising ``state`` (a fresh state, a hand-off or a checkpoint) on this group.
+
+        ``None`` continues with what this group holds: the state it just prepared (no round
+        trip of the conditioning through the driver) or, if none, its current run (the next
+        expert's segment of a fused group).
+        """
+        if state is None:
+            state, self._prepared = self._prepared, None
+            if state is None:
+                if self.run is None:
+                    raise RuntimeError("begin(None) with nothing prepared and no run")
+                return
         self.run = self.engine.start(state, predict=self._predict)
+
+    @property
+    def request(self) -> dict | None:
+        """The request this worker is preparing or running, if any."""
+        held = self._prepared if self._prepared is not None else self.run
+        if held is None:
+            return None
+        return held.request if hasattr(held, "request") else held._request
 
     def advance(self, *, until: int, max_steps: int, snapshot: bool = True, preview: bool = False):
         """Runs at most ``max_steps`` steps, stopping before step index ``until``.
