@@ -248,7 +248,8 @@ class StageScheduler:
             return fresh.index(ticket) if ticket in fresh else -1
 
     def close(self) -> None:
-        """Stops the group threads after their current call (waiting requests are cancelled)."""
+        """Cancels waiting requests at once and running ones at their next step boundary, and
+        stops the group threads (a group is never rebuilt after this)."""
         with self._lock:
             self._closed = True
             for ticket in self._waiting:
@@ -286,7 +287,10 @@ class StageScheduler:
 
     def _requeue(self, ticket: Ticket) -> None:
         with self._lock:
-            if ticket.cancelled:
+            if self._closed:
+                self._in_flight -= 1
+                self._finish(ticket, error=RequestCancelled("the scheduler is shut down"))
+            elif ticket.cancelled:
                 self._in_flight -= 1
                 self._finish(ticket, error=RequestCancelled(f"request {ticket.request_id} cancelled"))
             elif not self._servers(ticket.next_stage):
@@ -346,7 +350,7 @@ class StageScheduler:
             self._emit(ticket, "started", group=group.name)
         held = False  # whether the group already holds the ticket's current state
         while ticket.stages and ticket.next_stage in group.roles:
-            if ticket.cancelled:
+            if ticket.cancelled or self._closed:
                 raise RequestCancelled(f"request {ticket.request_id} cancelled")
             stage = ticket.stages[0]
             self._emit(ticket, "stage", stage=ticket.next_stage, group=group.name)
@@ -404,7 +408,7 @@ class StageScheduler:
                     self._progress(ticket, group, event)
                 if png is not None:
                     self._emit(ticket, "preview", step=state.step_index, png=png)
-                if ticket.cancelled and ticket.state.step_index < segment.end:
+                if (ticket.cancelled or self._closed) and ticket.state.step_index < segment.end:
                     raise RequestCancelled(f"request {ticket.request_id} cancelled")
         finally:
             close = getattr(results, "close", None)
@@ -420,6 +424,11 @@ class StageScheduler:
                    eta_s=per_step * (event.total - event.step))
 
     def _on_failure(self, group: WorkerGroup, ticket: Ticket, exc: GroupFailure) -> None:
+        if self._closed:  # the groups are being torn down on purpose: no rebuild
+            with self._lock:
+                self._in_flight -= 1
+                self._finish(ticket, error=RequestCancelled("the scheduler is shut down"))
+            return
         ticket.attempts += 1
         log.warning("group %s failed on request %s (attempt %d): %s", group.name, ticket.request_id,
                     ticket.attempts, exc)

@@ -25,6 +25,7 @@ def test_staged_service_streams_equal_frames_and_drains(tiny_models, tmp_path):
     from launch.service_commands import _wait_serving
     from serve.client import RelayClient
 
+    before = _rank_actors()  # other Ray sessions on this machine are not this server's
     port_file = tmp_path / "port"
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
@@ -60,15 +61,18 @@ def test_staged_service_streams_equal_frames_and_drains(tiny_models, tmp_path):
         log.close()
     text = (tmp_path / "serve.log").read_text()
     assert "staged placement" in text and "drained and stopped" in text, text[-3000:]
-    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_rank_actor(p)]
-    assert not leftovers
+    assert not _rank_actors() - before
 
 
-def _is_rank_actor(proc: Path) -> bool:
-    try:
-        return b"RankActor" in (proc / "cmdline").read_bytes()
-    except OSError:
-        return False
+def _rank_actors() -> set[int]:
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"RankActor" in (proc / "cmdline").read_bytes():
+                pids.add(int(proc.name))
+        except OSError:
+            continue
+    return pids
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -253,14 +253,20 @@ def _live_relay_actors() -> list[dict]:
             if a["State"] == "ALIVE" and (a.get("Name") or "").startswith("relay-")]
 
 
-def _rank_actor_processes() -> set[int]:
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _rank_actor_processes(raylet: int) -> set[int]:
+    """``RankActor`` processes started by this session's raylet (other Ray sessions on the
+    machine, e.g. a concurrent test run, are not ours to count)."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if b"RankActor" in (entry / "cmdline").read_bytes():
+                if b"RankActor" in (entry / "cmdline").read_bytes() and _parent(int(entry.name)) == raylet:
                     pids.add(int(entry.name))
-            except OSError:
+            except (OSError, IndexError, ValueError):
                 continue
     return pids
 
@@ -282,7 +288,8 @@ def test_ten_kill_restart_cycles_leak_no_actor_or_process(staged, t2v, reference
     assert len(live) == sum(g.size for g in staged.groups)
     assert {a["Pid"] for a in live} == {pid for g in staged.groups for pid in g.pids}
     assert not any(_alive(pid) for pid in killed)
-    assert _rank_actor_processes() == {pid for g in staged.groups for pid in g.pids}
+    raylet = _parent(staged.groups[0].pids[0])  # actor processes are the raylet's children
+    assert _rank_actor_processes(raylet) == {pid for g in staged.groups for pid in g.pids}
     created = [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"]
     assert len(created) == len(staged.groups)
 
@@ -376,3 +383,20 @@ def test_relay_generate_under_torchrun_equals_single_process(relay, tiny_models,
                    "--nproc", 2, "--ulysses", 2, "--output", out, "--quiet")
     assert result.code == 0, result.err
     assert _max_diff(np.load(out), references[SEEDS[1]]) <= 1e-4
+
+
+def test_closing_with_requests_in_flight_cancels_them_without_rebuilding(ray_session, t2v):
+    from engine.scheduler import RequestCancelled
+
+    executor = _executor(t2v, placement="fused")
+    events = []
+    running = _submit(executor, t2v, SEEDS[0], events)
+    waiting = _submit(executor, t2v, SEEDS[1])
+    while not any(kind == "progress" for kind, _ in list(events)):
+        running._done.wait(0.05)
+    executor.close()
+    for ticket in (running, waiting):
+        with pytest.raises(RequestCancelled):
+            ticket.result(timeout=120)
+    assert executor.scheduler.restarts == {"fused0": 0}
+    assert not executor.group("fused0").actors
