@@ -125,7 +125,7 @@ def _workload(spec, resolved):
 
 
 def _measure(info, resolved, experts, spec, layout, rounds: int, address) -> dict:
-    from launch.placement import Placement, GroupPlan
+    from launch.placement import GroupPlan, Placement
     from launch.ray_executor import RayExecutor
 
     placement = Placement(kind="fused", groups=(GroupPlan(name="fused0", roles=("encode", "high_noise", "low_noise",

@@ -34,10 +34,9 @@ def generate_on_ray(args, info, resolved, layout, output, checkpoints) -> int:
     from engine.scheduler import RequestFailed, SchedulerConfig
     from engine.stages import request_experts
     from engine.video import write_output
+    from launch.commands import _device_type, _fail, _flag
     from launch.ray_executor import RayExecutor, connect, shutdown
     from launch.worker import WorkerSpec
-
-    from launch.commands import _device_type, _fail, _flag
 
     try:
         placement = placement_from_args(args, info, resolved, layout)
@@ -154,9 +153,8 @@ def serve_runner_factory(args, model_dirs: list[str]):
     from engine.model_info import read_model_info
     from engine.request import GenerationRequest, resolve_request
     from engine.scheduler import SchedulerConfig
-    from parallel.layout import ParallelLayout
-
     from launch.commands import _device_type
+    from parallel.layout import ParallelLayout
 
     for flag, value, low in (("checkpoint_every", args.checkpoint_every, 1), ("max_retries", args.max_retries, 0)):
         if value < low:

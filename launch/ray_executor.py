@@ -201,7 +201,7 @@ class RayWorkerGroup:
             # Each actor sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES): local rank 0.
             infos = [RankInfo(rank=r, local_rank=0, world_size=self.size, init_method=init)
                      for r in range(self.size)]
-            self.pids = self._gather([a.setup.remote(i, self.spec) for a, i in zip(self.actors, infos)],
+            self.pids = self._gather([a.setup.remote(i, self.spec) for a, i in zip(self.actors, infos, strict=True)],
                                      "setup", self.build_timeout_s)
             for rank, fault in self._faults.items():
                 ray.get(self.actors[rank].arm_fault.remote(fault), timeout=60)

@@ -1,0 +1,152 @@
+"""The stage scheduler's vocabulary: its policy (:class:`SchedulerConfig`), a submitted request
+(:class:`Ticket`), the call trace, its errors, and the :class:`WorkerGroup` protocol that
+executors implement (:mod:`engine.scheduler` runs them; :mod:`launch.ray_executor` provides
+Ray actor groups)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.stages import Segment
+
+
+class GroupFailure(RuntimeError):
+    """A worker group can no longer be used (a worker died or a call exceeded the watchdog)."""
+
+
+class RequestFailed(RuntimeError):
+    """A request could not be completed; the message says why."""
+
+
+class RequestCancelled(RuntimeError):
+    """A request was cancelled before it completed."""
+
+
+class WorkerGroup(Protocol):
+    """What the scheduler needs from an executor's group of workers (every call is lock-step
+    over the group's ranks and raises :class:`GroupFailure` when the group is broken)."""
+
+    name: str
+    roles: tuple[str, ...]
+
+    def prepare(self, request: dict, *, timeout_s: float): ...
+    def begin(self, state, *, timeout_s: float) -> None:
+        """Starts denoising ``state``; ``None``: continue with the state the group holds (the
+        one it just prepared, or its current run)."""
+    def advance_chunks(self, *, until: int, chunks: list[tuple[int, bool]], timeout_s: float):
+        """Runs the chunks ``(steps, preview)`` in order (stopping before step ``until``) and
+        yields ``(events, progress, png)`` after each (``progress``: see
+        :meth:`engine.denoise.DenoiseRun.progress`); may queue the next chunk on the workers
+        before the previous result has been read."""
+    def decode(self, state, *, timeout_s: float):
+        """Decodes ``state`` (``None``: the group's current run) to frames."""
+    def restart(self) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """Scheduling policy.
+
+    Attributes:
+        max_queue: Requests that may wait to enter the pipeline; more are refused.
+        checkpoint_every: Steps per group call; the scheduler holds a checkpoint after each.
+        step_timeout_s: Watchdog: seconds a step (or encode/decode) may take before the group is
+            declared hung.
+        load_timeout_s: Extra seconds the first call after a (re)build may take.
+        max_request_retries: Group failures one request may cause before it fails.
+        max_group_restarts: Rebuilds of one group before it is retired.
+        overlap: Whether a new request may enter the pipeline while others are in flight
+            (``False`` is the no-overlap baseline: request i+1 waits for request i).
+    """
+
+    max_queue: int = 64
+    checkpoint_every: int = 1
+    step_timeout_s: float = 300.0
+    load_timeout_s: float = 600.0
+    max_request_retries: int = 2
+    max_group_restarts: int = 10
+    overlap: bool = True
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.max_queue < 0 or self.max_request_retries < 0 or self.max_group_restarts < 0:
+            raise ValueError("max_queue, max_request_retries and max_group_restarts must be >= 0")
+        if self.step_timeout_s <= 0:
+            raise ValueError(f"step_timeout_s must be positive, got {self.step_timeout_s}")
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    """One group call, for overlap analysis: ``kind`` is prepare, step, decode or restart."""
+
+    group: str
+    request: int
+    kind: str
+    start: float
+    end: float
+
+
+@dataclass(eq=False, kw_only=True)
+class Ticket:
+    """A submitted request and its live state.
+
+    Attributes:
+        request_id: Sequential id.
+        request: ``ResolvedRequest.to_dict(with_image=True)``.
+        priority: Higher enters first.
+        on_event: Called (on a scheduler thread) as ``on_event(kind, data)``.
+        preview_every: A preview PNG every N steps (0: none).
+    """
+
+    request_id: int
+    request: dict
+    priority: int = 0
+    on_event: Callable[[str, dict], None] | None = None
+    preview_every: int = 0
+    stages: list = field(default_factory=list)  # remaining: ENCODE, Segment..., DECODE
+    state: object = None  # the checkpoint: DenoiseState after the last completed call
+    attempts: int = 0
+    cancelled: bool = False
+    started: float | None = None
+    step_seconds: list = field(default_factory=list)
+    _done: threading.Event = field(default_factory=threading.Event)
+    _result: object = None
+    _error: BaseException | None = None
+
+    @property
+    def next_stage(self) -> str | None:
+        """Name of the next stage to run (``None`` when finished)."""
+        if not self.stages:
+            return None
+        stage = self.stages[0]
+        return stage.expert if isinstance(stage, Segment) else stage
+
+    @property
+    def done(self) -> bool:
+        """True once the request succeeded, failed or was cancelled."""
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None):
+        """Waits for and returns the frames ``(F, H, W, 3)``.
+
+        Raises:
+            RequestFailed: the request failed. RequestCancelled: it was cancelled.
+            TimeoutError: not finished within ``timeout``.
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout}s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def busy_overlap(trace: Sequence[TraceEntry], a: str, b: str) -> float:
+    """Seconds during which groups ``a`` and ``b`` were both inside a call."""
+    spans_a = [(e.start, e.end) for e in trace if e.group == a and e.kind != "restart"]
+    spans_b = [(e.start, e.end) for e in trace if e.group == b and e.kind != "restart"]
+    return sum(max(0.0, min(ea, eb) - max(sa, sb)) for sa, ea in spans_a for sb, eb in spans_b)
