@@ -143,11 +143,10 @@ def _measure(staged, fused, info, resolved, experts, count, rounds, config) -> d
         for mode in ("overlap", "no_overlap", "fused"):
             executor = fused if mode == "fused" else staged
             executor.scheduler.config = replace(config, overlap=mode != "no_overlap")
-            first = len(executor.scheduler.trace)
             first_request = max((e.request for e in executor.scheduler.trace), default=-1) + 1
             wall, latencies = _batch(executor, info, resolved, experts, count)
             raw[mode].append({"wall_s": wall, "latency_s": latencies})
-            busy = _busy(executor.scheduler.trace[first:], first_request)
+            busy = _busy(executor.scheduler.trace, first_request)
             if mode == "no_overlap":
                 raw["stage_busy"].append({g: list(per.values()) for g, per in busy.items()})
             if mode == "overlap":

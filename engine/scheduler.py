@@ -29,6 +29,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from engine.stages import DECODE, ENCODE, Segment, segments
@@ -48,6 +49,9 @@ __all__ = ["GroupFailure", "RequestCancelled", "RequestFailed", "SchedulerConfig
 
 log = logging.getLogger(__name__)
 
+#: Group calls the scheduler's trace keeps (the oldest are dropped).
+TRACE_LIMIT = 100_000
+
 
 class StageScheduler:
     """Runs requests over worker groups (see the module docstring).
@@ -61,7 +65,8 @@ class StageScheduler:
         self.groups = list(groups)
         self.config = config or SchedulerConfig()
         self.restarts = {group.name: 0 for group in self.groups}
-        self.trace: list[TraceEntry] = []
+        # The newest calls (a long-running server must not grow without bound).
+        self.trace: deque[TraceEntry] = deque(maxlen=TRACE_LIMIT)
         self._retired: set[str] = set()
         self._waiting: list[Ticket] = []
         self._in_flight = 0

@@ -182,11 +182,11 @@ def test_fused_group_of_two_ranks_equals_single_process(ray_session, t2v, refere
 
 
 def test_stages_overlap_across_requests(staged, t2v, references):
-    start = len(staged.scheduler.trace)
     tickets = [_submit(staged, t2v, SEEDS[i % 2]) for i in range(6)]
     for i, ticket in enumerate(tickets):
         assert _max_diff(ticket.result(timeout=600), references[SEEDS[i % 2]]) <= 1e-5
-    trace = [e for e in staged.scheduler.trace[start:] if e.kind != "restart"]  # prepare, step, decode
+    ids = {ticket.request_id for ticket in tickets}
+    trace = [e for e in staged.scheduler.trace if e.request in ids and e.kind != "restart"]  # prepare, step, decode
     high = [e for e in trace if e.group == "high"]
     low = [e for e in trace if e.group == "low"]
     overlapping = {(h.request, l.request) for h in high for l in low
