@@ -102,6 +102,11 @@ class DenoiseRun:
         self._steps_run = 0
 
     @property
+    def request(self) -> dict:
+        """The resolved request settings this run denoises."""
+        return self._request
+
+    @property
     def num_steps(self) -> int:
         """Total number of denoising steps of this request."""
         return len(self._timesteps)

@@ -117,7 +117,7 @@ class RankActor:
         """See :meth:`StageWorker.advance`."""
         run = self.worker.run
         if run is not None:
-            self._maybe_fail("advance", run._request, range(run.step_index, min(until, run.step_index + max_steps)))
+            self._maybe_fail("advance", run.request, range(run.step_index, min(until, run.step_index + max_steps)))
         return self.worker.advance(until=until, max_steps=max_steps, preview=preview)
 
     def decode(self, state):

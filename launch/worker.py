@@ -162,9 +162,7 @@ class StageWorker:
     def request(self) -> dict | None:
         """The request this worker is preparing or running, if any."""
         held = self._prepared if self._prepared is not None else self.run
-        if held is None:
-            return None
-        return held.request if hasattr(held, "request") else held._request
+        return None if held is None else held.request
 
     def advance(self, *, until: int, max_steps: int, snapshot: bool = True, preview: bool = False):
         """Runs at most ``max_steps`` steps, stopping before step index ``until``.
@@ -266,14 +264,14 @@ def run_generation(info: RankInfo, job: GenerateJob) -> dict:
     try:
         shared = [job.request]
         dist.broadcast_object_list(shared, src=0)  # every rank uses rank 0's request (and seed)
-        state = worker.engine.prepare(_resolved(shared[0]))
-        worker.begin(state)
+        worker.prepare(shared[0])
+        worker.begin()  # continues from the state it just prepared
         loaded = time.perf_counter() - started
         step_s = _denoise(worker.run, job, worker.is_output_rank)
         if worker.is_output_rank:
             from engine.video import write_output
 
-            write_output(worker.decode(), job.output, fps=state.request["fps"])
+            write_output(worker.decode(), job.output, fps=worker.run.request["fps"])
             if not job.quiet:
                 print(f"wrote {job.output}", file=sys.stderr, flush=True)
         dist.barrier()
@@ -281,12 +279,6 @@ def run_generation(info: RankInfo, job: GenerateJob) -> dict:
                 "step_s": step_s, "total_s": time.perf_counter() - started}
     finally:
         worker.close()
-
-
-def _resolved(request: dict):
-    from engine.request import ResolvedRequest
-
-    return ResolvedRequest(**request)
 
 
 def _denoise(run, job: GenerateJob, reporting: bool) -> list[float]:
