@@ -65,13 +65,6 @@ def _sizes(args, device) -> list[int]:
     return sizes
 
 
-def group_layout(n: int, heads: int):
-    """Ulysses over ``n`` devices when it divides the heads, else ring; FSDP over the group."""
-    from launch.placement import default_group_layout
-
-    return default_group_layout(n, heads)
-
-
 def _cpu_spec(threads: int):
     """A pseudo-GPU for this CPU at ``threads`` threads: measured fp32 matmul and copy rates."""
     import torch
@@ -153,6 +146,7 @@ def run(args) -> common.BenchResult:
     from engine.request import GenerationRequest, resolve_request
     from engine.stages import request_experts
     from engine.tiny import default_model_dir
+    from launch.placement import default_group_layout
     from launch.ray_executor import connect, shutdown
     from launch.worker import WorkerSpec
     from parallel.cost import find_gpu, load_calibration
@@ -171,7 +165,7 @@ def run(args) -> common.BenchResult:
     started = connect(args.ray_address)
     try:
         sizes = _sizes(args, device)
-        measured = {n: _measure(info, resolved, experts, worker, group_layout(n, info.num_attention_heads),
+        measured = {n: _measure(info, resolved, experts, worker, default_group_layout(n, info.num_attention_heads),
                                 rounds, args.ray_address) for n in sizes}
     finally:
         if started:
@@ -184,7 +178,7 @@ def run(args) -> common.BenchResult:
             gpu = find_gpu(args.gpu or common.device_name(device))
         else:
             gpu = find_gpu(args.gpu) if args.gpu else _cpu_spec(max(1, (os.cpu_count() or 1) // n))
-        group = Planner(work, gpu, cal).group(group_layout(n, info.num_attention_heads), "fused")
+        group = Planner(work, gpu, cal).group(default_group_layout(n, info.num_attention_heads), "fused")
         planned[n] = sum(work.expert_steps[e] * group.step_s[e] for e in group.step_s) / resolved.steps
     return _report(measured, planned, sizes, resolved, info, device, rounds, args.gpu, args.smoke)
 

@@ -124,11 +124,9 @@ def _check_executor(args) -> None:
     if args.placement == "staged" and any(v is not None for v in (args.ulysses, args.ring, args.cfg_parallel, args.fsdp)):
         raise ValidationError("placement", "staged groups take --high-layout / --low-layout, "
                                            "not --ulysses / --ring / --cfg-parallel / --fsdp")
-    for flag, value, low in (("checkpoint_every", args.checkpoint_every, 1), ("max_retries", args.max_retries, 0)):
-        if value < low:
-            raise ValidationError(flag, f"must be at least {low}, got {value}")
-    if not args.step_timeout > 0:
-        raise ValidationError("step_timeout", f"must be positive, got {args.step_timeout}")
+    from launch.ray_commands import scheduler_config
+
+    scheduler_config(args)
 
 
 def _device_type(args) -> str:

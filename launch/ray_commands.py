@@ -20,6 +20,24 @@ def _say(quiet: bool, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def scheduler_config(args, **extra):
+    """The :class:`engine.scheduler.SchedulerConfig` of the ``--checkpoint-every``,
+    ``--step-timeout`` and ``--max-retries`` flags.
+
+    Raises:
+        ValidationError: naming the flag at fault.
+    """
+    from engine.scheduler import SchedulerConfig
+
+    for flag, value, low in (("checkpoint_every", args.checkpoint_every, 1), ("max_retries", args.max_retries, 0)):
+        if value < low:
+            raise ValidationError(flag, f"must be at least {low}, got {value}")
+    if not args.step_timeout > 0:
+        raise ValidationError("step_timeout", f"must be positive, got {args.step_timeout}")
+    return SchedulerConfig(checkpoint_every=args.checkpoint_every, step_timeout_s=args.step_timeout,
+                           max_request_retries=args.max_retries, **extra)
+
+
 def placement_from_args(args, info, resolved, layout):
     """The validated :class:`launch.placement.Placement` of the executor flags."""
     from launch.placement import plan_groups
@@ -31,7 +49,7 @@ def placement_from_args(args, info, resolved, layout):
 
 def generate_on_ray(args, info, resolved, layout, output, checkpoints) -> int:
     """Runs one request through the stage scheduler on Ray worker groups and writes the output."""
-    from engine.scheduler import RequestFailed, SchedulerConfig
+    from engine.scheduler import RequestFailed
     from engine.stages import request_experts
     from engine.video import write_output
     from launch.commands import _device_type, _fail, _flag
@@ -57,8 +75,7 @@ def generate_on_ray(args, info, resolved, layout, output, checkpoints) -> int:
             _say(args.quiet, f"  group {plan.name}: {'+'.join(plan.roles)} on {plan.layout.describe()}")
         spec = WorkerSpec(model=str(info.path), layout=layout, dtype=args.dtype, device_type=device_type,
                           text_encoder=args.text_encoder, offload=args.offload)
-        config = SchedulerConfig(checkpoint_every=args.checkpoint_every, step_timeout_s=args.step_timeout,
-                                 max_request_retries=args.max_retries)
+        config = scheduler_config(args)
         began = time.perf_counter()
         with RayExecutor(placement, spec, config=config, address=args.ray_address,
                          strategy=args.ray_strategy) as executor:
@@ -152,13 +169,10 @@ def serve_runner_factory(args, model_dirs: list[str]):
     from engine.loader import load_tokenizer
     from engine.model_info import read_model_info
     from engine.request import GenerationRequest, resolve_request
-    from engine.scheduler import SchedulerConfig
     from launch.commands import _device_type
     from parallel.layout import ParallelLayout
 
-    for flag, value, low in (("checkpoint_every", args.checkpoint_every, 1), ("max_retries", args.max_retries, 0)):
-        if value < low:
-            raise ValidationError(flag, f"must be at least {low}, got {value}")
+    config = scheduler_config(args, max_queue=args.max_queue + 1)
     layout = ParallelLayout.from_spec(args.layout, field="layout") if args.layout else ParallelLayout()
     plans = {}
     for directory in model_dirs:
@@ -166,8 +180,6 @@ def serve_runner_factory(args, model_dirs: list[str]):
         # Stage sizing uses the model's reference settings (a request may differ; the split stays).
         reference = resolve_request(GenerationRequest(prompt="reference"), info)
         plans[str(info.path)] = placement_from_args(args, info, reference, layout)
-    config = SchedulerConfig(checkpoint_every=args.checkpoint_every, step_timeout_s=args.step_timeout,
-                             max_request_retries=args.max_retries, max_queue=args.max_queue + 1)
     device_type = _device_type(args)
 
     def factory(info, name):
