@@ -1,0 +1,168 @@
+"""The planner's catalogs: GPUs (``data/gpus.json``) and Wan 2.2 models (``data/models.json``),
+each entry with its source, loaded into typed specs and looked up by name or alias."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from engine.errors import ValidationError
+
+DATA_DIR = Path(__file__).with_name("data")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuSpec:
+    """One GPU of the catalog (``data/gpus.json``); rates dense, links per direction."""
+
+    name: str
+    aliases: tuple[str, ...]
+    description: str
+    architecture: str
+    bf16_tflops: float
+    tf32_tflops: float
+    memory_gb: float
+    memory_bandwidth_gbs: float
+    nvlink_gbs: float
+    nvlink_domain: int
+    pcie_gbs: float
+    p2p: bool
+    inter_node_gbs: float
+    gpus_per_node: int
+    source: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class VaeSpec:
+    """A video VAE: parameters, strides and counted FLOPs per output pixel."""
+
+    name: str
+    params: float
+    latent_channels: int
+    spatial_stride: int
+    temporal_stride: int
+    decode_flops_per_pixel: float
+    encode_flops_per_pixel: float
+    source: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextEncoderSpec:
+    """The text encoder: parameters (and the embedding table's share), dtype, tokens."""
+
+    name: str
+    params: float
+    embedding_params: float
+    dtype_bytes: int
+    tokens: int
+    source: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelDefaults:
+    """Wan 2.2 reference settings of a model (as :data:`engine.model_info.PRESETS`)."""
+
+    width: int
+    height: int
+    frames: int
+    steps: int
+    shift: float
+    boundary: float | None
+    guidance: float
+    guidance_low: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """One model of the catalog (``data/models.json``)."""
+
+    name: str
+    aliases: tuple[str, ...]
+    kind: str
+    num_experts: int
+    transformer: Mapping[str, object]
+    vae: VaeSpec
+    text_encoder: TextEncoderSpec
+    encodes_video: bool
+    defaults: ModelDefaults
+    source: str
+
+    @property
+    def heads(self) -> int:
+        """Attention heads (Ulysses must divide them)."""
+        return int(self.transformer["num_attention_heads"])
+
+    @property
+    def hidden(self) -> int:
+        """Model width ``D``."""
+        return self.heads * int(self.transformer["attention_head_dim"])
+
+    @property
+    def layers(self) -> int:
+        """Transformer blocks."""
+        return int(self.transformer["num_layers"])
+
+    @property
+    def spatial_multiple(self) -> int:
+        """Height and width must be multiples of this (VAE stride x patch)."""
+        return self.vae.spatial_stride * int(self.transformer["patch_size"][1])
+
+    @property
+    def block_params(self) -> int:
+        """Parameters of one block: self- and cross-attention (q, k, v, out), FFN, norms, modulation."""
+        d, f = self.hidden, int(self.transformer["ffn_dim"])
+        return 8 * (d * d + d) + 2 * d * f + f + d + 4 * d + 2 * d + 6 * d
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one expert: blocks plus patch, time and text embeddings and the head."""
+        t, d = self.transformer, self.hidden
+        patch = math.prod(t["patch_size"])
+        embed = int(t["in_channels"]) * patch * d + d
+        time = int(t["freq_dim"]) * d + d + d * d + d + d * 6 * d + 6 * d
+        text = int(t["text_dim"]) * d + d + d * d + d
+        head = d * int(t["out_channels"]) * patch + 2 * d
+        return self.layers * self.block_params + embed + time + text + head
+
+
+def _lookup(items: Mapping[str, object], name: str, what: str):
+    key = name.strip().lower()
+    for item in items.values():
+        if key == item.name or key in (a.lower() for a in item.aliases):
+            return item
+    raise ValidationError(what, f"unknown {what} {name!r}; known: {', '.join(items)}")
+
+
+@cache
+def gpus() -> dict[str, GpuSpec]:
+    """The GPU catalog by name."""
+    raw = json.loads((DATA_DIR / "gpus.json").read_text())["gpus"]
+    return {g["name"]: GpuSpec(**{**g, "aliases": tuple(g["aliases"])}) for g in raw}
+
+
+@cache
+def models() -> dict[str, ModelSpec]:
+    """The model catalog by name."""
+    raw = json.loads((DATA_DIR / "models.json").read_text())
+    vaes = {n: VaeSpec(name=n, **v) for n, v in raw["vaes"].items()}
+    encoders = {n: TextEncoderSpec(name=n, **v) for n, v in raw["text_encoders"].items()}
+    out = {}
+    for m in raw["models"]:
+        out[m["name"]] = ModelSpec(**{
+            **m, "aliases": tuple(m["aliases"]), "vae": vaes[m["vae"]],
+            "text_encoder": encoders[m["text_encoder"]], "defaults": ModelDefaults(**m["defaults"])})
+    return out
+
+
+def find_gpu(name: str) -> GpuSpec:
+    """Catalog GPU by name or alias (case-insensitive); :class:`ValidationError` ``gpu`` if unknown."""
+    return _lookup(gpus(), name, "gpu")
+
+
+def find_model(name: str) -> ModelSpec:
+    """Catalog model by name or alias; :class:`ValidationError` ``model`` if unknown."""
+    return _lookup(models(), name, "model")
