@@ -29,16 +29,16 @@ from __future__ import annotations
 
 #: name -> (module, one-line description), in the order ``relay bench all`` runs them.
 BENCHES: dict[str, tuple[str, str]] = {
-    "engine": ("bench.engine",
+    "engine": ("relay.bench.engine",
                "Relay's engine vs diffusers' WanPipeline: same model, one process, interleaved rounds"),
-    "parallel": ("bench.parallel",
+    "parallel": ("relay.bench.parallel",
                  "per-step time of each parallel layout that fits (1/2/4 processes on CPU)"),
-    "stages": ("bench.stages", "expert stages on separate Ray worker groups: overlap vs no overlap vs "
+    "stages": ("relay.bench.stages", "expert stages on separate Ray worker groups: overlap vs no overlap vs "
                                "fused replicas, requests/min, achieved/ideal overlap, utilisation"),
-    "serve": ("bench.serve",
+    "serve": ("relay.bench.serve",
               "gRPC: time to first event, events/s, 50 concurrent Generate streams"),
-    "scaling": ("bench.scaling", "the real engine at 1/2/4/... devices on Ray worker groups, measured vs "
+    "scaling": ("relay.bench.scaling", "the real engine at 1/2/4/... devices on Ray worker groups, measured vs "
                                  "the layout planner (CPU: processes and the tiny model)"),
-    "gpu": ("bench.gpu",
+    "gpu": ("relay.bench.gpu",
             "full-size A14B expert forward in bf16 at 480p/720p: s/forward, TFLOP/s, MFU, memory (CUDA only)"),
 }

@@ -11,7 +11,7 @@ bf16 model on a GPU).
 
 from __future__ import annotations
 
-from bench import common
+from relay.bench import common
 
 PROMPT = "a red robot in a neon city"
 GUIDANCE, GUIDANCE_LOW = 4.0, 3.0
@@ -39,10 +39,10 @@ def _runners(args, device):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    from engine.loader import DTYPES, default_dtype, load_model
-    from engine.pipeline import Engine
-    from engine.request import GenerationRequest
-    from engine.tiny import default_model_dir
+    from relay.engine.loader import DTYPES, default_dtype, load_model
+    from relay.engine.pipeline import Engine
+    from relay.engine.request import GenerationRequest
+    from relay.engine.tiny import default_model_dir
 
     diffusers_logging.disable_progress_bar()
     model_dir = args.model or str(default_model_dir("t2v"))

@@ -23,7 +23,7 @@ mode of the arithmetic); the figures then mean nothing.
 
 from __future__ import annotations
 
-from bench import common
+from relay.bench import common
 
 A14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
             out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
@@ -69,7 +69,7 @@ def skip_reason(args) -> str | None:
 
 def flops_per_forward(config: dict, height: int, width: int, frames: int) -> tuple[int, float]:
     """Tokens and FLOPs of one forward at ``height x width x frames`` (see the module doc)."""
-    from engine.flops import transformer_flops, video_tokens
+    from relay.engine.flops import transformer_flops, video_tokens
 
     tokens = video_tokens(config, height=height, width=width, frames=frames)
     return tokens, transformer_flops(config, tokens, text_tokens=TEXT_TOKENS)["total"]
@@ -203,7 +203,7 @@ def measure(model, inputs: dict, *, device, backend: str, compiled: bool, repeat
 
 def _setup(args) -> dict:
     """Device, architecture, sizes, backends, peak matmul size and dtype of this run."""
-    from engine.loader import DTYPES
+    from relay.engine.loader import DTYPES
 
     device = common.resolve_device(args.device or "cuda")
     config, all_sizes, default_n = CONFIGS[args.config]

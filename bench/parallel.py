@@ -19,7 +19,7 @@ import tempfile
 import time
 import uuid
 
-from bench import common
+from relay.bench import common
 
 SMOKE = dict(height=64, width=64, frames=9, steps=4)
 FULL = dict(height=128, width=128, frames=17, steps=8)
@@ -46,7 +46,7 @@ def skip_reason(args) -> str | None:
 def layouts(sizes: list[int], heads: int) -> list[tuple[str, object]]:
     """``(name, ParallelLayout)`` for each process count in ``sizes``; Ulysses degrees that do
     not divide the model's ``heads`` are left out."""
-    from parallel.layout import LayoutError, ParallelLayout
+    from relay.parallel.layout import LayoutError, ParallelLayout
 
     out = []
     for n in sizes:
@@ -80,8 +80,8 @@ def default_sizes(device, smoke: bool) -> list[int]:
 
 def _group_entry(rank: int, world_size: int, jobs: list, init_methods: list[str], results) -> None:
     """One rank of a bench group: runs every job in turn, each in a fresh process group."""
-    from launch.worker import run_generation
-    from parallel.groups import RankInfo
+    from relay.launch.worker import run_generation
+    from relay.parallel.groups import RankInfo
 
     for index, (job, init) in enumerate(zip(jobs, init_methods)):
         info = RankInfo(rank=rank, local_rank=rank, world_size=world_size, init_method=init)
@@ -139,10 +139,10 @@ def run_group(jobs: list, world_size: int, rendezvous_dir: str, *, timeout_s: fl
 
 def _setup(args, device):
     """Model, resolved request and sizes for this run."""
-    from engine.flops import video_tokens
-    from engine.model_info import read_model_info
-    from engine.request import GenerationRequest, resolve_request
-    from engine.tiny import default_model_dir
+    from relay.engine.flops import video_tokens
+    from relay.engine.model_info import read_model_info
+    from relay.engine.request import GenerationRequest, resolve_request
+    from relay.engine.tiny import default_model_dir
 
     base = SMOKE if args.smoke else FULL
     model = args.model or str(default_model_dir("t2v"))
@@ -168,7 +168,7 @@ def run(args) -> common.BenchResult:
         Raw per-run median step times (and every step time) per layout, the median per layout
         and its speed-up over the 1-process run.
     """
-    from launch.worker import GenerateJob
+    from relay.launch.worker import GenerateJob
 
     device = common.resolve_device(args.device)
     n_rounds = common.rounds(args, smoke=1, full=3)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from bench import common
+from relay.bench import common
 
 SMOKE = dict(height=32, width=32, frames=5, steps=4, sizes="1,2")
 FULL = dict(height=64, width=64, frames=9, steps=8, sizes="1,2,4")
@@ -69,7 +69,7 @@ def _cpu_spec(threads: int):
     """A pseudo-GPU for this CPU at ``threads`` threads: measured fp32 matmul and copy rates."""
     import torch
 
-    from parallel.cost import GpuSpec
+    from relay.parallel.cost import GpuSpec
 
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -97,7 +97,7 @@ def _cpu_spec(threads: int):
 
 def _model_spec(info, catalog_model: str | None):
     """The planner's model: the catalog entry, or one built from the directory's own configs."""
-    from parallel.cost import find_model, models
+    from relay.parallel.cost import find_model, models
 
     if catalog_model:
         return find_model(catalog_model)
@@ -108,7 +108,7 @@ def _model_spec(info, catalog_model: str | None):
 
 
 def _workload(spec, resolved):
-    from parallel.cost import make_workload
+    from relay.parallel.cost import make_workload
 
     defaults = dataclasses.replace(spec.defaults, shift=resolved.shift, boundary=resolved.boundary,
                                    guidance=resolved.guidance, guidance_low=resolved.guidance_low)
@@ -118,8 +118,8 @@ def _workload(spec, resolved):
 
 
 def _measure(info, resolved, experts, spec, layout, rounds: int, address) -> dict:
-    from launch.placement import GroupPlan, Placement
-    from launch.ray_executor import RayExecutor
+    from relay.launch.placement import GroupPlan, Placement
+    from relay.launch.ray_executor import RayExecutor
 
     placement = Placement(kind="fused", groups=(GroupPlan(name="fused0", roles=("encode", "high_noise", "low_noise",
                                                                                "dense", "decode"), layout=layout),))
@@ -142,15 +142,15 @@ def run(args) -> common.BenchResult:
     """Measures each size, prices it, and prints measured vs planned."""
     import os
 
-    from engine.model_info import read_model_info
-    from engine.request import GenerationRequest, resolve_request
-    from engine.stages import request_experts
-    from engine.tiny import default_model_dir
-    from launch.placement import default_group_layout
-    from launch.ray_executor import connect, shutdown
-    from launch.worker import WorkerSpec
-    from parallel.cost import find_gpu, load_calibration
-    from parallel.plan import Planner
+    from relay.engine.model_info import read_model_info
+    from relay.engine.request import GenerationRequest, resolve_request
+    from relay.engine.stages import request_experts
+    from relay.engine.tiny import default_model_dir
+    from relay.launch.placement import default_group_layout
+    from relay.launch.ray_executor import connect, shutdown
+    from relay.launch.worker import WorkerSpec
+    from relay.parallel.cost import find_gpu, load_calibration
+    from relay.parallel.plan import Planner
 
     base = SMOKE if args.smoke else FULL
     rounds = common.rounds(args, smoke=1, full=3)

@@ -30,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench import common
+from relay.bench import common
 
 SMALL = dict(height=32, width=32, frames=5, steps=4, seed=7, guidance=4.0, guidance_low=3.0)
 
@@ -66,7 +66,7 @@ class ServerProcess:
         self.folder = tempfile.TemporaryDirectory(prefix="relay-bench-serve-")
         self.port_file = Path(self.folder.name) / "port"
         self.log_path = Path(self.folder.name) / "serve.log"
-        self.command = [sys.executable, "-m", "launch.cli", "serve", "--model", model_dir, "--host", "127.0.0.1",
+        self.command = [sys.executable, "-m", "relay.launch.cli", "serve", "--model", model_dir, "--host", "127.0.0.1",
                         "--port", "0", "--port-file", str(self.port_file), "--max-queue", str(max_queue)]
         self.command += ["--dtype", dtype] if dtype else []
         self.command += ["--device", device] if device else []
@@ -124,7 +124,7 @@ class ServerProcess:
 
 
 def _request(**overrides):
-    from serve.gen.relay.v1 import relay_pb2 as pb
+    from relay.serve.gen.relay.v1 import relay_pb2 as pb
 
     fields = dict(SMALL, **overrides)
     return pb.GenerateRequest(prompt="a red kite over the sea", output_format=pb.OUTPUT_FORMAT_NPY, **fields)
@@ -200,9 +200,9 @@ def run(args) -> common.BenchResult:
     Returns:
         Raw per-request timings and the summary (p50/p95, events/s, streams completed).
     """
-    from engine.loader import default_dtype
-    from engine.tiny import default_model_dir
-    from serve.client import RelayClient
+    from relay.engine.loader import default_dtype
+    from relay.engine.tiny import default_model_dir
+    from relay.serve.client import RelayClient
 
     if args.streams < 1:
         raise common.SettingError(f"--streams must be at least 1, got {args.streams}")

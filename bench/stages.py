@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import replace
 
-from bench import common
+from relay.bench import common
 
 SMOKE = dict(height=32, width=32, frames=5, steps=6, requests=4)
 FULL = dict(height=64, width=64, frames=9, steps=12, requests=16)
@@ -92,14 +92,14 @@ def _busy(trace, first_request: int) -> dict[str, dict[int, float]]:
 
 def run(args) -> common.BenchResult:
     """Runs the three modes for ``--rounds`` interleaved rounds and reports throughput."""
-    from engine.model_info import read_model_info
-    from engine.request import GenerationRequest, resolve_request
-    from engine.scheduler import SchedulerConfig
-    from engine.stages import request_experts
-    from engine.tiny import default_model_dir
-    from launch.placement import plan_groups
-    from launch.ray_executor import RayExecutor, connect, shutdown
-    from launch.worker import WorkerSpec
+    from relay.engine.model_info import read_model_info
+    from relay.engine.request import GenerationRequest, resolve_request
+    from relay.engine.scheduler import SchedulerConfig
+    from relay.engine.stages import request_experts
+    from relay.engine.tiny import default_model_dir
+    from relay.launch.placement import plan_groups
+    from relay.launch.ray_executor import RayExecutor, connect, shutdown
+    from relay.launch.worker import WorkerSpec
 
     settings = _settings(args)
     rounds = common.rounds(args, smoke=1, full=3)

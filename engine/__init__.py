@@ -5,13 +5,13 @@ The engine never touches torch.distributed; parallel execution is applied to its
 ``parallel`` package and workers are created by ``launch``.
 """
 
-from engine.denoise import DenoiseRun, StepEvent, expert_schedule
-from engine.errors import ModelError, ValidationError
-from engine.loader import LoadedModel, load_model
-from engine.model_info import ModelInfo, read_model_info
-from engine.pipeline import Engine
-from engine.request import GenerationRequest, ResolvedRequest, resolve_request
-from engine.state import Conditioning, DenoiseState
+from relay.engine.denoise import DenoiseRun, StepEvent, expert_schedule
+from relay.engine.errors import ModelError, ValidationError
+from relay.engine.loader import LoadedModel, load_model
+from relay.engine.model_info import ModelInfo, read_model_info
+from relay.engine.pipeline import Engine
+from relay.engine.request import GenerationRequest, ResolvedRequest, resolve_request
+from relay.engine.state import Conditioning, DenoiseState
 
 __all__ = [
     "Conditioning", "DenoiseRun", "DenoiseState", "Engine", "GenerationRequest", "LoadedModel",

@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from engine.loader import HIGH, LOW
-from engine.state import DenoiseState, capture_solver, restore_solver
+from relay.engine.loader import HIGH, LOW
+from relay.engine.state import DenoiseState, capture_solver, restore_solver
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +45,7 @@ def expert_schedule(timesteps: list[int], boundary: float | None, num_train_time
 
     A dense model (``boundary is None``) runs every step on its single transformer.
     """
-    from engine.loader import DENSE
+    from relay.engine.loader import DENSE
 
     if boundary is None:
         return [DENSE] * len(timesteps)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import ModelError
-from engine.model_info import ModelInfo, read_model_info
+from relay.engine.errors import ModelError
+from relay.engine.model_info import ModelInfo, read_model_info
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

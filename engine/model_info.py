@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import ModelError
+from relay.engine.errors import ModelError
 
 #: Tokens of the UMT5 text encoder context used by every Wan 2.x model.
 MAX_SEQUENCE_LENGTH = 512

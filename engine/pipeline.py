@@ -13,11 +13,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from engine.denoise import DenoiseRun, StepEvent, expert_schedule
-from engine.loader import DeviceExperts, LoadedModel, build_scheduler
-from engine.request import GenerationRequest, ResolvedRequest, open_image, resolve_request
-from engine.state import Conditioning, DenoiseState, capture_solver
-from engine.text import encode_prompt
+from relay.engine.denoise import DenoiseRun, StepEvent, expert_schedule
+from relay.engine.loader import DeviceExperts, LoadedModel, build_scheduler
+from relay.engine.request import GenerationRequest, ResolvedRequest, open_image, resolve_request
+from relay.engine.state import Conditioning, DenoiseState, capture_solver
+from relay.engine.text import encode_prompt
 
 
 class Engine:

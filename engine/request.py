@@ -13,8 +13,8 @@ import math
 import secrets
 from dataclasses import asdict, dataclass
 
-from engine.errors import ValidationError
-from engine.model_info import MAX_SEQUENCE_LENGTH, ModelInfo
+from relay.engine.errors import ValidationError
+from relay.engine.model_info import MAX_SEQUENCE_LENGTH, ModelInfo
 
 MAX_SIDE = 2048
 MAX_FRAMES = 257
@@ -228,7 +228,7 @@ def resolve_request(request: GenerationRequest, info: ModelInfo, *, tokenizer=No
 
 def check_prompt_tokens(tokenizer, field: str, text: str) -> None:
     """Refuses a prompt longer than the text encoder's context instead of truncating it."""
-    from engine.text import clean_prompt
+    from relay.engine.text import clean_prompt
 
     count = len(tokenizer(clean_prompt(text), add_special_tokens=True).input_ids)
     if count > MAX_SEQUENCE_LENGTH:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 
-from engine.request import GenerationRequest, ResolvedRequest, resolve_request
-from engine.scheduler import RequestCancelled
-from engine.service import CANCELLED, encode_output, png_with_size
-from engine.stages import request_experts
+from relay.engine.request import GenerationRequest, ResolvedRequest, resolve_request
+from relay.engine.scheduler import RequestCancelled
+from relay.engine.service import CANCELLED, encode_output, png_with_size
+from relay.engine.stages import request_experts
 
 log = logging.getLogger(__name__)
 

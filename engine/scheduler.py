@@ -32,8 +32,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from engine.stages import DECODE, ENCODE, Segment, segments
-from engine.tickets import (
+from relay.engine.stages import DECODE, ENCODE, Segment, segments
+from relay.engine.tickets import (
     GroupFailure,
     RequestCancelled,
     RequestFailed,

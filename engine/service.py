@@ -18,8 +18,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from engine.errors import ValidationError
-from engine.request import GenerationRequest, ResolvedRequest
+from relay.engine.errors import ValidationError
+from relay.engine.request import GenerationRequest, ResolvedRequest
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ class LocalRunner:
     """
 
     def __init__(self, model, *, name: str) -> None:
-        from engine.pipeline import Engine
+        from relay.engine.pipeline import Engine
 
         self.engine = Engine(model)
         self.name = name
@@ -374,7 +374,7 @@ class LocalRunner:
 
     def _preview_png(self, latents) -> tuple[bytes, int, int]:
         if self._previewer is None:
-            from engine.preview import LatentPreviewer
+            from relay.engine.preview import LatentPreviewer
 
             self._previewer = LatentPreviewer.for_vae(self.engine.model.vae)
         return png_with_size(self._previewer.png(latents))
@@ -425,6 +425,6 @@ def encode_output(frames, output_format: str, *, fps: int) -> tuple[bytes, str]:
         buffer = io.BytesIO()
         np.save(buffer, frames.astype(np.float32))
         return buffer.getvalue(), "application/x-npy"
-    from engine.video import encode_mp4
+    from relay.engine.video import encode_mp4
 
     return encode_mp4(frames, fps=fps), "video/mp4"

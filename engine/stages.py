@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from engine.loader import DENSE, HIGH, LOW
+from relay.engine.loader import DENSE, HIGH, LOW
 
 ENCODE = "encode"
 DECODE = "decode"
@@ -64,7 +64,7 @@ def expert_step_counts(steps: int, shift: float, boundary: float | None,
     """
     from diffusers import UniPCMultistepScheduler
 
-    from engine.denoise import expert_schedule
+    from relay.engine.denoise import expert_schedule
 
     if boundary is None:
         return {DENSE: steps}
@@ -163,8 +163,8 @@ def request_experts(info, request) -> list[str]:
         info: :class:`engine.model_info.ModelInfo`.
         request: A :class:`engine.request.ResolvedRequest`.
     """
-    from engine.denoise import expert_schedule
-    from engine.loader import build_scheduler
+    from relay.engine.denoise import expert_schedule
+    from relay.engine.loader import build_scheduler
 
     scheduler = build_scheduler(info, request.shift)
     scheduler.set_timesteps(request.steps)

@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from engine.model_info import MAX_SEQUENCE_LENGTH
+from relay.engine.model_info import MAX_SEQUENCE_LENGTH
 
 
 def clean_prompt(text: str) -> str:

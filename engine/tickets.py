@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from engine.stages import Segment
+from relay.engine.stages import Segment
 
 
 class GroupFailure(RuntimeError):

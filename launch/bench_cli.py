@@ -16,7 +16,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _module(name: str):
     """The bench's module, or ``None`` when its slot is registered but not built yet."""
-    from bench import BENCHES
+    from relay.bench import BENCHES
 
     path = BENCHES[name][0]
     try:
@@ -29,8 +29,8 @@ def _module(name: str):
 
 def add_parser(sub) -> None:
     """Registers ``relay bench`` (one sub-command per registered bench, and ``all``) on ``sub``."""
-    from bench import BENCHES
-    from bench.common import add_common_arguments
+    from relay.bench import BENCHES
+    from relay.bench.common import add_common_arguments
 
     p = sub.add_parser("bench", help="run a benchmark shipped with Relay (prints a table, writes JSON)",
                        description="Benchmarks shipped with Relay. Each prints a table and writes a JSON "
@@ -58,7 +58,7 @@ def run(args) -> int:
 
 
 def _run_one(name: str, args) -> int:
-    from bench.common import SettingError, write_result
+    from relay.bench.common import SettingError, write_result
 
     module = _module(name)
     if module is None:
@@ -81,7 +81,7 @@ def _run_one(name: str, args) -> int:
 
 def _defaults_for(module, args) -> argparse.Namespace:
     """The bench's own defaults, with the common flags of ``relay bench all`` applied."""
-    from bench.common import add_common_arguments
+    from relay.bench.common import add_common_arguments
 
     parser = argparse.ArgumentParser(add_help=False)
     add_common_arguments(parser)
@@ -93,7 +93,7 @@ def _defaults_for(module, args) -> argparse.Namespace:
 
 
 def _run_all(args) -> int:
-    from bench import BENCHES
+    from relay.bench import BENCHES
 
     if args.json:
         print("relay bench all: error: --json names one file; use --results DIR", file=sys.stderr)

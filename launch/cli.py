@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--kind", choices=("t2v", "i2v", "ti2v"), default="t2v",
                       help="t2v / i2v: two experts (MoE); ti2v: dense, 48-channel VAE")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    from launch import bench_cli, plan_cli
+    from relay.launch import bench_cli, plan_cli
 
     plan_cli.add_parser(sub)
     bench_cli.add_parser(sub)
@@ -198,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # relaunching under torchrun
     quiet_libraries()
-    from launch import commands
+    from relay.launch import commands
 
-    from launch import service_commands
+    from relay.launch import service_commands
 
     # Subcommands defined in their own modules carry their handler (set_defaults(handler=...)).
     handler = getattr(args, "handler", None) or {"generate": commands.generate, "resume": commands.resume,

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.errors import ModelError, ValidationError
+from relay.engine.errors import ModelError, ValidationError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -23,7 +23,7 @@ def _flag(field: str) -> str:
 
 
 def _check_output(path: str) -> Path:
-    from engine.video import OUTPUT_SUFFIXES
+    from relay.engine.video import OUTPUT_SUFFIXES
 
     out = Path(path)
     if out.suffix not in OUTPUT_SUFFIXES:
@@ -58,8 +58,8 @@ def _checkpoint_steps(text: str, directory: str | None, steps: int) -> set[int]:
 
 
 def _model_info(model: str | None):
-    from engine.model_info import read_model_info
-    from engine.tiny import default_model_dir
+    from relay.engine.model_info import read_model_info
+    from relay.engine.tiny import default_model_dir
 
     return read_model_info(model if model else default_model_dir("t2v"))
 
@@ -70,7 +70,7 @@ def _say(quiet: bool, text: str) -> None:
 
 
 def _finish(engine, run, *, output: Path, fps: int, quiet: bool, on_step=None) -> None:
-    from launch.progress import StepProgress
+    from relay.launch.progress import StepProgress
 
     progress = StepProgress(run.num_steps, start=run.step_index, enabled=not quiet)
     try:
@@ -84,7 +84,7 @@ def _finish(engine, run, *, output: Path, fps: int, quiet: bool, on_step=None) -
     started = time.perf_counter()
     frames = engine.decode(run)
     _say(quiet, f"decoded {frames.shape[0]} frames in {time.perf_counter() - started:.1f}s")
-    from engine.video import write_output
+    from relay.engine.video import write_output
 
     write_output(frames, output, fps=fps)
     _say(quiet, f"wrote {output}")
@@ -94,7 +94,7 @@ def _layout(args, info, resolved):
     """The parallel layout the flags ask for, validated against the model and the machine."""
     import torch
 
-    from parallel.layout import ParallelLayout
+    from relay.parallel.layout import ParallelLayout
 
     if args.placement == "staged":  # each stage group has its own layout (launch.placement)
         return ParallelLayout()
@@ -124,7 +124,7 @@ def _check_executor(args) -> None:
     if args.placement == "staged" and any(v is not None for v in (args.ulysses, args.ring, args.cfg_parallel, args.fsdp)):
         raise ValidationError("placement", "staged groups take --high-layout / --low-layout, "
                                            "not --ulysses / --ring / --cfg-parallel / --fsdp")
-    from launch.ray_commands import scheduler_config
+    from relay.launch.ray_commands import scheduler_config
 
     scheduler_config(args)
 
@@ -142,9 +142,9 @@ def generate(args: argparse.Namespace, rank_info=None) -> int:
 
     With ``--nproc N`` (or ``rank_info`` from torchrun) the denoising runs on a worker group.
     """
-    from engine.loader import load_model, load_tokenizer
-    from engine.pipeline import Engine
-    from engine.request import GenerationRequest, resolve_request
+    from relay.engine.loader import load_model, load_tokenizer
+    from relay.engine.pipeline import Engine
+    from relay.engine.request import GenerationRequest, resolve_request
 
     try:
         output = _check_output(args.output)
@@ -167,11 +167,11 @@ def generate(args: argparse.Namespace, rank_info=None) -> int:
     _say(args.quiet, f"model {info.path} ({info.kind}); {resolved.width}x{resolved.height}, "
                      f"{resolved.frames} frames, {resolved.steps} steps, seed {resolved.seed}")
     if rank_info is None and args.executor == "ray":
-        from launch.ray_commands import generate_on_ray
+        from relay.launch.ray_commands import generate_on_ray
 
         return generate_on_ray(args, info, resolved, layout, output, checkpoints)
     if rank_info is None and args.executor == "torchrun":
-        from launch.ray_commands import generate_under_torchrun
+        from relay.launch.ray_commands import generate_under_torchrun
 
         return generate_under_torchrun(args)
     if layout.world_size > 1 or rank_info is not None:
@@ -183,7 +183,7 @@ def generate(args: argparse.Namespace, rank_info=None) -> int:
         return _fail("generate", f"--model: {exc}")
     engine = Engine(model)
     run = engine.start(engine.prepare(resolved))
-    from launch.progress import checkpoint_writer
+    from relay.launch.progress import checkpoint_writer
 
     _finish(engine, run, output=output, fps=resolved.fps, quiet=args.quiet,
             on_step=checkpoint_writer(run, args.checkpoint_dir, checkpoints) if checkpoints else None)
@@ -191,7 +191,7 @@ def generate(args: argparse.Namespace, rank_info=None) -> int:
 
 
 def _generate_in_group(args, info, resolved, layout, checkpoints, output, rank_info) -> int:
-    from launch.worker import GenerateJob, run_generation
+    from relay.launch.worker import GenerateJob, run_generation
 
     job = GenerateJob(
         model=str(info.path), request=resolved.to_dict(with_image=True), layout=layout,
@@ -203,7 +203,7 @@ def _generate_in_group(args, info, resolved, layout, checkpoints, output, rank_i
     if rank_info is not None:
         run_generation(rank_info, job)
         return EXIT_OK
-    from launch.local import spawn_group
+    from relay.launch.local import spawn_group
 
     reports = spawn_group(job, layout.world_size)
     for report in reports:
@@ -214,9 +214,9 @@ def _generate_in_group(args, info, resolved, layout, checkpoints, output, rank_i
 
 def resume(args: argparse.Namespace) -> int:
     """``relay resume``: finish a generation from a snapshot."""
-    from engine.loader import load_model
-    from engine.pipeline import Engine
-    from engine.state import DenoiseState
+    from relay.engine.loader import load_model
+    from relay.engine.pipeline import Engine
+    from relay.engine.state import DenoiseState
 
     try:
         output = _check_output(args.output)
@@ -244,7 +244,7 @@ def resume(args: argparse.Namespace) -> int:
 
 def make_tiny(args: argparse.Namespace) -> int:
     """``relay make-tiny``: write a tiny random model."""
-    from engine.tiny import make_tiny as build
+    from relay.engine.tiny import make_tiny as build
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     path = build(args.directory, kind=args.kind, seed=args.seed)

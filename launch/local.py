@@ -12,8 +12,8 @@ import multiprocessing as mp
 import multiprocessing.connection
 import socket
 
-from launch.worker import GenerateJob, run_generation
-from parallel.groups import RankInfo
+from relay.launch.worker import GenerateJob, run_generation
+from relay.parallel.groups import RankInfo
 
 
 def free_port() -> int:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.errors import ValidationError
-from engine.loader import DENSE, HIGH, LOW
-from engine.stages import DECODE, ENCODE, expert_step_counts, propose_split
-from parallel.layout import ParallelLayout
+from relay.engine.errors import ValidationError
+from relay.engine.loader import DENSE, HIGH, LOW
+from relay.engine.stages import DECODE, ENCODE, expert_step_counts, propose_split
+from relay.parallel.layout import ParallelLayout
 
 PLACEMENTS = ("fused", "staged")
 #: Where encode / decode run in a staged placement: with an expert group, or on their own device.

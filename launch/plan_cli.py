@@ -15,7 +15,7 @@ import re
 import sys
 from dataclasses import replace
 
-from engine.errors import ValidationError
+from relay.engine.errors import ValidationError
 
 EXIT_USAGE = 2
 _FLAG_OF = {"cfg_parallel": "cfg", "nproc": "gpus"}
@@ -56,7 +56,7 @@ def run(args) -> int:
         flag = "--" + _FLAG_OF.get(exc.field, exc.field).replace("_", "-")
         print(f"relay plan: error: {flag}: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
-    from parallel.plan import rank
+    from relay.parallel.plan import rank
 
     ranked = rank(plans, by=args.rank_by)
     shown = ranked[:args.top] if args.top else ranked
@@ -68,8 +68,8 @@ def run(args) -> int:
 
 
 def _plans(args):
-    from parallel import cost
-    from parallel.plan import Planner
+    from relay.parallel import cost
+    from relay.parallel.plan import Planner
 
     gpu, model = cost.find_gpu(args.gpu), cost.find_model(args.model)
     if args.gpus_per_node is not None:
@@ -176,7 +176,7 @@ def evaluate_layout(planner, text: str, num_gpus: int | None):
 
 
 def _layout(planner, nproc: int, spec: dict):
-    from parallel.layout import LayoutError, ParallelLayout
+    from relay.parallel.layout import LayoutError, ParallelLayout
 
     try:
         layout = ParallelLayout.from_flags(nproc=nproc, ulysses=spec.get("ulysses"), ring=spec.get("ring"),
@@ -191,7 +191,7 @@ def _layout(planner, nproc: int, spec: dict):
 
 
 def _staged(planner, spec: dict, num_gpus: int | None):
-    from parallel.cost import HIGH, LOW
+    from relay.parallel.cost import HIGH, LOW
 
     if spec.get("offload"):
         raise ValidationError("layout", "offload=true applies to fused placements (a staged group holds one expert)")
@@ -226,7 +226,7 @@ def _staged(planner, spec: dict, num_gpus: int | None):
 
 
 def _table(planner, ranked, shown, num_gpus: int, rank_by: str) -> str:
-    from parallel.plan import explain
+    from relay.parallel.plan import explain
 
     work, gpu = planner.work, planner.gpu
     steps = " + ".join(f"{n} {e.replace('_', '-')}" for e, n in work.expert_steps.items())

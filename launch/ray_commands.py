@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from engine.errors import ValidationError
+from relay.engine.errors import ValidationError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -27,7 +27,7 @@ def scheduler_config(args, **extra):
     Raises:
         ValidationError: naming the flag at fault.
     """
-    from engine.scheduler import SchedulerConfig
+    from relay.engine.scheduler import SchedulerConfig
 
     for flag, value, low in (("checkpoint_every", args.checkpoint_every, 1), ("max_retries", args.max_retries, 0)):
         if value < low:
@@ -40,7 +40,7 @@ def scheduler_config(args, **extra):
 
 def placement_from_args(args, info, resolved, layout):
     """The validated :class:`launch.placement.Placement` of the executor flags."""
-    from launch.placement import plan_groups
+    from relay.launch.placement import plan_groups
 
     return plan_groups(info, resolved, placement=args.placement, layout=layout, replicas=args.replicas,
                        devices=args.nproc if args.nproc > 1 else None, stage_split=args.stage_split, high_layout=args.high_layout,
@@ -49,12 +49,12 @@ def placement_from_args(args, info, resolved, layout):
 
 def generate_on_ray(args, info, resolved, layout, output, checkpoints) -> int:
     """Runs one request through the stage scheduler on Ray worker groups and writes the output."""
-    from engine.scheduler import RequestFailed
-    from engine.stages import request_experts
-    from engine.video import write_output
-    from launch.commands import _device_type, _fail, _flag
-    from launch.ray_executor import RayExecutor, connect, shutdown
-    from launch.worker import WorkerSpec
+    from relay.engine.scheduler import RequestFailed
+    from relay.engine.stages import request_experts
+    from relay.engine.video import write_output
+    from relay.launch.commands import _device_type, _fail, _flag
+    from relay.launch.ray_executor import RayExecutor, connect, shutdown
+    from relay.launch.worker import WorkerSpec
 
     try:
         placement = placement_from_args(args, info, resolved, layout)
@@ -98,7 +98,7 @@ def generate_on_ray(args, info, resolved, layout, output, checkpoints) -> int:
 def _run_one(executor, resolved, experts, args, checkpoints):
     from pathlib import Path
 
-    from launch.progress import StepProgress
+    from relay.launch.progress import StepProgress
 
     bar = StepProgress(resolved.steps, enabled=not args.quiet, desc="denoise (ray)")
     holder = {}
@@ -137,7 +137,7 @@ def generate_under_torchrun(args) -> int:
     if argv and argv[0] == "generate":
         argv = argv[1:]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={args.nproc}", "-m", "launch.torchrun", "generate", *argv]
+               f"--nproc_per_node={args.nproc}", "-m", "relay.launch.torchrun", "generate", *argv]
     if shutil.which(sys.executable) is None:
         raise RuntimeError(f"cannot find the Python interpreter {sys.executable}")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -166,11 +166,11 @@ def serve_runner_factory(args, model_dirs: list[str]):
     Raises:
         ValidationError: naming the flag at fault.
     """
-    from engine.loader import load_tokenizer
-    from engine.model_info import read_model_info
-    from engine.request import GenerationRequest, resolve_request
-    from launch.commands import _device_type
-    from parallel.layout import ParallelLayout
+    from relay.engine.loader import load_tokenizer
+    from relay.engine.model_info import read_model_info
+    from relay.engine.request import GenerationRequest, resolve_request
+    from relay.launch.commands import _device_type
+    from relay.parallel.layout import ParallelLayout
 
     config = scheduler_config(args, max_queue=args.max_queue + 1)
     layout = ParallelLayout.from_spec(args.layout, field="layout") if args.layout else ParallelLayout()
@@ -183,9 +183,9 @@ def serve_runner_factory(args, model_dirs: list[str]):
     device_type = _device_type(args)
 
     def factory(info, name):
-        from engine.scheduled import ScheduledRunner
-        from launch.ray_executor import RayExecutor
-        from launch.worker import WorkerSpec
+        from relay.engine.scheduled import ScheduledRunner
+        from relay.launch.ray_executor import RayExecutor
+        from relay.launch.worker import WorkerSpec
 
         placement = plans[str(info.path)]
         print(f"relay serve: {name}: {placement.kind} placement, {placement.reason}", file=sys.stderr, flush=True)

@@ -21,9 +21,9 @@ import time
 import uuid
 from dataclasses import replace
 
-from engine.scheduler import GroupFailure
-from launch.worker import StageWorker, WorkerSpec
-from parallel.groups import RankInfo
+from relay.engine.scheduler import GroupFailure
+from relay.launch.worker import StageWorker, WorkerSpec
+from relay.parallel.groups import RankInfo
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ class RayExecutor:
                  strategy: str = "STRICT_PACK") -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from engine.scheduler import SchedulerConfig, StageScheduler
+        from relay.engine.scheduler import SchedulerConfig, StageScheduler
 
         connect(address)
         if spec.device_type == "cpu" and spec.threads is None and address is None:

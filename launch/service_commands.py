@@ -18,15 +18,15 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def serve(args: argparse.Namespace) -> int:
     """``relay serve``."""
-    from engine.errors import ModelError, ValidationError
-    from engine.tiny import default_model_dir
-    from serve.app import serve as run
-    from serve.server import ServerConfig
+    from relay.engine.errors import ModelError, ValidationError
+    from relay.engine.tiny import default_model_dir
+    from relay.serve.app import serve as run
+    from relay.serve.server import ServerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tokens = []
     if args.token:
-        from serve.auth import load_tokens
+        from relay.serve.auth import load_tokens
 
         try:
             tokens = load_tokens(args.token)
@@ -44,7 +44,7 @@ def serve(args: argparse.Namespace) -> int:
     factory = None
     try:
         if args.executor == "ray":
-            from launch.ray_commands import serve_runner_factory
+            from relay.launch.ray_commands import serve_runner_factory
 
             factory = serve_runner_factory(args, models)
         elif args.placement != "fused" or args.replicas != 1 or args.stage_split or args.ray_address:
@@ -61,14 +61,14 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     finally:
         if factory is not None:
-            from launch.ray_executor import shutdown
+            from relay.launch.ray_executor import shutdown
 
             shutdown()
     return EXIT_OK
 
 
 def _request(args) -> "object":
-    from serve.gen.relay.v1 import relay_pb2 as pb
+    from relay.serve.gen.relay.v1 import relay_pb2 as pb
 
     message = pb.GenerateRequest(prompt=args.prompt, negative_prompt=args.negative_prompt,
                                  model=args.model, preview_every=args.preview_every, priority=args.priority,
@@ -88,7 +88,7 @@ def submit(args: argparse.Namespace) -> int:
     """``relay submit``: stream a generation from a server into a file."""
     import grpc
 
-    from serve.client import RelayClient
+    from relay.serve.client import RelayClient
 
     if not args.output.endswith((".mp4", ".npy")):
         print("relay submit: error: --output: must end in .mp4 or .npy", file=sys.stderr)
@@ -158,12 +158,12 @@ def demo(args: argparse.Namespace) -> int:
     """``relay demo``: the main job end to end on the embedded tiny model."""
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
-        server = subprocess.Popen([sys.executable, "-m", "launch.cli", "serve", "--port", "0",
+        server = subprocess.Popen([sys.executable, "-m", "relay.launch.cli", "serve", "--port", "0",
                                    "--port-file", str(port_file)], start_new_session=True)
         try:
             port = _wait_serving(server, port_file)
             print(f"relay demo: server ready on 127.0.0.1:{port}; submitting", file=sys.stderr, flush=True)
-            from launch.cli import main
+            from relay.launch.cli import main
 
             code = main(["submit", "--server", f"127.0.0.1:{port}", "--prompt", args.prompt,
                          "--seed", str(args.seed), "--preview-every", "2",

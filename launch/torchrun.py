@@ -1,4 +1,4 @@
-"""``torchrun --nproc_per_node N -m launch.torchrun generate <relay generate flags>``.
+"""``torchrun --nproc_per_node N -m relay.launch.torchrun generate <relay generate flags>``.
 
 torchrun provides the rank information (the only place besides the local spawner that reads
 ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE``); the layout degrees come from the same flags as
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from parallel.groups import RankInfo
+from relay.parallel.groups import RankInfo
 
 
 def rank_info_from_env() -> RankInfo:
@@ -26,8 +26,8 @@ def rank_info_from_env() -> RankInfo:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: only the ``generate`` command runs under torchrun."""
-    from launch.cli import build_parser, quiet_libraries
-    from launch.commands import generate
+    from relay.launch.cli import build_parser, quiet_libraries
+    from relay.launch.commands import generate
 
     args = build_parser().parse_args(argv)
     if args.command != "generate":

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel.groups import RankInfo
-from parallel.layout import ParallelLayout
+from relay.parallel.groups import RankInfo
+from relay.parallel.layout import ParallelLayout
 
 TEXT_ENCODER_PLACEMENTS = ("device", "cpu", "fsdp")
 
@@ -95,13 +95,13 @@ class StageWorker:
     """
 
     def __init__(self, info: RankInfo, spec: WorkerSpec) -> None:
-        from engine.model_info import read_model_info
-        from engine.pipeline import Engine
-        from parallel import parallelize
-        from parallel.cfg import CfgParallelPredictor
-        from parallel.groups import init_groups
+        from relay.engine.model_info import read_model_info
+        from relay.engine.pipeline import Engine
+        from relay.parallel import parallelize
+        from relay.parallel.cfg import CfgParallelPredictor
+        from relay.parallel.groups import init_groups
 
-        from launch.cli import quiet_libraries
+        from relay.launch.cli import quiet_libraries
 
         quiet_libraries()
         if spec.device_type == "cpu":
@@ -125,7 +125,7 @@ class StageWorker:
 
     def parameter_bytes(self) -> dict[str, int]:
         """This rank's parameter bytes of each loaded expert (shards under FSDP)."""
-        from parallel.fsdp import local_parameter_bytes
+        from relay.parallel.fsdp import local_parameter_bytes
 
         return {name: local_parameter_bytes(expert) for name, expert in self.model.experts.items()}
 
@@ -138,7 +138,7 @@ class StageWorker:
         Returns:
             The :class:`~engine.state.DenoiseState` before step 0 (output rank; ``None`` elsewhere).
         """
-        from engine.request import ResolvedRequest
+        from relay.engine.request import ResolvedRequest
 
         self._prepared = self.engine.prepare(ResolvedRequest(**request))
         return self._prepared.to_cpu() if self.is_output_rank else None
@@ -187,7 +187,7 @@ class StageWorker:
     def preview_png(self, latents) -> bytes:
         """A small PNG of ``latents`` through the VAE's linear latent-to-RGB projection."""
         if self._previewer is None:
-            from engine.preview import LatentPreviewer
+            from relay.engine.preview import LatentPreviewer
 
             self._previewer = LatentPreviewer.for_vae(self.model.vae)
         return self._previewer.png(latents)
@@ -201,7 +201,7 @@ class StageWorker:
 
     def close(self) -> None:
         """Removes the parallel hooks and leaves the process group."""
-        from parallel.groups import destroy_groups
+        from relay.parallel.groups import destroy_groups
 
         for handle in self._handles:
             if handle is not None:
@@ -213,8 +213,8 @@ class StageWorker:
 def _load(spec: WorkerSpec, groups, info):
     """Loads the model for this rank: the experts of its roles (FSDP-sharded when the layout
     asks for it), the text encoder when it encodes, and the VAE (decode, image encode, previews)."""
-    from engine.loader import DTYPES, default_dtype, expert_folders, load_model
-    from engine.stages import ENCODE
+    from relay.engine.loader import DTYPES, default_dtype, expert_folders, load_model
+    from relay.engine.stages import ENCODE
 
     device = groups.device
     dtype_name = spec.dtype or default_dtype(device)
@@ -227,7 +227,7 @@ def _load(spec: WorkerSpec, groups, info):
                        offload=spec.offload and groups.layout.world_size == 1)
     torch_dtype = DTYPES[dtype_name]
     if sharded:
-        from parallel.fsdp import load_sharded_transformer
+        from relay.parallel.fsdp import load_sharded_transformer
 
         for name in wanted:
             model.experts[name] = load_sharded_transformer(
@@ -236,13 +236,13 @@ def _load(spec: WorkerSpec, groups, info):
     if not encodes:
         return model
     if spec.text_encoder == "fsdp" and groups.world_mesh is not None:
-        from parallel.fsdp import load_sharded_text_encoder
+        from relay.parallel.fsdp import load_sharded_text_encoder
 
         model.text_encoder = load_sharded_text_encoder(
             info.path / "text_encoder", mesh=groups.world_mesh, device=device, dtype=torch_dtype,
             offload=spec.offload)
     elif spec.text_encoder != "device":
-        from engine.loader import load_text_encoder
+        from relay.engine.loader import load_text_encoder
 
         model.text_encoder = load_text_encoder(
             info, dtype=torch_dtype, device=torch.device("cpu") if spec.text_encoder == "cpu" else device)
@@ -269,7 +269,7 @@ def run_generation(info: RankInfo, job: GenerateJob) -> dict:
         loaded = time.perf_counter() - started
         step_s = _denoise(worker.run, job, worker.is_output_rank)
         if worker.is_output_rank:
-            from engine.video import write_output
+            from relay.engine.video import write_output
 
             write_output(worker.decode(), job.output, fps=worker.run.request["fps"])
             if not job.quiet:
@@ -283,7 +283,7 @@ def run_generation(info: RankInfo, job: GenerateJob) -> dict:
 
 def _denoise(run, job: GenerateJob, reporting: bool) -> list[float]:
     """Runs every step; returns each step's wall time in seconds."""
-    from launch.progress import StepProgress, checkpoint_writer
+    from relay.launch.progress import StepProgress, checkpoint_writer
 
     save = checkpoint_writer(run, job.checkpoint_dir, job.checkpoint_at) if job.checkpoint_dir and reporting else None
     bar = StepProgress(run.num_steps, desc=f"denoise x{job.layout.world_size}") if reporting and not job.quiet else None

@@ -6,7 +6,7 @@ already built model by :func:`parallelize`. Models never import torch.distribute
 
 from __future__ import annotations
 
-from parallel.layout import LayoutError, ParallelLayout
+from relay.parallel.layout import LayoutError, ParallelLayout
 
 __all__ = ["LayoutError", "ParallelLayout", "parallelize"]
 
@@ -21,6 +21,6 @@ def parallelize(model, groups):
     """
     if groups.sp_group is None:
         return None
-    from parallel.sequence import SequenceParallel
+    from relay.parallel.sequence import SequenceParallel
 
     return SequenceParallel(model, group=groups.sp_group, rank=groups.sp_rank, device=groups.device)

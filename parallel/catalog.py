@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from engine.errors import ValidationError
+from relay.engine.errors import ValidationError
 
 DATA_DIR = Path(__file__).with_name("data")
 

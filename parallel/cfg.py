@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallel.groups import all_gather_stacked
+from relay.parallel.groups import all_gather_stacked
 
 
 class CfgParallelPredictor:

@@ -34,13 +34,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 
-from engine.errors import ValidationError
-from engine.flops import transformer_flops, video_tokens
+from relay.engine.errors import ValidationError
+from relay.engine.flops import transformer_flops, video_tokens
 # The catalog lives in parallel.catalog; its names stay importable from here, where the planner
 # and its callers have always found them.
-from parallel.catalog import (  # noqa: F401
+from relay.parallel.catalog import (  # noqa: F401
     DATA_DIR, GpuSpec, ModelDefaults, ModelSpec, TextEncoderSpec, VaeSpec, find_gpu, find_model, gpus, models)
-from parallel.layout import ParallelLayout
+from relay.parallel.layout import ParallelLayout
 
 GIB = 2**30
 #: Expert names, the same strings as :mod:`engine.loader` (not imported: it imports torch).
@@ -150,7 +150,7 @@ def make_workload(model: ModelSpec, *, width: int | None = None, height: int | N
     if not 1 <= steps <= 1000:
         raise ValidationError("steps", f"must be in 1..1000, got {steps}")
     if model.num_experts == 2:
-        from engine.stages import expert_step_counts
+        from relay.engine.stages import expert_step_counts
 
         counts = expert_step_counts(steps, d.shift, d.boundary)
         guidance = {HIGH: d.guidance, LOW: d.guidance_low if d.guidance_low is not None else d.guidance}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from parallel.layout import MESH_DIMS, ParallelLayout
+from relay.parallel.layout import MESH_DIMS, ParallelLayout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +111,7 @@ def init_groups(layout: ParallelLayout, info: RankInfo, *, device_type: str | No
 
 def _register_sequence_groups(ulysses_group, ring_group) -> None:
     """yunchang's attention reads its groups from a registry; give it this mesh's groups."""
-    from parallel import xdit
+    from relay.parallel import xdit
 
     registry = xdit.load().PROCESS_GROUP
     registry.ULYSSES_PG = ulysses_group
@@ -120,7 +120,7 @@ def _register_sequence_groups(ulysses_group, ring_group) -> None:
 
 def destroy_groups() -> None:
     """Leaves the process group (idempotent); yunchang's registry is cleared too."""
-    from parallel import xdit
+    from relay.parallel import xdit
 
     if xdit._loaded is not None:
         xdit._loaded.PROCESS_GROUP.ULYSSES_PG = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.errors import ValidationError
+from relay.engine.errors import ValidationError
 
 #: Mesh dimension names, outermost first. Ulysses is innermost so that its all-to-all stays
 #: between neighbouring ranks (same node / NVLink island).

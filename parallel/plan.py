@@ -22,9 +22,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from parallel import cost
-from parallel.cost import DENSE, HIGH, LOW, Calibration, GpuSpec, MemoryUse, Workload
-from parallel.layout import ParallelLayout
+from relay.parallel import cost
+from relay.parallel.cost import DENSE, HIGH, LOW, Calibration, GpuSpec, MemoryUse, Workload
+from relay.parallel.layout import ParallelLayout
 
 FUSED, STAGED = "fused", "staged"
 
@@ -232,7 +232,7 @@ class Planner:
         Raises:
             ValueError: no split where both groups fit.
         """
-        from engine.stages import propose_split
+        from relay.engine.stages import propose_split
 
         def step_time(k: int) -> float:
             best = self.best_group(k, HIGH)
@@ -421,9 +421,9 @@ def write_calibration() -> dict[str, float]:
     return fitted
 
 
-if __name__ == "__main__":  # python -m parallel.plan --refit
+if __name__ == "__main__":  # python -m relay.parallel.plan --refit
     import sys
 
     if sys.argv[1:] != ["--refit"]:
-        sys.exit("usage: python -m parallel.plan --refit   (refits data/calibration.json on the 4-GPU rows)")
+        sys.exit("usage: python -m relay.parallel.plan --refit   (refits data/calibration.json on the 4-GPU rows)")
     print(write_calibration())

@@ -128,7 +128,7 @@ class SequenceParallel:
     def attention(self, padded: bool):
         """xfuser's long-context attention for this device (one per padding mode, cached)."""
         if padded not in self._attention:
-            from parallel.xdit import make_attention
+            from relay.parallel.xdit import make_attention
 
             self._attention[padded] = make_attention(self.device, padded=padded)
         return self._attention[padded]
@@ -153,7 +153,7 @@ class SequenceParallel:
         return (_split(args[0], 1, self.chunk), *args[1:])
 
     def _on_proj_out(self, module, args, output):
-        from parallel.groups import all_gather_stacked
+        from relay.parallel.groups import all_gather_stacked
 
         chunks = all_gather_stacked(output, self.group)  # (degree, batch, size, ...)
         gathered = chunks.transpose(0, 1).reshape(output.shape[0], self.chunk.padded, *output.shape[2:])

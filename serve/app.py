@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from engine.service import AsyncEngine, LocalRunner
-from serve.server import RelayServer, ServerConfig
+from relay.engine.service import AsyncEngine, LocalRunner
+from relay.serve.server import RelayServer, ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, dtype: str | Non
             (called on a worker thread; e.g. Ray worker groups under a stage scheduler, whose
             runner may have a ``close()``). Default: the model loaded in this process.
     """
-    from engine.loader import load_model
-    from engine.model_info import read_model_info
+    from relay.engine.loader import load_model
+    from relay.engine.model_info import read_model_info
 
     infos = {}
     for directory in model_dirs:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from serve.gen.relay.v1 import relay_pb2 as pb
-from serve.gen.relay.v1 import relay_pb2_grpc as pb_grpc
+from relay.serve.gen.relay.v1 import relay_pb2 as pb
+from relay.serve.gen.relay.v1 import relay_pb2_grpc as pb_grpc
 
 MAX_MESSAGE = 40 * 1024 * 1024
 
@@ -53,7 +53,7 @@ class RelayClient:
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         if ca_file:
-            from serve.auth import channel_credentials
+            from relay.serve.auth import channel_credentials
 
             creds = channel_credentials(ca_file, cert_file, key_file)
             self.channel = grpc.secure_channel(target, creds, options=options)

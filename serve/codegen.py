@@ -1,11 +1,11 @@
 """Generates the Python gRPC stubs of ``proto/relay/v1/relay.proto`` into ``serve/gen``.
 
-    .venv/bin/python -m serve.codegen          # regenerate
-    .venv/bin/python -m serve.codegen --check  # exit 1 when the committed stubs are stale
+    .venv/bin/python -m relay.serve.codegen          # regenerate
+    .venv/bin/python -m relay.serve.codegen --check  # exit 1 when the committed stubs are stale
 
-The proto folder is mapped to the virtual import path ``serve/gen`` so the generated modules
-import each other as ``serve.gen.relay.v1`` -- a package of ours, never a top-level ``proto``
-package (that name belongs to Google's proto-plus).
+The proto folder is mapped to the virtual import path ``relay/serve/gen`` so the generated
+modules import each other as ``relay.serve.gen.relay.v1`` -- inside Relay's own namespace, never
+a top-level ``proto`` package (that name belongs to Google's proto-plus).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 PROTO = "proto/relay/v1/relay.proto"
 GENERATED = ("relay_pb2.py", "relay_pb2.pyi", "relay_pb2_grpc.py")
 TARGET = REPO / "serve" / "gen" / "relay" / "v1"
+#: The import path the stubs are generated for (the repository root installs as ``relay``).
+VIRTUAL = "relay/serve/gen"
 
 
 def generate(out_root: Path) -> Path:
@@ -27,8 +29,8 @@ def generate(out_root: Path) -> Path:
     from grpc_tools import protoc
 
     out_root.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", "-Iserve/gen=proto", f"--python_out={out_root}", f"--pyi_out={out_root}",
-            f"--grpc_python_out={out_root}", PROTO.replace("proto/", "serve/gen/", 1)]
+    args = ["protoc", f"-I{VIRTUAL}=proto", f"--python_out={out_root}", f"--pyi_out={out_root}",
+            f"--grpc_python_out={out_root}", PROTO.replace("proto/", VIRTUAL + "/", 1)]
     import os
 
     cwd = os.getcwd()
@@ -38,7 +40,7 @@ def generate(out_root: Path) -> Path:
             raise RuntimeError("protoc failed on " + PROTO)
     finally:
         os.chdir(cwd)
-    return out_root / "serve" / "gen" / "relay" / "v1"
+    return out_root / VIRTUAL / "relay" / "v1"
 
 
 def stale_files() -> list[str]:
@@ -57,10 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = stale_files()
         if stale:
-            print(f"stale generated stubs: {', '.join(stale)} (run python -m serve.codegen)", file=sys.stderr)
+            print(f"stale generated stubs: {', '.join(stale)} (run python -m relay.serve.codegen)", file=sys.stderr)
             return 1
         return 0
-    generate(REPO)
+    import shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = generate(Path(tmp))
+        for name in GENERATED:
+            shutil.copyfile(fresh / name, TARGET / name)
     print(f"generated {', '.join(GENERATED)} in {TARGET.relative_to(REPO)}")
     return 0
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine.request import GenerationRequest, ResolvedRequest
-from engine.service import Event, Job, JobState
-from serve.gen.relay.v1 import relay_pb2 as pb
+from relay.engine.request import GenerationRequest, ResolvedRequest
+from relay.engine.service import Event, Job, JobState
+from relay.serve.gen.relay.v1 import relay_pb2 as pb
 
 FORMATS = {pb.OUTPUT_FORMAT_UNSPECIFIED: "mp4", pb.OUTPUT_FORMAT_MP4: "mp4", pb.OUTPUT_FORMAT_NPY: "npy"}
 FORMAT_ENUM = {"mp4": pb.OUTPUT_FORMAT_MP4, "npy": pb.OUTPUT_FORMAT_NPY}

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from engine.errors import ValidationError
-from engine.service import AsyncEngine, Draining, QueueFull
-from serve import convert
-from serve.gen.relay.v1 import relay_pb2 as pb
-from serve.gen.relay.v1 import relay_pb2_grpc as pb_grpc
+from relay.engine.errors import ValidationError
+from relay.engine.service import AsyncEngine, Draining, QueueFull
+from relay.serve import convert
+from relay.serve.gen.relay.v1 import relay_pb2 as pb
+from relay.serve.gen.relay.v1 import relay_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class RelayServicer(pb_grpc.RelayServicer):
         return convert.job_message(self.engine, job)
 
     async def ListModels(self, request, context):  # noqa: N802
-        from engine.request import GenerationRequest, resolve_request
+        from relay.engine.request import GenerationRequest, resolve_request
 
         models = []
         for name, info in self.models.items():
@@ -176,7 +176,7 @@ class RelayServer:
         self.config = config
         interceptors = [_InternalErrors()]
         if config.tokens:
-            from serve.auth import TokenAuthInterceptor
+            from relay.serve.auth import TokenAuthInterceptor
 
             interceptors.insert(0, TokenAuthInterceptor(config.tokens))
         self.server = grpc.aio.server(interceptors=interceptors, options=KEEPALIVE)
@@ -193,7 +193,7 @@ class RelayServer:
             reflection.enable_server_reflection(names, self.server)
         address = f"{config.host}:{config.port}"
         if config.tls_cert:
-            from serve.auth import server_credentials
+            from relay.serve.auth import server_credentials
 
             creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
             self.port = self.server.add_secure_port(address, creds)

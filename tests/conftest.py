@@ -13,8 +13,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -22,7 +20,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """``{"t2v": dir, "i2v": dir, "ti2v": dir}``: tiny models built by ``relay make-tiny``'s code."""
-    from engine.tiny import make_tiny
+    from relay.engine.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("tiny")
     return {kind: make_tiny(root / kind, kind=kind, seed=0) for kind in ("t2v", "i2v", "ti2v")}
@@ -49,7 +47,7 @@ class CliResult:
 @pytest.fixture
 def relay(capsys):
     """Runs ``relay ARGS...`` in this process (same code as the console script)."""
-    from launch.cli import main
+    from relay.launch.cli import main
 
     def run(*args: str) -> CliResult:
         try:

@@ -15,7 +15,7 @@ import pki
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from serve import auth
+from relay.serve import auth
 
 TOKEN = "s3cr3t-Token_0.9~+/=="
 OTHER = "second-token"

@@ -35,14 +35,14 @@ def _rows(out: str, labels) -> None:
 
 
 def test_bench_package_comes_from_this_repo():
-    import bench
+    from relay import bench
 
     assert Path(bench.__file__).resolve().parent == REPO / "bench"
 
 
 def test_building_the_bench_parser_imports_no_heavy_library():
     """Every ``relay`` command builds the bench sub-commands: they must stay cheap."""
-    code = ("import argparse, sys; from launch import bench_cli; "
+    code = ("import argparse, sys; from relay.launch import bench_cli; "
             "bench_cli.add_parser(argparse.ArgumentParser().add_subparsers()); "
             "print(sorted(m for m in ('torch', 'grpc', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -53,7 +53,7 @@ def test_registry_has_the_benches_and_the_stage_slots():
     """Every registered bench that is built has the module interface documented in ``bench``."""
     import importlib.util
 
-    from bench import BENCHES
+    from relay.bench import BENCHES
 
     assert {"engine", "parallel", "serve", "gpu", "stages", "scaling"} <= set(BENCHES)
     built = [name for name, (module, _) in BENCHES.items() if importlib.util.find_spec(module) is not None]
@@ -135,8 +135,8 @@ def test_gpu_bench_skips_without_cuda(relay, tmp_path):
 
 
 def test_gpu_bench_arithmetic_in_cpu_test_mode(relay, tmp_path):
-    from bench.gpu import TINY
-    from engine.flops import transformer_flops, video_tokens
+    from relay.bench.gpu import TINY
+    from relay.engine.flops import transformer_flops, video_tokens
 
     target = tmp_path / "gpu.json"
     result = relay("bench", "gpu", "--device", "cpu", "--config", "tiny", "--dtype", "fp32", "--smoke",
@@ -158,7 +158,7 @@ def test_gpu_bench_arithmetic_in_cpu_test_mode(relay, tmp_path):
 
 def test_gpu_bench_flops_of_the_a14b_expert():
     """~6.5 PFLOP per 720p forward (S = 75,600) as in the design notes; 14.3B parameters."""
-    from bench.gpu import A14B, build_model, flops_per_forward, utilisation
+    from relay.bench.gpu import A14B, build_model, flops_per_forward, utilisation
 
     tokens, flops = flops_per_forward(A14B, 720, 1280, 81)
     assert tokens == 75_600 and flops == pytest.approx(6.52e15, rel=0.01)
@@ -182,8 +182,8 @@ def test_bad_settings_exit_2(relay, tmp_path):
 
 def test_all_runs_what_fits_and_passes_over_slots(relay, tmp_path, monkeypatch):
     """``relay bench all`` with a fake registry: a bench that runs, one that skips, a slot."""
-    import bench
-    from bench.common import BenchResult
+    from relay import bench
+    from relay.bench.common import BenchResult
 
     fake = types.ModuleType("bench_fake_for_test")
     fake.add_arguments = lambda parser: parser.add_argument("--size", type=int, default=3)
@@ -196,7 +196,7 @@ def test_all_runs_what_fits_and_passes_over_slots(relay, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
     monkeypatch.setitem(sys.modules, skipper.__name__, skipper)
     monkeypatch.setattr(bench, "BENCHES", {"fake": (fake.__name__, "a fake"), "skip": (skipper.__name__, "skips"),
-                                           "slot": ("bench.not_built_yet", "a slot")})
+                                           "slot": ("relay.bench.not_built_yet", "a slot")})
     result = relay("bench", "all", "--smoke", "--results", tmp_path)
     assert result.code == 0, result.err
     assert "fake table size=3" in result.out and "relay bench skip: skipped: no such device" in result.out

@@ -12,13 +12,13 @@ SETTINGS = dict(height=32, width=32, frames=5, steps=6, seed=9, guidance=4.0, gu
 
 @pytest.fixture(scope="module")
 def engine(tiny_models):
-    from engine import Engine, load_model
+    from relay.engine import Engine, load_model
 
     return Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu"))
 
 
 def test_step_events_are_complete_and_monotonic(engine):
-    from engine import GenerationRequest
+    from relay.engine import GenerationRequest
 
     events = []
     engine.generate(GenerationRequest(prompt="a fox", **SETTINGS), callback=events.append)
@@ -33,7 +33,7 @@ def test_step_events_are_complete_and_monotonic(engine):
 def test_stage_loads_only_its_expert_and_refuses_the_other(tiny_models, engine):
     """A low-noise stage worker holds only the low-noise expert; it can finish a state handed
     over at the boundary but refuses a high-noise step."""
-    from engine import Engine, GenerationRequest, load_model
+    from relay.engine import Engine, GenerationRequest, load_model
 
     request = engine.resolve(GenerationRequest(prompt="a fox", **SETTINGS))
     full = engine.start(engine.prepare(request))
@@ -57,7 +57,7 @@ def test_stage_loads_only_its_expert_and_refuses_the_other(tiny_models, engine):
 
 def test_offload_keeps_modules_off_the_run_device_until_used(tiny_models, engine):
     """With offload the result is unchanged and the inactive expert rests on the CPU."""
-    from engine import Engine, GenerationRequest, load_model
+    from relay.engine import Engine, GenerationRequest, load_model
 
     offloaded = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu", offload=True))
     request = GenerationRequest(prompt="a fox", **SETTINGS)
@@ -66,7 +66,7 @@ def test_offload_keeps_modules_off_the_run_device_until_used(tiny_models, engine
 
 
 def test_stop_is_polled_at_step_boundaries(engine):
-    from engine import GenerationRequest
+    from relay.engine import GenerationRequest
 
     run = engine.start(engine.prepare(engine.resolve(GenerationRequest(prompt="a fox", **SETTINGS))))
     run.run(stop=lambda: run.step_index >= 2)

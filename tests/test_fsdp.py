@@ -39,7 +39,7 @@ def test_local_shard_bounds_follow_torch_chunk(rows, ways):
     import torch
     from torch.distributed.tensor import Shard
 
-    from parallel.fsdp import local_shard_bounds
+    from relay.parallel.fsdp import local_shard_bounds
 
     full = torch.arange(rows * 3).reshape(rows, 3)
     chunks = list(torch.chunk(full, ways, dim=0)) if rows else []
@@ -196,7 +196,7 @@ def test_reduced_dtypes_match_from_pretrained(ranks):
 def test_offload_policy_pins_only_for_cuda():
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
-    from parallel.fsdp import offload_policy
+    from relay.parallel.fsdp import offload_policy
 
     assert type(offload_policy("cuda:1", False)) is OffloadPolicy  # the no-offload default
     for device, pinned in (("cuda", True), ("cuda:1", True), ("cpu", False)):
@@ -240,7 +240,7 @@ def _worker(job: dict) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
     from transformers import UMT5EncoderModel
 
-    from parallel.fsdp import load_sharded_text_encoder, load_sharded_transformer, local_parameter_bytes
+    from relay.parallel.fsdp import load_sharded_text_encoder, load_sharded_transformer, local_parameter_bytes
 
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()

@@ -17,7 +17,7 @@ SETTINGS = dict(height=64, width=64, frames=9, steps=6, seed=3, guidance=4.0, gu
 
 def test_cuda_output_matches_cpu_output(tiny_models):
     """Noise is drawn on the CPU, so the same seed gives the same video on CPU and GPU (fp32)."""
-    from engine import Engine, GenerationRequest, load_model
+    from relay.engine import Engine, GenerationRequest, load_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -28,7 +28,7 @@ def test_cuda_output_matches_cpu_output(tiny_models):
 
 
 def test_offload_lowers_resident_memory(tiny_models):
-    from engine import Engine, GenerationRequest, load_model
+    from relay.engine import Engine, GenerationRequest, load_model
 
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -47,9 +47,9 @@ def test_xfuser_attention_imports_and_runs_on_cuda(tmp_path):
     1-rank USP attention equals SDPA."""
     import torch.distributed as dist
 
-    from parallel.groups import RankInfo, destroy_groups, init_groups
-    from parallel.layout import ParallelLayout
-    from parallel import xdit
+    from relay.parallel.groups import RankInfo, destroy_groups, init_groups
+    from relay.parallel.layout import ParallelLayout
+    from relay.parallel import xdit
 
     loaded = xdit.load()
     assert loaded.LongContextAttention.__mro__[1] is not object

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parallel.layout import LayoutError, ParallelLayout
+from relay.parallel.layout import LayoutError, ParallelLayout
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
@@ -67,16 +67,16 @@ def _settings(kind, size):
 
 @pytest.fixture(scope="module")
 def engines(tiny_models):
-    from engine import Engine, load_model
+    from relay.engine import Engine, load_model
 
     return {kind: Engine(load_model(path, dtype="fp32", device="cpu")) for kind, path in tiny_models.items()}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_group_output_equals_single_process(case, tiny_models, engines, png_bytes, tmp_path):
-    from engine import GenerationRequest
-    from launch.local import spawn_group
-    from launch.worker import GenerateJob
+    from relay.engine import GenerationRequest
+    from relay.launch.local import spawn_group
+    from relay.launch.worker import GenerateJob
 
     kind, layout_kwargs, size, extra = CASES[case]
     extra = dict(extra)
@@ -112,12 +112,12 @@ def test_token_counts_of_the_padded_cases_do_not_divide():
 
 def test_cli_nproc_group_writes_the_same_video(tiny_models, engines, tmp_path):
     """`relay generate --nproc 2 --ulysses 2 --fsdp` end to end (process group killed on timeout)."""
-    from engine import GenerationRequest
+    from relay.engine import GenerationRequest
 
     size = dict(height=32, width=48, frames=5)
     reference = engines["t2v"].generate(GenerationRequest(**_settings("t2v", size)))
     out = tmp_path / "cli.npy"
-    args = [sys.executable, "-m", "launch.cli", "generate", "--model", str(tiny_models["t2v"]),
+    args = [sys.executable, "-m", "relay.launch.cli", "generate", "--model", str(tiny_models["t2v"]),
             "--nproc", "2", "--ulysses", "2", "--fsdp", "--dtype", "fp32", "--device", "cpu",
             "--output", str(out)]
     for key, value in _settings("t2v", size).items():
@@ -183,16 +183,16 @@ def test_from_flags_fills_the_sequence_degrees():
 
 
 def test_torchrun_launch_equals_single_process(tiny_models, engines, tmp_path):
-    """`torchrun --nproc_per_node 2 -m launch.torchrun generate ...` with cfg-parallel."""
-    from engine import GenerationRequest
-    from launch.local import free_port
+    """`torchrun --nproc_per_node 2 -m relay.launch.torchrun generate ...` with cfg-parallel."""
+    from relay.engine import GenerationRequest
+    from relay.launch.local import free_port
 
     size = dict(height=32, width=48, frames=5)
     reference = engines["t2v"].generate(GenerationRequest(**_settings("t2v", size)))
     out = tmp_path / "torchrun.npy"
     torchrun = Path(sys.executable).with_name("torchrun")
     args = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), "-m", "launch.torchrun", "generate",
+            "--master_port", str(free_port()), "-m", "relay.launch.torchrun", "generate",
             "--model", str(tiny_models["t2v"]), "--cfg-parallel", "2", "--dtype", "fp32",
             "--device", "cpu", "--output", str(out)]
     for key, value in _settings("t2v", size).items():

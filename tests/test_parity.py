@@ -86,9 +86,9 @@ def test_cli_output_equals_diffusers_pipeline(case, tiny_models, png_bytes, rela
 
 def test_t2v_parity_case_crosses_the_expert_boundary(tiny_models):
     """The T2V parity case must exercise both experts, or it would not test the switch."""
-    from engine.denoise import expert_schedule
-    from engine.loader import build_scheduler
-    from engine.model_info import read_model_info
+    from relay.engine.denoise import expert_schedule
+    from relay.engine.loader import build_scheduler
+    from relay.engine.model_info import read_model_info
 
     info = read_model_info(tiny_models["t2v"])
     scheduler = build_scheduler(info, CASES["t2v"]["shift"])

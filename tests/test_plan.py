@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from parallel import cost, plan
-from parallel.layout import ParallelLayout
+from relay.parallel import cost, plan
+from relay.parallel.layout import ParallelLayout
 
 TOLERANCE = 0.15
 
@@ -132,7 +132,7 @@ def test_catalogs_cover_the_required_entries_with_sources():
 
 
 def test_model_catalog_matches_the_engine():
-    from engine.model_info import PRESETS
+    from relay.engine.model_info import PRESETS
 
     for model in cost.models().values():
         preset, d = PRESETS[model.kind], model.defaults

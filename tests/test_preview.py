@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.preview import PUBLISHED_PATH, LatentPreviewer
+from relay.engine.preview import PUBLISHED_PATH, LatentPreviewer
 
 #: Held-out R^2 (on 0..255 preview colours) that a fitted projection must reach on the stand-in VAE.
 #: Measured: 0.990 (16-ch) and 0.992 (48-ch); the rest is the tanh, texture and 8-bit rounding.

@@ -49,8 +49,8 @@ def _write(root: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize("kind,multiple,heads", [("t2v", 16, 40), ("i2v", 16, 40), ("ti2v", 32, 24)])
 def test_real_layouts_are_classified(kind, multiple, heads, tmp_path):
-    from engine.model_info import PRESETS, read_model_info
-    from engine.request import GenerationRequest, resolve_request
+    from relay.engine.model_info import PRESETS, read_model_info
+    from relay.engine.request import GenerationRequest, resolve_request
 
     info = read_model_info(_write(tmp_path / kind, kind))
     assert info.kind == kind and not info.tiny
@@ -74,8 +74,8 @@ def test_real_layouts_are_classified(kind, multiple, heads, tmp_path):
 
 def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
     """A hub id is looked up in HF_HOME's cache; nothing is downloaded."""
-    from engine.errors import ModelError
-    from engine.model_info import read_model_info
+    from relay.engine.errors import ModelError
+    from relay.engine.model_info import read_model_info
 
     cache = tmp_path / "hf" / "hub" / "models--Wan-AI--Wan2.2-T2V-A14B-Diffusers"
     _write(cache / "snapshots" / "abc123", "t2v")
@@ -107,7 +107,7 @@ def test_full_size_architectures_build_on_meta(conf, billions):
 
 def test_flop_count_matches_the_wan22_reference_figures():
     """One A14B expert forward at 720p x 81 frames is about 6.5 PFLOP, ~72% self-attention."""
-    from engine.flops import transformer_flops, video_tokens
+    from relay.engine.flops import transformer_flops, video_tokens
 
     tokens = video_tokens(A14B, height=720, width=1280, frames=81)
     assert tokens == 75_600

@@ -21,7 +21,7 @@ SWITCH = 3  # 3 high-noise steps, then the low-noise expert (checked below)
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_models, tmp_path_factory):
     """One full run that also writes snapshots after steps 1, 2, 3 (the switch) and 5."""
-    from launch.cli import main
+    from relay.launch.cli import main
 
     folder = tmp_path_factory.mktemp("resume")
     out = folder / "full.npy"
@@ -33,7 +33,7 @@ def uninterrupted(tiny_models, tmp_path_factory):
 
 
 def test_snapshot_steps_straddle_the_expert_switch(uninterrupted):
-    from engine.state import DenoiseState
+    from relay.engine.state import DenoiseState
 
     state = DenoiseState.load(uninterrupted[1] / f"step-{SWITCH:04d}.pt")
     assert state.step_index == SWITCH
@@ -46,7 +46,7 @@ def test_resume_in_new_process_is_bit_identical(step, uninterrupted, tiny_models
     out = tmp_path / "resumed.npy"
     env = dict(os.environ, OMP_NUM_THREADS="2")
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "resume", str(folder / f"step-{step:04d}.pt"),
+        [sys.executable, "-m", "relay.launch.cli", "resume", str(folder / f"step-{step:04d}.pt"),
          "--model", str(tiny_models["t2v"]), "--dtype", "fp32", "--device", "cpu", "--quiet",
          "--output", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
@@ -58,9 +58,9 @@ def test_resume_in_new_process_is_bit_identical(step, uninterrupted, tiny_models
 def test_resume_from_latents_alone_differs(uninterrupted, tiny_models):
     """Dropping the solver history (keeping latents and step index) must change the result:
     this guards the snapshot's completeness."""
-    from engine.loader import build_scheduler, load_model
-    from engine.pipeline import Engine
-    from engine.state import DenoiseState, capture_solver
+    from relay.engine.loader import build_scheduler, load_model
+    from relay.engine.pipeline import Engine
+    from relay.engine.state import DenoiseState, capture_solver
 
     full, folder = uninterrupted
     engine = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu"))
@@ -80,7 +80,7 @@ def test_resume_from_latents_alone_differs(uninterrupted, tiny_models):
 
 
 def test_state_round_trips_through_bytes_with_safe_loading(uninterrupted):
-    from engine.state import DenoiseState
+    from relay.engine.state import DenoiseState
 
     path = uninterrupted[1] / "step-0002.pt"
     state = DenoiseState.load(path)

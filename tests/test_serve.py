@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from serve.gen.relay.v1 import relay_pb2 as pb
+from relay.serve.gen.relay.v1 import relay_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(height=32, width=32, frames=5, steps=4, seed=7, guidance=4.0, guidance_low=3.0, shift=5.0)
@@ -27,10 +27,10 @@ class LiveServer:
     """A Relay server on its own event loop thread, with the engine reachable for counters."""
 
     def __init__(self, model_dir, *, max_queue=8, heartbeat_s=5.0, tokens=()):
-        from engine.loader import load_model
-        from engine.model_info import read_model_info
-        from engine.service import AsyncEngine, LocalRunner
-        from serve.server import RelayServer, ServerConfig
+        from relay.engine.loader import load_model
+        from relay.engine.model_info import read_model_info
+        from relay.engine.service import AsyncEngine, LocalRunner
+        from relay.serve.server import RelayServer, ServerConfig
 
         self.loop = asyncio.new_event_loop()
         info = read_model_info(model_dir)
@@ -92,7 +92,7 @@ def live(tiny_models):
 
 @pytest.fixture
 def client(live):
-    from serve.client import RelayClient
+    from relay.serve.client import RelayClient
 
     with RelayClient(live.target) as c:
         yield c
@@ -112,7 +112,7 @@ def _health(target):
 def test_stream_order_previews_and_frames_equal_generate(live, client, tiny_models):
     from PIL import Image
 
-    from engine import Engine, GenerationRequest, load_model
+    from relay.engine import Engine, GenerationRequest, load_model
 
     result = client.generate(_request(output_format=pb.OUTPUT_FORMAT_NPY, preview_every=1, **FAST))
     kinds = [e.WhichOneof("event") for e in result.events]
@@ -261,7 +261,7 @@ def test_deadline_shorter_than_the_job(live, client):
 def test_overload_refuses_exactly_the_excess(tiny_models):
     server = LiveServer(tiny_models["t2v"], max_queue=2)
     try:
-        from serve.client import RelayClient
+        from relay.serve.client import RelayClient
 
         barrier = threading.Barrier(6)
 
@@ -288,7 +288,7 @@ def test_overload_refuses_exactly_the_excess(tiny_models):
 
 
 def test_fifty_concurrent_streams_lose_no_events(live):
-    from serve.client import RelayClient
+    from relay.serve.client import RelayClient
 
     def one(i):
         with RelayClient(live.target) as c:
@@ -302,7 +302,7 @@ def test_fifty_concurrent_streams_lose_no_events(live):
 
 
 def test_token_auth_on_the_relay_service(tiny_models):
-    from serve.client import RelayClient
+    from relay.serve.client import RelayClient
 
     server = LiveServer(tiny_models["t2v"], tokens=["s3cret"])
     try:
@@ -320,11 +320,11 @@ def test_token_auth_on_the_relay_service(tiny_models):
 
 def test_sigterm_drains(tiny_models, tmp_path):
     """SIGTERM: the running job finishes, new calls get UNAVAILABLE, the process exits 0."""
-    from launch.service_commands import _wait_serving
-    from serve.client import RelayClient
+    from relay.launch.service_commands import _wait_serving
+    from relay.serve.client import RelayClient
 
     port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "serve", "--model", str(tiny_models["t2v"]),
+    proc = subprocess.Popen([sys.executable, "-m", "relay.launch.cli", "serve", "--model", str(tiny_models["t2v"]),
                              "--port", "0", "--port-file", str(port_file), "--dtype", "fp32",
                              "--device", "cpu", "--grace", "120"],
                             cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -349,7 +349,7 @@ def test_sigterm_drains(tiny_models, tmp_path):
 
 
 def test_generated_stubs_are_fresh():
-    from serve.codegen import stale_files
+    from relay.serve.codegen import stale_files
 
     assert stale_files() == []
 
@@ -375,9 +375,9 @@ def test_reflection_lists_the_services(tiny_models):
     """Reflection is opt-in (--reflection); with it, clients can discover the services."""
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    from engine.model_info import read_model_info
-    from engine.service import AsyncEngine
-    from serve.server import RelayServer, ServerConfig
+    from relay.engine.model_info import read_model_info
+    from relay.engine.service import AsyncEngine
+    from relay.serve.server import RelayServer, ServerConfig
 
     async def names():
         engine = AsyncEngine({}, default_model="x")

@@ -14,22 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve.gen.relay.v1 import relay_pb2 as pb
+from relay.serve.gen.relay.v1 import relay_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(height=32, width=32, frames=5, steps=6, guidance=4.0, guidance_low=3.0, shift=5.0)
 
 
 def test_staged_service_streams_equal_frames_and_drains(tiny_models, tmp_path):
-    from engine import Engine, GenerationRequest, load_model
-    from launch.service_commands import _wait_serving
-    from serve.client import RelayClient
+    from relay.engine import Engine, GenerationRequest, load_model
+    from relay.launch.service_commands import _wait_serving
+    from relay.serve.client import RelayClient
 
     before = _rank_actors()  # other Ray sessions on this machine are not this server's
     port_file = tmp_path / "port"
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "serve", "--model", str(tiny_models["t2v"]), "--port", "0",
+        [sys.executable, "-m", "relay.launch.cli", "serve", "--model", str(tiny_models["t2v"]), "--port", "0",
          "--port-file", str(port_file), "--dtype", "fp32", "--device", "cpu", "--executor", "ray",
          "--placement", "staged", "--stage-split", "1:1", "--grace", "30"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

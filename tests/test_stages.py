@@ -18,7 +18,7 @@ SEEDS = (11, 12, 13)
 
 # --- sizing and placement (pure) ------------------------------------------------------------
 def test_expert_step_counts_match_the_wan22_reference_split():
-    from engine.stages import expert_step_counts
+    from relay.engine.stages import expert_step_counts
 
     assert expert_step_counts(40, 12.0, 0.875) == {"high_noise": 26, "low_noise": 14}
     assert expert_step_counts(40, 5.0, 0.900) == {"high_noise": 15, "low_noise": 25}
@@ -26,7 +26,7 @@ def test_expert_step_counts_match_the_wan22_reference_split():
 
 
 def test_propose_split_balances_stage_times_and_says_why():
-    from engine.stages import propose_split
+    from relay.engine.stages import propose_split
 
     t2v = propose_split(8, 26, 14)
     assert (t2v.high_devices, t2v.low_devices) == (5, 3) and "26 high-noise vs 14 low-noise" in t2v.reason
@@ -42,22 +42,22 @@ def test_propose_split_balances_stage_times_and_says_why():
 
 
 def test_segments_split_a_schedule_at_the_boundary():
-    from engine.stages import Segment, segments
+    from relay.engine.stages import Segment, segments
 
     assert segments(["high_noise"] * 3 + ["low_noise"] * 2) == [Segment("high_noise", 0, 3),
                                                                   Segment("low_noise", 3, 5)]
 
 
 def _resolved(info, **overrides):
-    from engine.request import GenerationRequest, resolve_request
+    from relay.engine.request import GenerationRequest, resolve_request
 
     return resolve_request(GenerationRequest(**{**REQUEST, "seed": 1, **overrides}), info)
 
 
 def test_placement_validation_names_the_flag(tiny_models):
-    from engine.errors import ValidationError
-    from engine.model_info import read_model_info
-    from launch.placement import plan_groups
+    from relay.engine.errors import ValidationError
+    from relay.engine.model_info import read_model_info
+    from relay.launch.placement import plan_groups
 
     t2v, ti2v = read_model_info(tiny_models["t2v"]), read_model_info(tiny_models["ti2v"])
     staged = plan_groups(t2v, _resolved(t2v), placement="staged", devices=4, encode_on="own", decode_on="own")
@@ -97,7 +97,7 @@ def test_cli_placement_errors_exit_2_before_ray_starts(relay, tiny_models, tmp_p
 # --- the scheduler on local Ray ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_session():
-    from launch.ray_executor import connect, shutdown
+    from relay.launch.ray_executor import connect, shutdown
 
     connect(num_cpus=16)
     yield
@@ -106,7 +106,7 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def t2v(tiny_models):
-    from engine.model_info import read_model_info
+    from relay.engine.model_info import read_model_info
 
     return read_model_info(tiny_models["t2v"])
 
@@ -114,18 +114,18 @@ def t2v(tiny_models):
 @pytest.fixture(scope="module")
 def references(t2v):
     """Single-process frames per seed: the independent reference."""
-    from engine.loader import load_model
-    from engine.pipeline import Engine
+    from relay.engine.loader import load_model
+    from relay.engine.pipeline import Engine
 
     engine = Engine(load_model(t2v, dtype="fp32", device="cpu"))
     return {seed: engine.generate(_resolved(t2v, seed=seed)) for seed in SEEDS}
 
 
 def _executor(t2v, **placement):
-    from engine.scheduler import SchedulerConfig
-    from launch.placement import plan_groups
-    from launch.ray_executor import RayExecutor
-    from launch.worker import WorkerSpec
+    from relay.engine.scheduler import SchedulerConfig
+    from relay.launch.placement import plan_groups
+    from relay.launch.ray_executor import RayExecutor
+    from relay.launch.worker import WorkerSpec
 
     spec = WorkerSpec(model=str(t2v.path), layout=None, dtype="fp32", device_type="cpu")
     config = placement.pop("config", SchedulerConfig(step_timeout_s=60.0, load_timeout_s=120.0))
@@ -148,7 +148,7 @@ def undisturbed(staged, t2v):
 
 
 def _submit(executor, t2v, seed, events=None):
-    from engine.stages import request_experts
+    from relay.engine.stages import request_experts
 
     resolved = _resolved(t2v, seed=seed)
     on_event = (lambda kind, data: events.append((kind, data))) if events is not None else None
@@ -161,7 +161,7 @@ def _max_diff(a, b) -> float:
 
 
 def test_staged_output_equals_single_process(staged, t2v, references):
-    from engine.stages import request_experts
+    from relay.engine.stages import request_experts
 
     experts = request_experts(t2v, _resolved(t2v))
     assert experts[SWITCH - 1] == "high_noise" and experts[SWITCH] == "low_noise"  # crosses the boundary
@@ -174,7 +174,7 @@ def test_staged_output_equals_single_process(staged, t2v, references):
 
 
 def test_fused_group_of_two_ranks_equals_single_process(ray_session, t2v, references):
-    from parallel.layout import ParallelLayout
+    from relay.parallel.layout import ParallelLayout
 
     with _executor(t2v, placement="fused", layout=ParallelLayout(ulysses_degree=2)) as fused:
         frames = _submit(fused, t2v, SEEDS[1]).result(timeout=300)
@@ -231,7 +231,7 @@ def test_hung_worker_is_caught_by_the_watchdog(staged, t2v, undisturbed):
 
 
 def test_request_that_keeps_killing_its_group_fails_clearly(staged, t2v, references):
-    from engine.scheduler import RequestFailed
+    from relay.engine.scheduler import RequestFailed
 
     poison_seed = 99
     staged.group("high").arm_fault({"action": "exit", "method": "advance", "at_step": 1, "seed": poison_seed},
@@ -274,7 +274,7 @@ def _rank_actor_processes(raylet: int) -> set[int]:
 def test_ten_kill_restart_cycles_leak_no_actor_or_process(staged, t2v, references):
     import ray
 
-    from launch.ray_executor import _alive
+    from relay.launch.ray_executor import _alive
 
     before = _restarts(staged)
     killed = []
@@ -295,7 +295,7 @@ def test_ten_kill_restart_cycles_leak_no_actor_or_process(staged, t2v, reference
 
 
 def test_group_restart_budget_retires_a_group_and_fails_its_requests_clearly(ray_session, t2v):
-    from engine.scheduler import RequestFailed, SchedulerConfig
+    from relay.engine.scheduler import RequestFailed, SchedulerConfig
 
     config = SchedulerConfig(step_timeout_s=60.0, max_group_restarts=1, max_request_retries=5)
     with _executor(t2v, placement="fused", config=config) as fused:
@@ -309,7 +309,7 @@ def test_group_restart_budget_retires_a_group_and_fails_its_requests_clearly(ray
 
 
 def test_priority_then_fifo_and_cancel_at_a_step_boundary(staged, t2v, undisturbed):
-    from engine.scheduler import RequestCancelled
+    from relay.engine.scheduler import RequestCancelled
 
     scheduler = staged.scheduler
     saved = scheduler.config
@@ -343,7 +343,7 @@ def test_priority_then_fifo_and_cancel_at_a_step_boundary(staged, t2v, undisturb
 
 
 def _experts(t2v):
-    from engine.stages import request_experts
+    from relay.engine.stages import request_experts
 
     return request_experts(t2v, _resolved(t2v))
 
@@ -369,7 +369,7 @@ def test_relay_generate_on_ray_staged_equals_single_process(relay, ray_session, 
     assert result.code == 0, result.err
     assert "placement staged: 3 high-noise vs 3 low-noise steps" in result.err
     assert _max_diff(np.load(out), references[SEEDS[0]]) <= 1e-5
-    from engine.state import DenoiseState
+    from relay.engine.state import DenoiseState
 
     snapshot = DenoiseState.load(tmp_path / "ck" / f"step-{SWITCH:04d}.pt")  # the hand-off state
     assert snapshot.step_index == SWITCH and snapshot.next_expert == "low_noise"
@@ -386,7 +386,7 @@ def test_relay_generate_under_torchrun_equals_single_process(relay, tiny_models,
 
 
 def test_closing_with_requests_in_flight_cancels_them_without_rebuilding(ray_session, t2v):
-    from engine.scheduler import RequestCancelled
+    from relay.engine.scheduler import RequestCancelled
 
     executor = _executor(t2v, placement="fused")
     events = []

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _relay_executable() -> list[str]:
     script = Path(sys.executable).with_name("relay")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "launch.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "relay.launch.cli"]
 
 
 @pytest.mark.parametrize("kind", ["t2v", "i2v", "ti2v"])
@@ -39,7 +39,7 @@ def test_make_tiny_writes_the_diffusers_layout(kind, tiny_models):
 
 
 def test_model_info_classifies_each_kind(tiny_models):
-    from engine.model_info import read_model_info
+    from relay.engine.model_info import read_model_info
 
     for kind, path in tiny_models.items():
         info = read_model_info(path)
@@ -60,7 +60,7 @@ def test_tokenizer_round_trips_offline(tiny_models):
 def test_relay_console_script_end_to_end(tmp_path):
     """`relay make-tiny` then `relay generate` without --model (the embedded default, built
     into RELAY_CACHE), writing an mp4 with the right frame count and fps."""
-    from engine.tiny import TINY_VERSION
+    from relay.engine.tiny import TINY_VERSION
 
     env = dict(os.environ, RELAY_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
     out = tmp_path / "video.mp4"
@@ -84,7 +84,7 @@ def test_relay_console_script_end_to_end(tmp_path):
 def test_mp4_and_npy_writers(tmp_path):
     import imageio_ffmpeg
 
-    from engine.video import write_output
+    from relay.engine.video import write_output
 
     frames = np.linspace(0, 1, 5 * 32 * 48 * 3, dtype=np.float32).reshape(5, 32, 48, 3)
     npy = write_output(frames, tmp_path / "a.npy", fps=16)
@@ -100,9 +100,9 @@ def test_mp4_and_npy_writers(tmp_path):
 def test_expert_split_matches_wan22_reference_numbers(tiny_models):
     """At the release settings the boundary gives T2V 26 high + 14 low steps (40 steps, shift
     12, boundary 0.875) and I2V 15 + 25 (shift 5, boundary 0.9), as the Wan 2.2 notes state."""
-    from engine.denoise import expert_schedule
-    from engine.loader import build_scheduler
-    from engine.model_info import read_model_info
+    from relay.engine.denoise import expert_schedule
+    from relay.engine.loader import build_scheduler
+    from relay.engine.model_info import read_model_info
 
     info = read_model_info(tiny_models["t2v"])
     for shift, boundary, high in ((12.0, 0.875, 26), (5.0, 0.9, 15)):

@@ -138,8 +138,8 @@ def test_valid_request_passes_validation_then_needs_weights(configs_only, relay,
 
 
 def test_i2v_size_follows_image_aspect(tiny_models, png_bytes):
-    from engine.model_info import read_model_info
-    from engine.request import GenerationRequest, resolve_request
+    from relay.engine.model_info import read_model_info
+    from relay.engine.request import GenerationRequest, resolve_request
 
     info = read_model_info(tiny_models["i2v"])
     resolved = resolve_request(GenerationRequest(prompt="x", image=png_bytes), info)
@@ -149,9 +149,9 @@ def test_i2v_size_follows_image_aspect(tiny_models, png_bytes):
 
 
 def test_defaults_come_from_kind_preset_and_relay_json(tiny_models):
-    from engine.model_info import PRESETS, read_model_info
-    from engine.request import GenerationRequest, resolve_request
-    from engine.tiny import TINY_DEFAULTS
+    from relay.engine.model_info import PRESETS, read_model_info
+    from relay.engine.request import GenerationRequest, resolve_request
+    from relay.engine.tiny import TINY_DEFAULTS
 
     info = read_model_info(tiny_models["t2v"])
     resolved = resolve_request(GenerationRequest(prompt="x"), info)

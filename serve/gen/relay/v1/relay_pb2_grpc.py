@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from serve.gen.relay.v1 import relay_pb2 as serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2
+from relay.serve.gen.relay.v1 import relay_pb2 as relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in serve/gen/relay/v1/relay_pb2_grpc.py depends on'
+        + ' but the generated code in relay/serve/gen/relay/v1/relay_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class RelayStub:
         """
         self.Generate = channel.unary_stream(
                 '/relay.v1.Relay/Generate',
-                request_serializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateEvent.FromString,
+                request_serializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateEvent.FromString,
                 _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/relay.v1.Relay/Cancel',
-                request_serializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.CancelRequest.SerializeToString,
-                response_deserializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.CancelResponse.FromString,
+                request_serializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.CancelRequest.SerializeToString,
+                response_deserializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.CancelResponse.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/relay.v1.Relay/GetJob',
-                request_serializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GetJobRequest.SerializeToString,
-                response_deserializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.Job.FromString,
+                request_serializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.Job.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/relay.v1.Relay/ListModels',
-                request_serializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.ListModelsResponse.FromString,
+                request_serializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
 
 
@@ -93,23 +93,23 @@ def add_RelayServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateRequest.FromString,
-                    response_serializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateEvent.SerializeToString,
+                    request_deserializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateRequest.FromString,
+                    response_serializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateEvent.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
-                    request_deserializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.CancelRequest.FromString,
-                    response_serializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.CancelResponse.SerializeToString,
+                    request_deserializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.CancelRequest.FromString,
+                    response_serializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.CancelResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
-                    request_deserializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GetJobRequest.FromString,
-                    response_serializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.Job.SerializeToString,
+                    request_deserializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GetJobRequest.FromString,
+                    response_serializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.Job.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.ListModelsRequest.FromString,
-                    response_serializer=serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.ListModelsRequest.FromString,
+                    response_serializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,8 +137,8 @@ class Relay:
             request,
             target,
             '/relay.v1.Relay/Generate',
-            serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateRequest.SerializeToString,
-            serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateEvent.FromString,
+            relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateRequest.SerializeToString,
+            relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -164,8 +164,8 @@ class Relay:
             request,
             target,
             '/relay.v1.Relay/Cancel',
-            serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.CancelRequest.SerializeToString,
-            serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.CancelResponse.FromString,
+            relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.CancelRequest.SerializeToString,
+            relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -191,8 +191,8 @@ class Relay:
             request,
             target,
             '/relay.v1.Relay/GetJob',
-            serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GetJobRequest.SerializeToString,
-            serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.Job.FromString,
+            relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GetJobRequest.SerializeToString,
+            relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
@@ -218,8 +218,8 @@ class Relay:
             request,
             target,
             '/relay.v1.Relay/ListModels',
-            serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.ListModelsRequest.SerializeToString,
-            serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.ListModelsResponse.FromString,
+            relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.ListModelsRequest.SerializeToString,
+            relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
