@@ -1,8 +1,9 @@
 """Relay's benchmarks (never timed tests), run by ``relay bench NAME`` (or ``relay bench all``).
 
 Each bench prints a table and writes one JSON file (machine, device name, library versions,
-settings, raw timings, summary) into ``bench/results/`` (``--results DIR``; ``--json PATH`` names
-the file). ``--smoke`` picks the smallest settings, so that every bench also runs on a CPU in CI.
+settings, raw timings, summary) into a user folder (:func:`bench.common.results_dir`;
+``--results DIR``, e.g. ``bench/results`` to record a run in the repository; ``--json PATH``
+names the file). ``--smoke`` picks the smallest settings, so that every bench also runs on a CPU in CI.
 
 Registry: :data:`BENCHES` maps a bench's name to ``(module, description)``. A module that does
 not exist yet is a registered slot: ``relay bench NAME`` says it is not built yet and
@@ -39,6 +40,8 @@ BENCHES: dict[str, tuple[str, str]] = {
               "gRPC: time to first event, events/s, 50 concurrent Generate streams"),
     "scaling": ("relay.bench.scaling", "the real engine at 1/2/4/... devices on Ray worker groups, measured vs "
                                  "the layout planner (CPU: processes and the tiny model)"),
+    "cli": ("relay.bench.cli",
+            "how fast relay --help, relay --version and every relay X --help answer (whole processes)"),
     "gpu": ("relay.bench.gpu",
             "full-size A14B expert forward in bf16 at 480p/720p: s/forward, TFLOP/s, MFU, memory (CUDA only)"),
 }

@@ -18,8 +18,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Default folder of the result files: ``bench/results`` in this repository.
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+def results_dir() -> Path:
+    """Default folder of the result files, a user directory (never the installed package):
+    ``$RELAY_RESULTS``, else ``$XDG_DATA_HOME/relay/bench``, else ``~/.local/share/relay/bench``.
+    Results recorded for the repository go to ``bench/results`` (``--results bench/results``)."""
+    if os.environ.get("RELAY_RESULTS"):
+        return Path(os.environ["RELAY_RESULTS"])
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "relay" / "bench"
+
 
 #: Distributions whose versions every result records (``None`` when not installed).
 VERSION_PACKAGES = ("torch", "diffusers", "transformers", "xfuser", "grpcio", "ray")
@@ -55,8 +62,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--smoke", action="store_true",
                    help="smallest settings (CI: seconds on a CPU); the figures mean little")
     g.add_argument("--rounds", type=int, help="measured rounds / repeats (default: the bench's own)")
-    g.add_argument("--results", default=str(RESULTS_DIR),
-                   help=f"folder for the JSON result (default {RESULTS_DIR})")
+    g.add_argument("--results", help="folder for the JSON result (default: $RELAY_RESULTS, else "
+                                     "~/.local/share/relay/bench; bench/results records a run in the repository)")
     g.add_argument("--json", help="write the JSON result to this file instead")
     g.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default: cuda if present)")
 
@@ -144,26 +151,27 @@ def result_document(name: str, result: BenchResult) -> dict:
     }
 
 
-def result_path(name: str, result: BenchResult, results_dir: str | Path) -> Path:
-    """``<results_dir>/<name>-<device slug>-<YYYYMMDD>[-smoke][-N].json``, never overwriting."""
+def result_path(name: str, result: BenchResult, folder: str | Path) -> Path:
+    """``<folder>/<name>-<device slug>-<YYYYMMDD>[-smoke][-N].json``, never overwriting."""
     stem = f"{name}-{device_slug(result.device)}-{_dt.date.today():%Y%m%d}"
     if result.settings.get("smoke"):
         stem += "-smoke"
-    folder = Path(results_dir)
+    folder = Path(folder)
     path, counter = folder / f"{stem}.json", 2
     while path.exists():
         path, counter = folder / f"{stem}-{counter}.json", counter + 1
     return path
 
 
-def write_result(name: str, result: BenchResult, *, results_dir: str | Path,
+def write_result(name: str, result: BenchResult, *, folder: str | Path | None = None,
                  json_path: str | None = None) -> Path:
-    """Writes the JSON document to ``json_path`` or a new file in ``results_dir``.
+    """Writes the JSON document to ``json_path`` or a new file in ``folder`` (default:
+    :func:`results_dir`, read now).
 
     Returns:
         The path written.
     """
-    path = Path(json_path) if json_path else result_path(name, result, results_dir)
+    path = Path(json_path) if json_path else result_path(name, result, folder or results_dir())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result_document(name, result), indent=2, default=_jsonable) + "\n")
     return path

@@ -12,7 +12,7 @@ side by side (``auto``: torch SDPA plus every installed non-hub backend), ``--co
 ``torch.compile``'d run of each. xfuser's attention is not involved: it serves sequence
 parallelism (``relay bench parallel``), not a 1-GPU forward.
 
-FLOPs are computed from the config by :func:`engine.flops.transformer_flops`: 2 FLOPs per
+FLOPs are computed from the config by :func:`engine.models.wan.flops.transformer_flops`: 2 FLOPs per
 multiply-add of every matmul (q/k/v/out projections, self-attention scores and weighted sum
 over S video tokens, cross-attention over the 512 text tokens, the two FFN matmuls, patch
 embedding and output projection); norms, rotary, softmax and activations are not counted.
@@ -69,7 +69,7 @@ def skip_reason(args) -> str | None:
 
 def flops_per_forward(config: dict, height: int, width: int, frames: int) -> tuple[int, float]:
     """Tokens and FLOPs of one forward at ``height x width x frames`` (see the module doc)."""
-    from relay.engine.flops import transformer_flops, video_tokens
+    from relay.engine.models.wan.flops import transformer_flops, video_tokens
 
     tokens = video_tokens(config, height=height, width=width, frames=frames)
     return tokens, transformer_flops(config, tokens, text_tokens=TEXT_TOKENS)["total"]
@@ -238,7 +238,7 @@ def run(args) -> common.BenchResult:
                 "smoke": bool(args.smoke), "torch_sdpa_enabled": _sdpa_flags()}
     summary = {"matmul_peak_tflops": peak, "weights_gib": weights_gib,
                "rows": [{k: v for k, v in row.items() if k != "forward_s"} for row in rows],
-               "flops_method": "engine.flops.transformer_flops: 2 x multiply-adds of every matmul, from the config"}
+               "flops_method": "engine.models.wan.flops.transformer_flops: 2 x multiply-adds of every matmul, from the config"}
     raw = {"forward_s": {_variant(row): row.get("forward_s") for row in rows}}
     return common.BenchResult(settings=settings, raw=raw, summary=summary, device=str(device),
                               table=_table(settings, summary, device))
@@ -311,7 +311,7 @@ def _table(settings: dict, summary: dict, device) -> str:
              f"text tokens | {common.device_name(device)} | measured {settings['dtype']} matmul peak "
              f"{summary['matmul_peak_tflops']:.4g} TFLOP/s (n={settings['matmul_size']}) | weights "
              f"{summary['weights_gib']:.3g} GiB | {settings['repeats']} repeat(s)")
-    notes = [("TFLOP/s: FLOPs from the config (engine.flops.transformer_flops: 2 x every matmul multiply-add, "
+    notes = [("TFLOP/s: FLOPs from the config (engine.models.wan.flops.transformer_flops: 2 x every matmul multiply-add, "
               "elementwise ops not counted) / median s; MFU = TFLOP/s / measured matmul peak"),
              "attention: the diffusers backend asked for -> the attention ops seen in a profiled forward"]
     headers = ["size", "tokens", "attention backend", "s/forward", "TFLOP/s", "MFU", "peak GiB", "attention ops"]

@@ -2,22 +2,15 @@
 this machine -- 1 process, Ulysses, ring, CFG-parallel and Ulysses + FSDP2 on 2 and 4 processes
 (CPU: gloo, one CPU slice per process; CUDA: NCCL, one GPU per process, up to the GPU count).
 
-Every layout, the 1-process baseline included, runs through the real worker entry point
-(:func:`launch.worker.run_generation`) in spawned processes. To keep process start-up and
-library imports out of the measurement and the bench short, each round starts one group per
-process count and runs all of that count's layouts in it, one after another (a fresh process
-group per layout, torn down in between). Rounds rotate the layout order. The figure per layout
-is the median step time, the first step of every run left out (it warms up); each group first
-runs one unmeasured job.
+Every layout runs through the runtime ``relay generate`` uses: an executor
+(:mod:`launch.executor`; the 1-process baseline in this process, the others on spawned local
+processes) and its stage scheduler. Each round builds one group per layout, runs one unmeasured
+request (lazy initialisation of the libraries and kernels), then the measured one; rounds
+rotate the layout order. The figure per layout is the median of the workers' own step times,
+the first step of the run left out (it warms up). Process start-up and loading are not measured.
 """
 
 from __future__ import annotations
-
-import multiprocessing as mp
-import queue
-import tempfile
-import time
-import uuid
 
 from relay.bench import common
 
@@ -78,68 +71,42 @@ def default_sizes(device, smoke: bool) -> list[int]:
     return [n for n in sizes if n <= 2] if smoke else sizes
 
 
-def _group_entry(rank: int, world_size: int, jobs: list, init_methods: list[str], results) -> None:
-    """One rank of a bench group: runs every job in turn, each in a fresh process group."""
-    from relay.launch.worker import run_generation
-    from relay.parallel.groups import RankInfo
-
-    for index, (job, init) in enumerate(zip(jobs, init_methods)):
-        info = RankInfo(rank=rank, local_rank=rank, world_size=world_size, init_method=init)
-        report = run_generation(info, job)
-        if rank == 0:
-            results.put((index, report))
-
-
-def run_group(jobs: list, world_size: int, rendezvous_dir: str, *, timeout_s: float) -> list[dict]:
-    """Runs ``jobs`` one after another on ``world_size`` spawned processes.
+def measure(model: str, request: dict, experts: list, layout, *, dtype, device_type: str,
+            timeout_s: float) -> dict:
+    """One group of ``layout``: a warm-up request, then a measured one.
 
     Returns:
-        Rank 0's report of each job, in job order.
-
-    Raises:
-        RuntimeError: a rank failed (the others are terminated) or the group outlived ``timeout_s``.
+        ``{"step_s": [...], "load_s": s, "param_bytes": {...}}``: the workers' step times of the
+        measured request, the group's build time, rank 0's parameter bytes per expert.
     """
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    tag = uuid.uuid4().hex[:8]
-    inits = [f"file://{rendezvous_dir}/rdzv-{tag}-{index}" for index in range(len(jobs))]
-    procs = [context.Process(target=_group_entry, name=f"relay-bench-rank{rank}",
-                             args=(rank, world_size, jobs, inits, results)) for rank in range(world_size)]
-    for proc in procs:
-        proc.start()
-    reports: dict[int, dict] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(reports) < len(jobs):
-            try:
-                index, report = results.get(timeout=0.5)
-                reports[index] = report
-                continue
-            except queue.Empty:
-                pass
-            failed = [proc for proc in procs if proc.exitcode not in (None, 0)]
-            if failed:
-                raise RuntimeError(f"{failed[0].name} exited with code {failed[0].exitcode}")
-            if all(proc.exitcode == 0 for proc in procs) and results.empty():
-                raise RuntimeError("worker group exited without reporting every job")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker group exceeded {timeout_s:.0f}s")
-        for proc in procs:
-            proc.join(timeout=30)
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return [reports[index] for index in range(len(jobs))]
+    import time
+
+    from relay.launch.executor import Executor, backend_for
+    from relay.launch.placement import plan_groups
+    from relay.launch.worker import WorkerSpec
+    from relay.engine.model_info import read_model_info
+    from relay.engine.request import ResolvedRequest
+
+    info = read_model_info(model)
+    placement = plan_groups(info, ResolvedRequest(**request), layout=layout)
+    spec = WorkerSpec(model=model, layout=layout, dtype=dtype, device_type=device_type)
+    began = time.perf_counter()
+    with Executor(placement, spec, backend=backend_for("local", placement), build_timeout_s=timeout_s) as executor:
+        load_s = time.perf_counter() - began
+        executor.scheduler.submit(request, experts=experts).result(timeout=timeout_s)
+        steps: list[float] = []
+
+        def on_event(kind: str, data: dict) -> None:
+            if kind == "progress":
+                steps.append(data["step_s"])
+
+        executor.scheduler.submit(request, experts=experts, on_event=on_event).result(timeout=timeout_s)
+    return {"step_s": steps, "load_s": load_s}
 
 
 def _setup(args, device):
     """Model, resolved request and sizes for this run."""
-    from relay.engine.flops import video_tokens
+    from relay.engine.models.wan.flops import video_tokens
     from relay.engine.model_info import read_model_info
     from relay.engine.request import GenerationRequest, resolve_request
     from relay.engine.tiny import default_model_dir
@@ -168,33 +135,24 @@ def run(args) -> common.BenchResult:
         Raw per-run median step times (and every step time) per layout, the median per layout
         and its speed-up over the 1-process run.
     """
-    from relay.launch.worker import GenerateJob
+    from relay.engine.stages import request_experts
 
     device = common.resolve_device(args.device)
     n_rounds = common.rounds(args, smoke=1, full=3)
     model, info, request, sizes, tokens = _setup(args, device)
+    experts = request_experts(info, request)
     chosen = layouts(sizes, info.num_attention_heads)
     raw = {name: {"world_size": layout.world_size, "median_step_s": [], "step_s": [], "load_s": []}
            for name, layout in chosen}
-    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
-        for index in range(n_rounds):
-            for n in sizes:
-                group = [(name, layout) for name, layout in chosen if layout.world_size == n]
-                if not group:
-                    continue
-                shift = index % len(group)
-                group = group[shift:] + group[:shift]
-                jobs = [GenerateJob(model=model, request=request.to_dict(with_image=True), layout=layout,
-                                    dtype=args.dtype, device_type=device.type, output=f"{tmp}/out-{n}.npy",
-                                    quiet=True) for _, layout in group]
-                # A fresh group runs one unmeasured job first: lazy initialisation of the libraries
-                # and kernels would otherwise land on whichever layout comes first.
-                reports = run_group(jobs[:1] + jobs, n, tmp, timeout_s=args.timeout)[1:]
-                for (name, _), report in zip(group, reports):
-                    # The first step warms up; with a single step there is nothing else.
-                    raw[name]["median_step_s"].append(common.median(report["step_s"][1:] or report["step_s"]))
-                    raw[name]["step_s"].append(report["step_s"])
-                    raw[name]["load_s"].append(report["load_s"])
+    for index in range(n_rounds):
+        shift = index % len(chosen)
+        for name, layout in chosen[shift:] + chosen[:shift]:
+            report = measure(model, request.to_dict(with_image=True), experts, layout, dtype=args.dtype,
+                             device_type=device.type, timeout_s=args.timeout)
+            # The first step warms up; with a single step there is nothing else.
+            raw[name]["median_step_s"].append(common.median(report["step_s"][1:] or report["step_s"]))
+            raw[name]["step_s"].append(report["step_s"])
+            raw[name]["load_s"].append(report["load_s"])
     summary = _summary(raw)
     settings = {"model": model, "device": device.type, "dtype": args.dtype or ("bf16" if device.type == "cuda"
                                                                                else "fp32"),

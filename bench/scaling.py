@@ -118,14 +118,14 @@ def _workload(spec, resolved):
 
 
 def _measure(info, resolved, experts, spec, layout, rounds: int, address) -> dict:
+    from relay.launch.executor import Executor
     from relay.launch.placement import GroupPlan, Placement
-    from relay.launch.ray_executor import RayExecutor
 
     placement = Placement(kind="fused", groups=(GroupPlan(name="fused0", roles=("encode", "high_noise", "low_noise",
                                                                                "dense", "decode"), layout=layout),))
     spec = dataclasses.replace(spec, layout=layout)
     began = time.perf_counter()
-    with RayExecutor(placement, spec, address=address) as executor:
+    with Executor(placement, spec, backend="ray", ray_address=address) as executor:
         build_s = time.perf_counter() - began
         executor.scheduler.submit(resolved.to_dict(with_image=True), experts=experts).result(timeout=3600)
         steps, videos = [], []
@@ -147,7 +147,7 @@ def run(args) -> common.BenchResult:
     from relay.engine.stages import request_experts
     from relay.engine.tiny import default_model_dir
     from relay.launch.placement import default_group_layout
-    from relay.launch.ray_executor import connect, shutdown
+    from relay.launch.ray_group import connect, shutdown
     from relay.launch.worker import WorkerSpec
     from relay.parallel.cost import find_gpu, load_calibration
     from relay.parallel.plan import Planner

@@ -66,7 +66,7 @@ class ServerProcess:
         self.folder = tempfile.TemporaryDirectory(prefix="relay-bench-serve-")
         self.port_file = Path(self.folder.name) / "port"
         self.log_path = Path(self.folder.name) / "serve.log"
-        self.command = [sys.executable, "-m", "relay.launch.cli", "serve", "--model", model_dir, "--host", "127.0.0.1",
+        self.command = [sys.executable, "-m", "relay.cli", "serve", "--model", model_dir, "--host", "127.0.0.1",
                         "--port", "0", "--port-file", str(self.port_file), "--max-queue", str(max_queue)]
         self.command += ["--dtype", dtype] if dtype else []
         self.command += ["--device", device] if device else []

@@ -2,7 +2,8 @@
 overlap across requests, against two fused replicas on the same devices.
 
 Three modes over the same two devices (CPU: one core slice each; CUDA: one GPU each), all
-through the real Ray executor and stage scheduler:
+through the real executor (Ray actors by default, ``--executor local`` for local processes) and
+the stage scheduler:
 
 * *staged overlap*: a high-noise group (encode + high-noise steps) and a low-noise group
   (low-noise steps + decode); request i+1 enters the high-noise group as soon as request i
@@ -43,6 +44,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--checkpoint-every", type=int, default=1,
                         help="steps per scheduler call / checkpoint (default 1, as relay serve)")
+    parser.add_argument("--executor", choices=("ray", "local"), default="ray",
+                        help="ray: Ray actor groups (default); local: spawned local processes")
     parser.add_argument("--ray-address", help="existing Ray cluster (default: a local one)")
 
 
@@ -98,7 +101,7 @@ def run(args) -> common.BenchResult:
     from relay.engine.stages import request_experts
     from relay.engine.tiny import default_model_dir
     from relay.launch.placement import plan_groups
-    from relay.launch.ray_executor import RayExecutor, connect, shutdown
+    from relay.launch.executor import Executor
     from relay.launch.worker import WorkerSpec
 
     settings = _settings(args)
@@ -116,21 +119,13 @@ def run(args) -> common.BenchResult:
     if args.checkpoint_every < 1:
         raise common.SettingError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     config = SchedulerConfig(max_queue=settings["requests"] + 1, checkpoint_every=args.checkpoint_every)
-    started = connect(args.ray_address)
-    try:
-        staged = RayExecutor(plan_groups(info, resolved, placement="staged", stage_split="1:1"), spec,
-                             config=config, address=args.ray_address)
-        fused = RayExecutor(plan_groups(info, resolved, placement="fused", replicas=2), spec,
-                            config=config, address=args.ray_address)
-        try:
+    backend = {"local": "mp", "ray": "ray"}[args.executor]
+    with Executor(plan_groups(info, resolved, placement="staged", stage_split="1:1"), spec, backend=backend,
+                  config=config, ray_address=args.ray_address) as staged:
+        with Executor(plan_groups(info, resolved, placement="fused", replicas=2), spec, backend=backend,
+                      config=config, ray_address=args.ray_address) as fused:
             raw = _measure(staged, fused, info, resolved, experts, settings["requests"], rounds, config)
-        finally:
-            staged.close()
-            fused.close()
-    finally:
-        if started:
-            shutdown()
-    settings.update(smoke=args.smoke, shift=args.shift, checkpoint_every=args.checkpoint_every, rounds=rounds, high_steps=experts.count("high_noise"),
+    settings.update(executor=args.executor, smoke=args.smoke, shift=args.shift, checkpoint_every=args.checkpoint_every, rounds=rounds, high_steps=experts.count("high_noise"),
                     low_steps=experts.count("low_noise"), model=str(info.path), dtype=spec.dtype)
     return _report(raw, settings, device)
 

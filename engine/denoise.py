@@ -3,7 +3,9 @@
 :class:`DenoiseRun` owns a scheduler restored from a :class:`~engine.state.DenoiseState` and
 runs one step at a time: pick the step's expert (precomputed on the CPU), run the conditional
 and, when that expert's guidance is above 1, the unconditional forward, combine them, and let
-the solver advance the latents. :meth:`DenoiseRun.snapshot` can be taken after any step.
+the solver advance the latents. What the transformer is fed at each step (the latents, an image
+condition, per-token timesteps) is the model family's business: the run is given the family's
+step-input builder. :meth:`DenoiseRun.snapshot` can be taken after any step.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from relay.engine.loader import HIGH, LOW
+from relay.engine.experts import LOW
 from relay.engine.state import DenoiseState, capture_solver, restore_solver
 
 
@@ -30,6 +32,10 @@ class StepEvent:
         timestep: The step's scheduler timestep.
         elapsed: Seconds since this run started.
         eta: Estimated seconds until the last step finishes.
+        duration: Seconds the step took on this worker.
+        forwards: Transformer forwards the step ran for the request (2 with classifier-free
+            guidance, 1 without; a CFG-parallel pair's two halves are its two forwards).
+        skipped: Forwards the step's guidance called for that a feature cache answered instead.
     """
 
     step: int
@@ -38,19 +44,9 @@ class StepEvent:
     timestep: int
     elapsed: float
     eta: float
-
-
-def expert_schedule(timesteps: list[int], boundary: float | None, num_train_timesteps: int) -> list[str]:
-    """Expert per step: high-noise while ``t >= boundary * num_train_timesteps``, then low-noise.
-
-    A dense model (``boundary is None``) runs every step on its single transformer.
-    """
-    from relay.engine.loader import DENSE
-
-    if boundary is None:
-        return [DENSE] * len(timesteps)
-    cut = boundary * num_train_timesteps
-    return [HIGH if t >= cut else LOW for t in timesteps]
+    duration: float = 0.0
+    forwards: int = 1
+    skipped: int = 0
 
 
 def guidance_for(request: Mapping, expert: str) -> float:
@@ -67,20 +63,18 @@ class DenoiseRun:
         scheduler: A freshly built scheduler of the model's config with the request's shift;
             its state is replaced by the snapshot's.
         device: Device the experts run on.
-        expand_timesteps: Per-token timesteps (TI2V).
-        patch_size: Transformer patch size, for per-token timesteps.
+        inputs: ``(conditioning, latents shape, device) -> builder`` whose ``model_input(latents)``
+            and ``timestep(t, batch)`` give the transformer's inputs (the family pipeline's
+            ``step_inputs``).
         predict: Optional replacement of the guided noise prediction (e.g. CFG-parallel); called
-            as ``predict(model, x, timestep, conditioning, guidance)``.
+            as ``predict(model, x, timestep, conditioning, guidance)``, returns ``(noise, forwards)``.
     """
 
     def __init__(self, state: DenoiseState, *, experts: Mapping[str, torch.nn.Module], scheduler,
-                 device: torch.device, expand_timesteps: bool, patch_size: tuple[int, int, int],
-                 predict: Callable | None = None) -> None:
+                 device: torch.device, inputs: Callable, predict: Callable | None = None) -> None:
         self.device = device
         self.experts = experts
         self.scheduler = scheduler
-        self.expand_timesteps = expand_timesteps
-        self.patch_size = patch_size
         self.predict = predict or guided_prediction
         self._request = state.request
         self._timesteps = list(state.timesteps)
@@ -92,12 +86,7 @@ class DenoiseRun:
         self.latents = state.latents.to(device)
         self.cond = _map_conditioning(state.conditioning, device)
         self._step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-        if expand_timesteps:  # per-token timestep weights, fixed for the whole run (TI2V)
-            mask = self.cond.first_frame_mask
-            if mask is None:
-                mask = torch.ones(self.latents.shape, dtype=torch.float32, device=device)
-            _, ph, pw = patch_size
-            self._token_mask = mask[0][0][:, ::ph, ::pw]
+        self._inputs = inputs(self.cond, self.latents.shape, device)
         self._started = time.perf_counter()
         self._steps_run = 0
 
@@ -121,21 +110,6 @@ class DenoiseRun:
         """The expert of the next step, or ``None`` when done."""
         return None if self.done else self._experts[self.step_index]
 
-    def _model_input(self) -> torch.Tensor:
-        c = self.cond
-        if c.first_frame is not None:
-            return (1 - c.first_frame_mask) * c.first_frame + c.first_frame_mask * self.latents
-        if c.concat is not None:
-            return torch.cat([self.latents, c.concat], dim=1)
-        return self.latents
-
-    def _timestep(self, t: torch.Tensor) -> torch.Tensor:
-        batch = self.latents.shape[0]
-        if not self.expand_timesteps:
-            return t.expand(batch)
-        per_token = (self._token_mask * t).flatten()
-        return per_token.unsqueeze(0).expand(batch, -1)
-
     @torch.no_grad()
     def step(self) -> StepEvent:
         """Runs the next step and returns its progress event."""
@@ -147,8 +121,10 @@ class DenoiseRun:
             raise RuntimeError(f"step {index} needs the {expert} expert, which is not loaded here")
         model = self.experts[expert]
         t = self.scheduler.timesteps[index]
-        x = self._model_input().to(model.dtype)
-        noise = self.predict(model, x, self._timestep(t), self.cond, guidance_for(self._request, expert))
+        began = time.perf_counter()
+        x = self._inputs.model_input(self.latents).to(model.dtype)
+        timestep = self._inputs.timestep(t, self.latents.shape[0])
+        noise, forwards = self.predict(model, x, timestep, self.cond, guidance_for(self._request, expert))
         kwargs = {"return_dict": False}
         if self._step_takes_generator:
             kwargs["generator"] = self._generator
@@ -157,11 +133,12 @@ class DenoiseRun:
         self._steps_run += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # honest per-step timing for progress and ETA
-        elapsed = time.perf_counter() - self._started
+        now = time.perf_counter()
+        elapsed = now - self._started
         remaining = len(self._timesteps) - self.step_index
         return StepEvent(step=self.step_index, total=len(self._timesteps), expert=expert,
                          timestep=int(self._timesteps[index]), elapsed=elapsed,
-                         eta=elapsed / self._steps_run * remaining)
+                         eta=elapsed / self._steps_run * remaining, duration=now - began, forwards=forwards)
 
     def run(self, *, until: int | None = None, callback: Callable[[StepEvent], object] | None = None,
             stop: Callable[[], bool] | None = None) -> None:
@@ -197,15 +174,20 @@ class DenoiseRun:
         return state.to_cpu()
 
 
-def guided_prediction(model, x: torch.Tensor, timestep: torch.Tensor, cond, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance: ``uncond + g * (cond - uncond)``; a single forward when g <= 1."""
+def guided_prediction(model, x: torch.Tensor, timestep: torch.Tensor, cond,
+                      guidance: float) -> tuple[torch.Tensor, int]:
+    """Classifier-free guidance: ``uncond + g * (cond - uncond)``; a single forward when g <= 1.
+
+    Returns:
+        ``(noise prediction, forwards run)``.
+    """
     noise = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.prompt_embeds,
                   return_dict=False)[0]
     if guidance <= 1.0 or cond.negative_embeds is None:
-        return noise
+        return noise, 1
     uncond = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.negative_embeds,
                    return_dict=False)[0]
-    return uncond + guidance * (noise - uncond)
+    return uncond + guidance * (noise - uncond), 2
 
 
 def _map_conditioning(cond, device: torch.device):

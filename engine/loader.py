@@ -1,21 +1,23 @@
-"""Loading a Wan 2.x diffusers directory through the real diffusers / transformers loaders."""
+"""Loaded models: the components on their devices (:class:`LoadedModel`), expert offload, and
+:func:`load_model`, which hands the folder to its family's loader (the spec's ``load``; for Wan
+:mod:`engine.models.wan.loading`)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from relay.engine.errors import ModelError
+from relay.engine.experts import DENSE, HIGH, LOW
 from relay.engine.model_info import ModelInfo, read_model_info
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-#: Expert names in step order: the high-noise expert runs the early (noisy) steps.
-HIGH, LOW, DENSE = "high_noise", "low_noise", "dense"
+__all__ = ["DENSE", "DTYPES", "HIGH", "LOW", "DeviceExperts", "LoadedModel", "default_device",
+           "default_dtype", "load_model", "load_tokenizer", "quiet_libraries"]
 
 
 def default_device() -> torch.device:
@@ -48,6 +50,11 @@ class LoadedModel:
     experts: dict[str, torch.nn.Module] = field(default_factory=dict)
     offload: bool = False
     _resident: str | None = field(default=None, repr=False)  # what offload last put on the device
+
+    @property
+    def spec(self):
+        """The family's :class:`~engine.models.spec.ModelSpec`."""
+        return self.info.spec
 
     @property
     def expert_names(self) -> tuple[str, ...]:
@@ -100,37 +107,28 @@ class DeviceExperts(Mapping):
         return len(self._model.experts)
 
 
-def expert_folders(info: ModelInfo) -> dict[str, str]:
-    """Expert name -> transformer sub-folder (``high_noise``: ``transformer``, ...)."""
-    return dict(zip((HIGH, LOW), info.experts)) if info.is_moe else {DENSE: info.experts[0]}
-
-
 def load_tokenizer(info: ModelInfo):
     """The model's tokenizer (cheap: used to check prompt lengths before any weights load)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(info.path / "tokenizer")
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{info.path}: cannot load the tokenizer: {exc}") from exc
+    return info.spec.load_tokenizer(info)
 
 
-def load_text_encoder(info: ModelInfo, *, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """The UMT5 text encoder of ``info`` on ``device`` (eval mode, no gradients)."""
-    from transformers import UMT5EncoderModel
+def quiet_libraries() -> None:
+    """Keeps diffusers/transformers load chatter (per-shard bars, advisories) off the terminal."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    try:
-        encoder = UMT5EncoderModel.from_pretrained(info.path / "text_encoder", dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{info.path}: cannot load the text encoder: {exc}") from exc
-    return encoder.to(device).eval().requires_grad_(False)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def load_model(model: str | os.PathLike | ModelInfo, *, dtype: str | None = None,
                device: str | torch.device | None = None, experts: tuple[str, ...] | None = None,
                text_encoder: bool = True, vae: bool = True, tokenizer=None,
                offload: bool = False) -> LoadedModel:
-    """Loads a Wan 2.x diffusers directory offline.
+    """Loads a model directory offline, through its family's loader.
 
     Args:
         model: Directory, cached hub id, or an already-read :class:`ModelInfo`.
@@ -147,47 +145,10 @@ def load_model(model: str | os.PathLike | ModelInfo, *, dtype: str | None = None
     Raises:
         ModelError: when the directory is not a loadable Wan model.
     """
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
     info = model if isinstance(model, ModelInfo) else read_model_info(model)
     device = torch.device(device) if device is not None else default_device()
     dtype_name = dtype or default_dtype(device)
     if dtype_name not in DTYPES:
         raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
-    torch_dtype = DTYPES[dtype_name]
-    path: Path = info.path
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory never needs the network
-    folders = expert_folders(info)
-    wanted = experts if experts is not None else tuple(folders)
-    unknown = set(wanted) - set(folders)
-    if unknown:
-        raise ModelError(f"{path}: no expert named {sorted(unknown)}; this model has {sorted(folders)}")
-    home = torch.device("cpu") if offload else device  # where the big modules rest
-    try:
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(info)
-        encoder = None
-        if text_encoder:
-            encoder = load_text_encoder(info, dtype=torch_dtype, device=home)
-        decoder = None
-        if vae:
-            decoder = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)
-            decoder = decoder.to(device).eval().requires_grad_(False)
-        loaded = {}
-        for name in wanted:
-            module = WanTransformer3DModel.from_pretrained(path, subfolder=folders[name], dtype=torch_dtype)
-            loaded[name] = module.to(home).eval().requires_grad_(False)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot load model components: {exc}") from exc
-    return LoadedModel(info=info, device=device, dtype=torch_dtype, tokenizer=tokenizer,
-                       text_encoder=encoder, vae=decoder, experts=loaded, offload=offload)
-
-
-def build_scheduler(info: ModelInfo, shift: float):
-    """The model's scheduler from its own config, with the flow shift of the request."""
-    import diffusers
-
-    cls = getattr(diffusers, info.scheduler_class, None)
-    if cls is None:
-        raise ModelError(f"{info.path}: unknown scheduler class {info.scheduler_class!r}")
-    config = dict(cls.load_config(info.path / "scheduler"))
-    key = "flow_shift" if "flow_shift" in config or info.scheduler_class.startswith("UniPC") else "shift"
-    return cls.from_config(config, **{key: shift})
+    return info.spec.load(info, dtype=DTYPES[dtype_name], device=device, experts=experts,
+                          text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, offload=offload)

@@ -1,66 +1,60 @@
 """What a model directory is, read from its JSON configs alone (no weights are opened).
 
-Validation, the CLI, and later the server need a model's kind, its size multiples and its
-default settings before any weights are loaded; this module answers those from
-``model_index.json`` and the component configs.
+Validation, the CLI and the server need a model's family, kind, size multiples and default
+settings before any weights are loaded. :func:`read_model_info` finds the folder's family from
+``model_index.json`` (:func:`engine.models.spec_for_index`) and lets the family's spec read the
+rest (for Wan: :mod:`engine.models.wan.config`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.engine.errors import ModelError
 
-#: Tokens of the UMT5 text encoder context used by every Wan 2.x model.
-MAX_SEQUENCE_LENGTH = 512
-
 
 @dataclass(frozen=True, kw_only=True)
 class Defaults:
-    """Generation settings used where a request leaves a field unset."""
+    """Generation settings used where a request leaves a field unset (``boundary`` and
+    ``guidance_low`` are ``None`` for a dense model)."""
 
     height: int
     width: int
     frames: int
     steps: int
     shift: float
+    boundary: float | None
     guidance: float
     guidance_low: float | None
     fps: int
 
 
-#: Reference settings of the Wan 2.2 release for each model kind (official repo's configs).
-PRESETS: dict[str, Defaults] = {
-    "t2v": Defaults(height=720, width=1280, frames=81, steps=40, shift=12.0, guidance=4.0,
-                    guidance_low=3.0, fps=16),
-    "i2v": Defaults(height=720, width=1280, frames=81, steps=40, shift=5.0, guidance=3.5,
-                    guidance_low=3.5, fps=16),
-    "ti2v": Defaults(height=704, width=1280, frames=121, steps=50, shift=5.0, guidance=5.0,
-                     guidance_low=None, fps=24),
-}
-
-
 @dataclass(frozen=True, kw_only=True)
 class ModelInfo:
-    """Static facts about a Wan 2.x diffusers model directory.
+    """Static facts about a model directory.
 
     Attributes:
         path: The model directory.
+        family: Its family's registry name (``wan2.2``; see :mod:`engine.models`).
         kind: ``t2v`` (text-to-video MoE), ``i2v`` (image-to-video MoE) or ``ti2v`` (dense,
             text and optional image, per-token timesteps).
         experts: Transformer sub-folders, high-noise first (``transformer``, ``transformer_2``).
         boundary_ratio: Fraction of ``num_train_timesteps`` at which the low-noise expert takes
-            over; ``None`` for a dense model.
+            over, from ``model_index.json``; ``None`` for a dense model.
         expand_timesteps: Whether the transformer takes one timestep per latent token (TI2V-5B).
         spatial_multiple: Height and width must be multiples of this (VAE stride x patch).
         temporal_stride: Frames must be ``temporal_stride * k + 1``.
-        defaults: Settings used for unset request fields (kind preset, then ``relay.json``).
+        defaults: Settings used for unset request fields.
+        default_sources: Where each default came from (``relay.json``,
+            ``scheduler/scheduler_config.json``, ``model_index.json``, ``Wan 2.2 reference (t2v)``).
     """
 
     path: Path
+    family: str
     kind: str
     experts: tuple[str, ...]
     boundary_ratio: float | None
@@ -77,21 +71,20 @@ class ModelInfo:
     image_dim: int | None
     tiny: bool
     defaults: Defaults
-    transformer_config: dict = field(repr=False)
+    default_sources: Mapping[str, str] = field(default_factory=dict)
+    transformer_config: dict = field(repr=False, default_factory=dict)
 
     @property
     def is_moe(self) -> bool:
         """True when the model has a high-noise and a low-noise expert."""
         return len(self.experts) == 2
 
+    @property
+    def spec(self):
+        """The family's :class:`~engine.models.spec.ModelSpec`."""
+        from relay.engine.models import get_spec
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{path} is missing: not a diffusers Wan model directory") from None
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path} is not valid JSON: {exc}") from None
+        return get_spec(self.family)
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
@@ -121,57 +114,20 @@ def read_model_info(model: str | os.PathLike) -> ModelInfo:
     """Reads a model directory's configs and classifies it; opens no weights.
 
     Raises:
-        ModelError: The directory is missing, incomplete, or not a Wan 2.x layout.
+        ModelError: The directory is missing, incomplete, or of no known family.
     """
+    from relay.engine.models import FAMILIES, spec_for_index
+
     path = resolve_model_path(model)
-    index = _read_json(path / "model_index.json")
-    experts = tuple(name for name in ("transformer", "transformer_2") if _component(index, name))
-    if not experts:
-        raise ModelError(f"{path}/model_index.json names no transformer")
-    tconf = _read_json(path / experts[0] / "config.json")
-    vconf = _read_json(path / "vae" / "config.json")
-    sconf = _read_json(path / "scheduler" / "scheduler_config.json")
-    expand = bool(index.get("expand_timesteps", False))
-    boundary = index.get("boundary_ratio") if len(experts) == 2 else None
-    if len(experts) == 2 and boundary is None:
-        raise ModelError(f"{path}: two transformers but no boundary_ratio in model_index.json")
-    z_dim = int(vconf.get("z_dim", 16))
-    in_channels = int(tconf.get("in_channels", 16))
-    if expand:
-        kind = "ti2v"
-    elif in_channels == z_dim:
-        kind = "t2v"
-    elif in_channels == 2 * z_dim + 4:
-        kind = "i2v"
-    else:
-        raise ModelError(f"{path}: transformer in_channels={in_channels} fits no Wan kind (z_dim={z_dim})")
-    patch = tuple(int(p) for p in tconf.get("patch_size", (1, 2, 2)))
-    vae_spatial = int(vconf.get("scale_factor_spatial") or 8)
-    extra = _read_relay_json(path)
-    preset = PRESETS[kind].__dict__ | extra.get("defaults", {})
-    if kind == "ti2v":
-        preset["guidance_low"] = None
-    return ModelInfo(
-        path=path, kind=kind, experts=experts,
-        boundary_ratio=float(boundary) if boundary is not None else None,
-        expand_timesteps=expand, spatial_multiple=vae_spatial * patch[1], vae_spatial=vae_spatial,
-        temporal_stride=int(vconf.get("scale_factor_temporal") or 4), patch_size=patch,
-        z_dim=z_dim, in_channels=in_channels,
-        num_attention_heads=int(tconf.get("num_attention_heads", 40)),
-        num_train_timesteps=int(sconf.get("num_train_timesteps", 1000)),
-        scheduler_class=str(sconf.get("_class_name", "UniPCMultistepScheduler")),
-        image_dim=tconf.get("image_dim"), tiny=bool(extra.get("tiny", False)),
-        defaults=Defaults(**{k: preset[k] for k in Defaults.__dataclass_fields__}),
-        transformer_config=tconf,
-    )
-
-
-def _component(index: dict, name: str) -> bool:
-    value = index.get(name)
-    return isinstance(value, list) and value[0] is not None
-
-
-def _read_relay_json(path: Path) -> dict:
-    """Optional per-model house settings (``relay.json``): ``{"defaults": {...}}``."""
-    file = path / "relay.json"
-    return _read_json(file) if file.exists() else {}
+    index_file = path / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{index_file} is missing: not a diffusers model directory") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{index_file} is not valid JSON: {exc}") from None
+    spec = spec_for_index(index)
+    if spec is None:
+        raise ModelError(f"{path}: pipeline {index.get('_class_name')!r} is of no supported family "
+                         f"({', '.join(FAMILIES)})")
+    return spec.read_info(path, index)

@@ -6,9 +6,10 @@ instead: ``rgb = latent @ factors + bias`` (roughly in ``[-1, 1]``), shown as ``
 One latent frame covers ``scale_factor_temporal`` video frames (the first covers one) and one
 latent pixel ``scale_factor_spatial`` squared pixels.
 
-For the Wan 2.1 VAE (16 channels; Wan 2.2 T2V-A14B and I2V-A14B) the published factors in
-``engine/data/wan21_latent_rgb.json`` are used. Any other VAE gets a projection fitted once, by
-least squares, to its own decode of random latents. Both act on the *normalised* latents that the
+A model family may ship a published projection (the spec's ``preview_projection``): for the
+Wan 2.1 VAE (16 channels; Wan 2.2 T2V-A14B and I2V-A14B) the published factors in
+``engine/models/wan/wan21_latent_rgb.json``, used when a VAE's latents match them. Any other VAE
+gets a projection fitted once, by least squares, to its own decode of random latents. Both act on the *normalised* latents that the
 denoiser holds, ``(z - latents_mean) / latents_std``.
 """
 
@@ -22,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PUBLISHED_PATH = Path(__file__).resolve().parent / "data" / "wan21_latent_rgb.json"
 
 #: How close a VAE's ``latents_mean``/``latents_std`` must be to the published ones.
 STATS_TOLERANCE = 1e-3
@@ -33,11 +33,11 @@ FIT_SHAPE = (2, 2, 8, 8)
 FIT_SEED = 0
 
 
-def load_published(path: str | Path = PUBLISHED_PATH) -> dict:
-    """Reads the published Wan 2.1 projection.
+def load_published(path: str | Path) -> dict:
+    """Reads a published projection (e.g. the Wan 2.1 VAE's, the Wan spec's ``preview_projection``).
 
     Args:
-        path: The JSON file; defaults to the copy shipped in ``engine/data``.
+        path: The JSON file.
 
     Returns:
         The JSON object: ``factors_rgb_per_channel`` (16 x 3), ``bias_rgb`` (3),
@@ -104,22 +104,25 @@ class LatentPreviewer:
         return self.factors.shape[0]
 
     @classmethod
-    def published(cls, path: str | Path = PUBLISHED_PATH) -> LatentPreviewer:
-        """The published Wan 2.1 projection (16 channels)."""
+    def published(cls, path: str | Path) -> LatentPreviewer:
+        """A published projection (the Wan 2.1 VAE's has 16 channels)."""
         data = load_published(path)
         return cls(data["factors_rgb_per_channel"], data["bias_rgb"], source="published")
 
     @classmethod
-    def for_vae(cls, vae) -> LatentPreviewer:
+    def for_vae(cls, vae, published: str | Path | None = None) -> LatentPreviewer:
         """The projection for ``vae``: published when its latents match, else fitted (keep it).
 
         Args:
             vae: A diffusers ``AutoencoderKLWan`` (any device and dtype).
+            published: The family's published projection (``None``: always fit).
 
         Returns:
             A previewer whose ``source`` says which branch was taken.
         """
-        return cls.published() if _matches(vae.config, load_published()) else cls.fit(vae)
+        if published is not None and _matches(vae.config, load_published(published)):
+            return cls.published(published)
+        return cls.fit(vae)
 
     @classmethod
     @torch.no_grad()

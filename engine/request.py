@@ -1,20 +1,21 @@
 """Generation requests: what a user asks for, and the fully resolved, validated form.
 
 Every front end (CLI, gRPC, Python) builds a :class:`GenerationRequest` and calls
-:func:`resolve_request`, which fills unset fields from the model's defaults and checks every
-field before any weights are used. Errors name the field (:class:`engine.errors.ValidationError`).
-Nothing is rounded or clamped silently: a value that the model cannot take is refused.
+:func:`resolve_request`, which hands it to the model family's rules (the spec's ``resolve``;
+for Wan :mod:`engine.models.wan.rules`): unset fields take the model's defaults and every field
+is checked before any weights are used. Errors name the field
+(:class:`engine.errors.ValidationError`). Nothing is rounded or clamped silently: a value that
+the model cannot take is refused. The field checks shared by every family live here.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import secrets
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 
 from relay.engine.errors import ValidationError
-from relay.engine.model_info import MAX_SEQUENCE_LENGTH, ModelInfo
 
 MAX_SIDE = 2048
 MAX_FRAMES = 257
@@ -26,6 +27,8 @@ SEED_MAX = 2**63 - 1
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
 MIN_IMAGE_SIDE = 16
+#: The source of a resolved field the request itself gave.
+REQUEST = "request"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +68,12 @@ class GenerationRequest:
 
 @dataclass(frozen=True, kw_only=True)
 class ResolvedRequest:
-    """A validated request with every field concrete. ``image`` stays as the encoded bytes."""
+    """A validated request with every field concrete. ``image`` stays as the encoded bytes.
+
+    ``sources`` says where each setting came from: ``request`` (given), ``relay.json``, a folder
+    config (``scheduler/scheduler_config.json``, ``model_index.json``), the family's reference
+    table, or ``random`` (the seed).
+    """
 
     prompt: str
     negative_prompt: str
@@ -80,16 +88,19 @@ class ResolvedRequest:
     boundary: float | None
     fps: int
     image: bytes | None
+    sources: Mapping[str, str] = field(default_factory=dict)
 
     def to_dict(self, *, with_image: bool = False) -> dict:
         """Plain dict of the settings (the image is dropped unless asked for)."""
         data = asdict(self)
+        data["sources"] = dict(self.sources)
         if not with_image:
             data["image"] = None
         return data
 
 
-def _check_int(field: str, value, low: int, high: int) -> int:
+def check_int(field: str, value, low: int, high: int) -> int:
+    """``value`` if it is an integer in ``[low, high]``, else a :class:`ValidationError`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(field, f"must be an integer, got {value!r}")
     if not low <= value <= high:
@@ -97,7 +108,8 @@ def _check_int(field: str, value, low: int, high: int) -> int:
     return value
 
 
-def _check_float(field: str, value, low: float, high: float, *, low_open: bool = False) -> float:
+def check_float(field: str, value, low: float, high: float, *, low_open: bool = False) -> float:
+    """``value`` as a float if it is finite and in range (``(low`` when ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValidationError(field, f"must be a number, got {value!r}")
     value = float(value)
@@ -109,8 +121,9 @@ def _check_float(field: str, value, low: float, high: float, *, low_open: bool =
     return value
 
 
-def _check_side(field: str, value: int, multiple: int) -> int:
-    _check_int(field, value, multiple, MAX_SIDE)
+def check_side(field: str, value: int, multiple: int) -> int:
+    """A height or width: an integer multiple of ``multiple``, at most :data:`MAX_SIDE`."""
+    check_int(field, value, multiple, MAX_SIDE)
     if value % multiple:
         raise ValidationError(field, f"must be a multiple of {multiple} for this model, got {value}")
     return value
@@ -147,89 +160,29 @@ def open_image(data: bytes):
         raise ValidationError("image", f"cannot be decoded as an image ({type(exc).__name__})") from None
 
 
-def _size_from_image(image, area: int, multiple: int) -> tuple[int, int]:
-    """Height and width with the aspect of ``image`` and at most ``area`` pixels, on the grid
-    (rounded down, as the Wan 2.2 reference I2V sizing does)."""
-    aspect = image.height / image.width
-    height = max(multiple, round(math.sqrt(area * aspect)) // multiple * multiple)
-    width = max(multiple, round(math.sqrt(area / aspect)) // multiple * multiple)
-    return min(height, MAX_SIDE - MAX_SIDE % multiple), min(width, MAX_SIDE - MAX_SIDE % multiple)
-
-
-def resolve_request(request: GenerationRequest, info: ModelInfo, *, tokenizer=None) -> ResolvedRequest:
-    """Fills defaults and validates every field of ``request`` against model ``info``.
+def resolve_request(request: GenerationRequest, info, *, tokenizer=None) -> ResolvedRequest:
+    """Fills defaults and validates every field of ``request`` against model ``info`` with the
+    rules of the model's family.
 
     Args:
         request: The request as given.
         info: The target model (from :func:`engine.model_info.read_model_info`).
-        tokenizer: When given, prompts are also checked against the 512-token limit.
+        tokenizer: When given, prompts are also checked against the text encoder's context.
 
     Returns:
-        The resolved request.
+        The resolved request (``sources`` says where each setting came from).
 
     Raises:
         ValidationError: naming the first invalid field.
     """
-    d = info.defaults
-    prompt = request.prompt
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValidationError("prompt", "must be a non-empty string")
-    negative = request.negative_prompt if request.negative_prompt is not None else ""
-    if not isinstance(negative, str):
-        raise ValidationError("negative_prompt", "must be a string")
-    image = None
-    if request.image is not None:
-        if info.kind == "t2v":
-            raise ValidationError("image", "this is a text-to-video model; it takes no image")
-        image = open_image(request.image)
-    elif info.kind == "i2v":
-        raise ValidationError("image", "this image-to-video model needs an input image")
-    if info.image_dim is not None:
-        raise ValidationError("image", "models with a CLIP image encoder (Wan 2.1 I2V) are not supported")
-    height, width = request.height, request.width
-    if image is not None and info.kind == "i2v" and height is None and width is None:
-        height, width = _size_from_image(image, d.height * d.width, info.spatial_multiple)
-    height = _check_side("height", d.height if height is None else height, info.spatial_multiple)
-    width = _check_side("width", d.width if width is None else width, info.spatial_multiple)
-    frames = _check_int("frames", d.frames if request.frames is None else request.frames, 1, MAX_FRAMES)
-    if (frames - 1) % info.temporal_stride:
-        raise ValidationError(
-            "frames", f"must be {info.temporal_stride}k+1 (e.g. {frames - (frames - 1) % info.temporal_stride}), got {frames}")
-    steps = _check_int("steps", d.steps if request.steps is None else request.steps, 1,
-                       min(MAX_STEPS, info.num_train_timesteps))
-    seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
-    seed = _check_int("seed", seed, 0, SEED_MAX)
-    guidance = _check_float("guidance", d.guidance if request.guidance is None else request.guidance,
-                            *GUIDANCE_RANGE)
-    if info.is_moe:
-        low = request.guidance_low if request.guidance_low is not None else d.guidance_low
-        guidance_low = _check_float("guidance_low", guidance if low is None else low, *GUIDANCE_RANGE)
-        boundary = info.boundary_ratio if request.boundary is None else request.boundary
-        boundary = _check_float("boundary", boundary, 0.0, 1.0, low_open=True)
-        if boundary >= 1.0:
-            raise ValidationError("boundary", f"must be below 1.0, got {boundary}")
-    else:
-        for name in ("guidance_low", "boundary"):
-            if getattr(request, name) is not None:
-                raise ValidationError(name, "this model has a single transformer (no expert switch)")
-        guidance_low, boundary = None, None
-    shift = _check_float("shift", d.shift if request.shift is None else request.shift, *SHIFT_RANGE,
-                         low_open=True)
-    fps = _check_int("fps", d.fps if request.fps is None else request.fps, *FPS_RANGE)
-    if tokenizer is not None:
-        check_prompt_tokens(tokenizer, "prompt", prompt)
-        check_prompt_tokens(tokenizer, "negative_prompt", negative)
-    return ResolvedRequest(
-        prompt=prompt, negative_prompt=negative, height=height, width=width, frames=frames,
-        steps=steps, seed=seed, guidance=guidance, guidance_low=guidance_low, shift=shift,
-        boundary=boundary, fps=fps, image=bytes(request.image) if request.image is not None else None,
-    )
+    return info.spec.resolve(request, info, tokenizer=tokenizer)
 
 
-def check_prompt_tokens(tokenizer, field: str, text: str) -> None:
-    """Refuses a prompt longer than the text encoder's context instead of truncating it."""
-    from relay.engine.text import clean_prompt
+def check_prompts(resolved: ResolvedRequest, info, tokenizer) -> None:
+    """Refuses prompts the model's text encoder cannot take whole (e.g. over 512 UMT5 tokens);
+    for a request resolved without a tokenizer (the CLI checks every flag first).
 
-    count = len(tokenizer(clean_prompt(text), add_special_tokens=True).input_ids)
-    if count > MAX_SEQUENCE_LENGTH:
-        raise ValidationError(field, f"is {count} tokens; the limit is {MAX_SEQUENCE_LENGTH}")
+    Raises:
+        ValidationError: ``prompt`` or ``negative_prompt``.
+    """
+    info.spec.check_prompts(tokenizer, resolved)

@@ -1,9 +1,10 @@
 """A service runner over the stage scheduler: the gRPC service on worker groups.
 
 :class:`ScheduledRunner` plugs a :class:`~engine.scheduler.StageScheduler` (worker groups built
-by any executor, e.g. Ray actors in a staged placement) into :class:`engine.service.AsyncEngine`.
-Its ``capacity`` is the number of groups, so the service keeps every group busy: with a staged
-pair, request i's low-noise steps run while request i+1's high-noise steps do.
+by any executor: in this process, local processes, torchrun, Ray actors) into
+:class:`engine.service.AsyncEngine`. Its ``capacity`` is the number of groups, so the service
+keeps every group busy: with a staged pair, request i's low-noise steps run while request i+1's
+high-noise steps do.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class ScheduledRunner:
         """Validation only (prompt length included); no worker is touched."""
         return resolve_request(request, self.info, tokenizer=self.tokenizer)
 
-    def run(self, job, emit, should_stop) -> tuple[bytes, str, dict]:
-        """Submits the job, relays its events, and returns the encoded video.
+    def run(self, job, emit, should_stop) -> tuple[bytes, str, dict, dict]:
+        """Submits the job, relays its events, and returns the encoded video, the timings and
+        the run stats (:mod:`engine.stats`).
 
         Raises:
             engine.service.CANCELLED: the job was cancelled (at a step boundary).
@@ -85,4 +87,4 @@ class ScheduledRunner:
         timings = {"encode_s": marks.get("denoise", decoding) - marks["submitted"],
                    "denoise_s": decoding - marks.get("denoise", decoding), "decode_s": now - decoding,
                    "retries": ticket.attempts}
-        return output, mime, timings
+        return output, mime, timings, ticket.stats.to_dict()

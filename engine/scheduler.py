@@ -5,13 +5,15 @@ A request is a chain of stages (:mod:`engine.stages`): ``encode``, one segment p
 runs whole requests, a *staged* pair splits the experts so that request i's low-noise steps run
 while request i+1's high-noise steps do. The scheduler:
 
-* admits requests into a bounded queue (priority, then FIFO) and routes each to the per-stage
-  queue of its next stage; a free group takes the most advanced waiting request it can serve
+* admits requests -- fresh, or resumed from a snapshot -- into a bounded queue (priority, then
+  FIFO) and routes each to the per-stage queue of its next stage; a free group takes the most advanced waiting request it can serve
   (finishing in-flight work first), runs every consecutive stage it holds, and hands the
   :class:`~engine.state.DenoiseState` on;
-* drives the denoise steps in calls of ``checkpoint_every`` steps and keeps the state after each
-  call *outside the workers* (the checkpoint); progress, previews and the checkpoint come back
-  from the group's output rank;
+* drives the denoise steps in calls of ``checkpoint_every`` steps (split at the steps a caller
+  wants a ``checkpoint`` event for) and keeps the state after each call *outside the workers*
+  (the checkpoint); progress, previews and the checkpoint come back from the group's output rank;
+* records each request's :class:`~engine.stats.RunStats` (seconds per stage, forwards per
+  expert, decode ranks, peak memory per rank, the layout);
 * cancels at step boundaries (it simply stops calling the group: every rank stops in lock-step);
 * treats a dead or hung worker (a :class:`GroupFailure`: the executor's watchdog or a lost
   actor) by rebuilding the whole group and re-queueing its request from the last checkpoint.
@@ -20,7 +22,9 @@ while request i+1's high-noise steps do. The scheduler:
   never lost.
 
 It never imports ray or torch.distributed: a group is anything with the :class:`WorkerGroup`
-methods (:mod:`launch.ray_executor` provides Ray actor groups).
+methods. Every way of running Relay -- one process, local processes, torchrun, Ray fused or
+staged, the service on any of them -- is this scheduler over the groups of one executor
+(:mod:`launch.executor`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from relay.engine.stages import DECODE, ENCODE, Segment, segments
+from relay.engine.stats import RunStats
 from relay.engine.tickets import (
     GroupFailure,
     RequestCancelled,
@@ -59,11 +64,14 @@ class StageScheduler:
     Args:
         groups: The worker groups, already built; every stage must be served by one of them.
         config: Scheduling policy.
+        layout: The run stats' ``layout`` entry (default: ``{"groups": [each group's describe()]}``).
     """
 
-    def __init__(self, groups: Sequence[WorkerGroup], config: SchedulerConfig | None = None) -> None:
+    def __init__(self, groups: Sequence[WorkerGroup], config: SchedulerConfig | None = None, *,
+                 layout: dict | None = None) -> None:
         self.groups = list(groups)
         self.config = config or SchedulerConfig()
+        self.layout = layout if layout is not None else {"groups": [g.describe() for g in self.groups]}
         self.restarts = {group.name: 0 for group in self.groups}
         # The newest calls (a long-running server must not grow without bound).
         self.trace: deque[TraceEntry] = deque(maxlen=TRACE_LIMIT)
@@ -80,32 +88,47 @@ class StageScheduler:
             thread.start()
 
     # --- public API --------------------------------------------------------------------------
-    def submit(self, request: dict, *, experts: Sequence[str], priority: int = 0, preview_every: int = 0,
+    def submit(self, request: dict, *, experts: Sequence[str], state=None, priority: int = 0,
+               preview_every: int = 0, checkpoint_at: Sequence[int] = (),
                on_event: Callable[[str, dict], None] | None = None) -> Ticket:
-        """Admits a resolved request.
+        """Admits a resolved request, or a snapshot to finish.
 
         Args:
             request: ``ResolvedRequest.to_dict(with_image=True)`` (validated, seed fixed).
-            experts: The request's expert per step (:func:`engine.denoise.expert_schedule`),
+            experts: The request's expert per step (the model spec's ``expert_schedule``),
                 computed on the CPU from the model config; it decides the stages.
+            state: A :class:`~engine.state.DenoiseState` to continue from (a resume): the
+                request skips ``encode`` and the steps the state has run.
             priority: Higher enters the pipeline first.
             preview_every: A preview PNG every N steps (0: none).
+            checkpoint_at: Step counts after which a ``checkpoint`` event carries the state
+                (the group calls are split there).
             on_event: ``on_event(kind, data)``, called on a scheduler thread for queued,
-                started, stage, progress, preview, decoding, retry, done, failed, cancelled.
+                started, stage, progress, preview, checkpoint, decoding, retry, done, failed,
+                cancelled.
 
         Raises:
             RequestFailed: the queue is full, the scheduler is closed, or no group can serve
                 one of the request's stages.
         """
-        stages: list = [ENCODE, *segments(list(experts)), DECODE]
+        if state is None:
+            stages: list = [ENCODE, *segments(list(experts)), DECODE]
+        else:
+            if list(state.experts) != list(experts):
+                raise RequestFailed(f"the snapshot's expert schedule {state.experts} differs from the model's {list(experts)}")
+            rest = [Segment(s.expert, max(s.start, state.step_index), s.end) for s in segments(list(experts))
+                    if s.end > state.step_index]
+            stages = [*rest, DECODE]
         with self._lock:
             if self._closed:
                 raise RequestFailed("the scheduler is shut down")
-            waiting = sum(1 for t in self._waiting if t.state is None and t.attempts == 0)
+            waiting = sum(1 for t in self._waiting if not t.entered)
             if waiting >= self.config.max_queue:
                 raise RequestFailed(f"queue full ({waiting} requests waiting)")
             ticket = Ticket(request_id=next(self._ids), request=request, priority=priority,
-                            on_event=on_event, preview_every=preview_every, stages=stages)
+                            on_event=on_event, preview_every=preview_every, stages=stages, state=state,
+                            checkpoint_at=frozenset(checkpoint_at), submitted=time.perf_counter(),
+                            stats=RunStats.for_request(request, experts=experts, layout=self.layout))
             missing = [s for s in {_name(s) for s in stages} if not self._servers(s)]
             if missing:
                 raise RequestFailed(f"no live worker group runs stage(s) {sorted(missing)}")
@@ -120,15 +143,14 @@ class StageScheduler:
             ticket.cancelled = True
             if ticket in self._waiting:
                 self._waiting.remove(ticket)
-                if ticket.state is not None or ticket.attempts:
-                    self._in_flight -= 1
+                self._leave(ticket)
                 self._finish(ticket, error=RequestCancelled(f"request {ticket.request_id} cancelled"))
             self._lock.notify_all()
 
     def position(self, ticket: Ticket) -> int:
         """0-based position among requests that have not entered the pipeline (-1 otherwise)."""
         with self._lock:
-            fresh = sorted((t for t in self._waiting if t.state is None and t.attempts == 0), key=self._rank)
+            fresh = sorted((t for t in self._waiting if not t.entered), key=self._rank)
             return fresh.index(ticket) if ticket in fresh else -1
 
     def close(self) -> None:
@@ -149,8 +171,14 @@ class StageScheduler:
 
     def _rank(self, ticket: Ticket):
         # In-flight work first (a later stage), then priority, then arrival.
-        progress = -len(ticket.stages) if ticket.state is not None else 0
+        progress = -len(ticket.stages) if ticket.entered else 0
         return (progress, -ticket.priority, ticket.request_id)
+
+    def _leave(self, ticket: Ticket) -> None:
+        """The ticket leaves the pipeline (call with the lock held)."""
+        if ticket.entered:
+            ticket.entered = False
+            self._in_flight -= 1
 
     def _take(self, group: WorkerGroup) -> Ticket | None:
         """Blocks until a request whose next stage ``group`` serves is available (or closing)."""
@@ -159,12 +187,12 @@ class StageScheduler:
                 if self._closed or group.name in self._retired:
                     return None
                 candidates = [t for t in self._waiting if t.next_stage in group.roles
-                              and (self.config.overlap or t.state is not None or t.attempts
-                                   or self._in_flight == 0)]
+                              and (self.config.overlap or t.entered or self._in_flight == 0)]
                 if candidates:
                     ticket = min(candidates, key=self._rank)
                     self._waiting.remove(ticket)
-                    if ticket.state is None and ticket.attempts == 0:
+                    if not ticket.entered:
+                        ticket.entered = True
                         self._in_flight += 1
                     return ticket
                 self._lock.wait()
@@ -172,13 +200,13 @@ class StageScheduler:
     def _requeue(self, ticket: Ticket) -> None:
         with self._lock:
             if self._closed:
-                self._in_flight -= 1
+                self._leave(ticket)
                 self._finish(ticket, error=RequestCancelled("the scheduler is shut down"))
             elif ticket.cancelled:
-                self._in_flight -= 1
+                self._leave(ticket)
                 self._finish(ticket, error=RequestCancelled(f"request {ticket.request_id} cancelled"))
             elif not self._servers(ticket.next_stage):
-                self._in_flight -= 1
+                self._leave(ticket)
                 self._finish(ticket, error=RequestFailed(
                     f"request {ticket.request_id}: no live worker group runs stage {ticket.next_stage}"))
             else:
@@ -187,9 +215,11 @@ class StageScheduler:
 
     def _finish(self, ticket: Ticket, *, result=None, error: BaseException | None = None) -> None:
         ticket._result, ticket._error = result, error
+        ticket.stats.retries = ticket.attempts
+        ticket.stats.add_seconds("total", time.perf_counter() - ticket.submitted)
         ticket._done.set()
         if error is None:
-            self._emit(ticket, "done")
+            self._emit(ticket, "done", stats=ticket.stats.to_dict())
         elif isinstance(error, RequestCancelled):
             self._emit(ticket, "cancelled", error=str(error))
         else:
@@ -211,14 +241,14 @@ class StageScheduler:
                 continue
             except RequestCancelled as exc:
                 with self._lock:
-                    self._in_flight -= 1
+                    self._leave(ticket)
                     self._finish(ticket, error=exc)
                     self._lock.notify_all()
                 continue
             except Exception as exc:  # noqa: BLE001 - a request error must not stop the group
                 log.exception("request %s failed on %s", ticket.request_id, group.name)
                 with self._lock:
-                    self._in_flight -= 1
+                    self._leave(ticket)
                     self._finish(ticket, error=RequestFailed(f"request {ticket.request_id}: {exc}"))
                     self._lock.notify_all()
                 continue
@@ -231,42 +261,65 @@ class StageScheduler:
     def _run_stages(self, group: WorkerGroup, ticket: Ticket, fresh: bool) -> None:
         if ticket.started is None:
             ticket.started = time.perf_counter()
+            ticket.stats.add_seconds("queued", ticket.started - ticket.submitted)
             self._emit(ticket, "started", group=group.name)
         held = False  # whether the group already holds the ticket's current state
-        while ticket.stages and ticket.next_stage in group.roles:
-            if ticket.cancelled or self._closed:
-                raise RequestCancelled(f"request {ticket.request_id} cancelled")
-            stage = ticket.stages[0]
-            self._emit(ticket, "stage", stage=ticket.next_stage, group=group.name)
-            if stage == ENCODE:
-                with self._timed(group, ticket, "prepare"):
-                    state = group.prepare(ticket.request, timeout_s=self._timeout(1, fresh))
-                planned = [s.expert for s in ticket.stages if isinstance(s, Segment)]
-                if [s.expert for s in segments(state.experts)] != planned:
-                    raise RequestFailed(f"request {ticket.request_id}: the workers' expert schedule "
-                                        f"{state.experts} differs from the planned one")
-                ticket.state = state
-            elif stage == DECODE:
-                self._emit(ticket, "decoding", group=group.name)
-                with self._timed(group, ticket, "decode"):
-                    frames = group.decode(None if held else ticket.state, timeout_s=self._timeout(1, fresh))
+        try:
+            while ticket.stages and ticket.next_stage in group.roles:
+                if ticket.cancelled or self._closed:
+                    raise RequestCancelled(f"request {ticket.request_id} cancelled")
+                stage = ticket.stages[0]
+                self._emit(ticket, "stage", stage=ticket.next_stage, group=group.name)
+                if stage == ENCODE:
+                    with self._timed(group, ticket, "prepare", ENCODE):
+                        state = group.prepare(ticket.request, timeout_s=self._timeout(1, fresh))
+                    planned = [s.expert for s in ticket.stages if isinstance(s, Segment)]
+                    if [s.expert for s in segments(state.experts)] != planned:
+                        raise RequestFailed(f"request {ticket.request_id}: the workers' expert schedule "
+                                            f"{state.experts} differs from the planned one")
+                    ticket.state = state
+                elif stage == DECODE:
+                    self._emit(ticket, "decoding", group=group.name)
+                    with self._timed(group, ticket, "decode", DECODE):
+                        frames, ranks = group.decode(None if held else ticket.state,
+                                                     timeout_s=self._timeout(1, fresh))
+                    ticket.stats.decode = {"group": group.name, "ranks": ranks}
+                    ticket.stages.pop(0)
+                    self._record_memory(group, ticket)
+                    with self._lock:
+                        self._leave(ticket)
+                        self._finish(ticket, result=frames)
+                        self._lock.notify_all()
+                    return
+                else:
+                    self._denoise(group, ticket, stage, fresh, held)
+                fresh, held = False, True
                 ticket.stages.pop(0)
-                with self._lock:
-                    self._in_flight -= 1
-                    self._finish(ticket, result=frames)
-                    self._lock.notify_all()
-                return
-            else:
-                self._denoise(group, ticket, stage, fresh, held)
-            fresh, held = False, True
-            ticket.stages.pop(0)
+        except GroupFailure:
+            raise
+        except BaseException:
+            self._record_memory(group, ticket, quiet=True)
+            raise
+        self._record_memory(group, ticket)
+
+    def _record_memory(self, group: WorkerGroup, ticket: Ticket, *, quiet: bool = False) -> None:
+        """Each rank's peak memory over this group's stages of ``ticket`` (resets the peak)."""
+        try:
+            ticket.stats.set_memory(group.name, group.memory(timeout_s=self._timeout(1, False)))
+        except GroupFailure:
+            if not quiet:
+                raise
 
     def _chunks(self, ticket: Ticket, start: int, end: int) -> list[tuple[int, bool]]:
-        """``(steps, preview)`` of each group call from step ``start`` to ``end``."""
+        """``(steps, preview)`` of each group call from step ``start`` to ``end``: at most
+        ``checkpoint_every`` steps, ending at every step a checkpoint is wanted after."""
         chunks, every, total = [], ticket.preview_every, ticket.state.num_steps
         step = start
         while step < end:
             count = min(self.config.checkpoint_every, end - step)
+            wanted = [k for k in ticket.checkpoint_at if step < k < step + count]
+            if wanted:
+                count = min(wanted) - step
             preview = bool(every) and any((s + 1) % every == 0 or s + 1 == total for s in range(step, step + count))
             chunks.append((count, preview))
             step += count
@@ -275,23 +328,30 @@ class StageScheduler:
     def _denoise(self, group: WorkerGroup, ticket: Ticket, segment: Segment, fresh: bool, held: bool) -> None:
         # A group that just encoded or ran the previous segment continues from what it holds;
         # another group gets the checkpoint (a hand-off).
+        begun = time.perf_counter()
         group.begin(None if held else ticket.state, timeout_s=self._timeout(1, fresh))
+        if not held:
+            ticket.stats.add_seconds("handoff", time.perf_counter() - begun)
         chunks = self._chunks(ticket, ticket.state.step_index, segment.end)
         results = group.advance_chunks(until=segment.end, chunks=chunks,
                                        timeout_s=self._timeout(self.config.checkpoint_every, False))
         try:
-            begun = time.perf_counter()
+            called = time.perf_counter()
             for events, progress, png in results:
                 now = time.perf_counter()
                 self.trace.append(TraceEntry(group.name, ticket.request_id, "step",
-                                             begun - self._epoch, now - self._epoch))
-                ticket.step_seconds.append((now - begun) / max(len(events), 1))
-                begun = now
+                                             called - self._epoch, now - self._epoch))
+                ticket.stats.add_seconds(segment.expert, now - called)
+                ticket.step_seconds.append((now - called) / max(len(events), 1))
+                called = now
                 ticket.state = state = ticket.state.advanced(progress)  # the checkpoint, held here
                 for event in events:
+                    ticket.stats.add_step(event.expert, forwards=event.forwards, skipped=event.skipped)
                     self._progress(ticket, group, event)
                 if png is not None:
                     self._emit(ticket, "preview", step=state.step_index, png=png)
+                if state.step_index in ticket.checkpoint_at:
+                    self._emit(ticket, "checkpoint", step=state.step_index, state=state)
                 if (ticket.cancelled or self._closed) and ticket.state.step_index < segment.end:
                     raise RequestCancelled(f"request {ticket.request_id} cancelled")
         finally:
@@ -303,14 +363,14 @@ class StageScheduler:
         recent = ticket.step_seconds[-8:]
         per_step = sum(recent) / len(recent)
         self._emit(ticket, "progress", step=event.step, total=event.total, expert=event.expert,
-                   timestep=event.timestep, group=group.name,
+                   timestep=event.timestep, group=group.name, step_s=event.duration,
                    elapsed_s=time.perf_counter() - ticket.started,
                    eta_s=per_step * (event.total - event.step))
 
     def _on_failure(self, group: WorkerGroup, ticket: Ticket, exc: GroupFailure) -> None:
         if self._closed:  # the groups are being torn down on purpose: no rebuild
             with self._lock:
-                self._in_flight -= 1
+                self._leave(ticket)
                 self._finish(ticket, error=RequestCancelled("the scheduler is shut down"))
             return
         ticket.attempts += 1
@@ -336,7 +396,7 @@ class StageScheduler:
                                      started - self._epoch, time.perf_counter() - self._epoch))
         if ticket.attempts > self.config.max_request_retries:
             with self._lock:
-                self._in_flight -= 1
+                self._leave(ticket)
                 self._finish(ticket, error=RequestFailed(
                     f"request {ticket.request_id} failed: its worker group broke {ticket.attempts} times "
                     f"(last: {exc}); giving up after {self.config.max_request_retries} retries"))
@@ -347,13 +407,12 @@ class StageScheduler:
             for other in list(self._waiting):
                 if not self._servers(other.next_stage):
                     self._waiting.remove(other)
-                    if other.state is not None or other.attempts:
-                        self._in_flight -= 1
+                    self._leave(other)
                     self._finish(other, error=RequestFailed(
                         f"request {other.request_id}: no live worker group runs stage {other.next_stage}"))
 
-    def _timed(self, group: WorkerGroup, ticket: Ticket, kind: str):
-        return _Timed(self, group.name, ticket.request_id, kind)
+    def _timed(self, group: WorkerGroup, ticket: Ticket, kind: str, stage: str):
+        return _Timed(self, group.name, ticket, kind, stage)
 
     def _emit(self, ticket: Ticket, kind: str, **data) -> None:
         if ticket.on_event is not None:
@@ -364,8 +423,10 @@ class StageScheduler:
 
 
 class _Timed:
-    def __init__(self, scheduler: StageScheduler, group: str, request: int, kind: str) -> None:
-        self.scheduler, self.group, self.request, self.kind = scheduler, group, request, kind
+    """Times one group call into the trace and the ticket's run stats."""
+
+    def __init__(self, scheduler: StageScheduler, group: str, ticket: Ticket, kind: str, stage: str) -> None:
+        self.scheduler, self.group, self.ticket, self.kind, self.stage = scheduler, group, ticket, kind, stage
 
     def __enter__(self):
         self.start = time.perf_counter() - self.scheduler._epoch
@@ -373,7 +434,8 @@ class _Timed:
 
     def __exit__(self, *exc) -> None:
         end = time.perf_counter() - self.scheduler._epoch
-        self.scheduler.trace.append(TraceEntry(self.group, self.request, self.kind, self.start, end))
+        self.scheduler.trace.append(TraceEntry(self.group, self.ticket.request_id, self.kind, self.start, end))
+        self.ticket.stats.add_seconds(self.stage, end - self.start)
 
 
 def _name(stage) -> str:

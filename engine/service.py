@@ -78,6 +78,7 @@ class Job:
     output: bytes = b""
     mime: str = ""
     timings: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
     submitted: float = field(default_factory=time.monotonic)
     cancel_requested: bool = False
     _events: deque = field(default_factory=deque)
@@ -90,9 +91,10 @@ class AsyncEngine:
     Args:
         runners: ``{model name: runner}``; a runner has ``resolve(GenerationRequest) ->
             ResolvedRequest`` (validation, no GPU work) and ``run(job, emit, should_stop) ->
-            (bytes, mime, timings)`` which executes on a worker thread, and optionally a
+            (bytes, mime, timings, stats)`` which executes on a worker thread, and optionally a
             ``capacity`` (jobs it runs at once, default 1: a stage scheduler overlapping
-            requests over several worker groups takes more).
+            requests over several worker groups takes more). :class:`engine.scheduled.ScheduledRunner`
+            is the runner over a stage scheduler.
         default_model: Name used when a request names none.
         max_queue: Jobs that may wait behind the running ones before admission is refused.
         heartbeat_s: Interval of ``queued`` heartbeats while a job waits.
@@ -327,7 +329,7 @@ class AsyncEngine:
             self._emit_threadsafe(job, Event(kind, data))
 
         try:
-            output, mime, timings = await asyncio.to_thread(
+            output, mime, timings, stats = await asyncio.to_thread(
                 runner.run, job, emit, lambda: job.cancel_requested)
         except _Cancelled:
             self._finish(job, JobState.CANCELLED, error="cancelled")
@@ -337,7 +339,7 @@ class AsyncEngine:
             log.exception("job %s failed (error id %s)", job.job_id, error_id)
             self._finish(job, JobState.FAILED, error=f"internal error (id {error_id})")
             return
-        job.output, job.mime = output, mime
+        job.output, job.mime, job.stats = output, mime, stats
         job.timings.update(timings)
         job.timings["total_s"] = time.monotonic() - job.submitted
         steps = max(job.request.steps, 1)
@@ -351,58 +353,6 @@ class _Cancelled(Exception):
 
 
 CANCELLED = _Cancelled
-
-
-class LocalRunner:
-    """Runs jobs of one model on this process's device with :class:`engine.pipeline.Engine`.
-
-    Args:
-        model: The loaded model.
-        name: The model's served name.
-    """
-
-    def __init__(self, model, *, name: str) -> None:
-        from relay.engine.pipeline import Engine
-
-        self.engine = Engine(model)
-        self.name = name
-        self._previewer = None
-
-    def resolve(self, request: GenerationRequest) -> ResolvedRequest:
-        """Validation only (prompt length included); no device work."""
-        return self.engine.resolve(request)
-
-    def _preview_png(self, latents) -> tuple[bytes, int, int]:
-        if self._previewer is None:
-            from relay.engine.preview import LatentPreviewer
-
-            self._previewer = LatentPreviewer.for_vae(self.engine.model.vae)
-        return png_with_size(self._previewer.png(latents))
-
-    def run(self, job: Job, emit, should_stop) -> tuple[bytes, str, dict]:
-        """Prepares, denoises (stopping at a step boundary when asked), decodes and encodes."""
-        timings = {}
-        started = time.monotonic()
-        run = self.engine.start(self.engine.prepare(job.request))
-        timings["encode_s"] = time.monotonic() - started
-
-        def on_step(event) -> None:
-            emit("progress", step=event.step, total=event.total, expert=event.expert,
-                 elapsed_s=event.elapsed, eta_s=event.eta, timestep=event.timestep)
-            if job.preview_every and (event.step % job.preview_every == 0 or event.step == event.total):
-                png, width, height = self._preview_png(run.latents)
-                emit("preview", step=event.step, png=png, width=width, height=height)
-
-        denoise_started = time.monotonic()
-        run.run(callback=on_step, stop=should_stop)
-        if not run.done:
-            raise CANCELLED
-        timings["denoise_s"] = time.monotonic() - denoise_started
-        emit("decoding")
-        decode_started = time.monotonic()
-        output, mime = encode_output(self.engine.decode(run), job.output_format, fps=job.request.fps)
-        timings["decode_s"] = time.monotonic() - decode_started
-        return output, mime, timings
 
 
 def png_with_size(png: bytes) -> tuple[bytes, int, int]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from relay.engine.loader import DENSE, HIGH, LOW
+from relay.engine.experts import DENSE, HIGH, LOW
 
 ENCODE = "encode"
 DECODE = "decode"
@@ -49,30 +49,27 @@ def segments(experts: Sequence[str]) -> list[Segment]:
     return out
 
 
-def expert_step_counts(steps: int, shift: float, boundary: float | None,
-                       num_train_timesteps: int = 1000) -> dict[str, int]:
-    """Steps each expert runs under Wan 2.2's flow UniPC schedule, computed from settings alone.
+def expert_step_counts(steps: int, shift: float, boundary: float | None, *, info=None,
+                       family: str = "wan2.2") -> dict[str, int]:
+    """Steps each expert runs, from the same schedule the workers compute.
 
     Args:
         steps: Denoising steps.
         shift: Flow shift (T2V-A14B 12, I2V-A14B and TI2V-5B 5).
         boundary: Boundary ratio of the MoE model, ``None`` for a dense one.
-        num_train_timesteps: The scheduler's training timesteps (1000 for every Wan 2.2 model).
+        info: The model folder's :class:`~engine.model_info.ModelInfo` (its own scheduler
+            config); ``None`` prices a catalog model with ``family``'s reference scheduler.
+        family: The model family when ``info`` is not given.
 
     Returns:
         ``{"high_noise": n, "low_noise": m}`` for MoE models, ``{"dense": steps}`` otherwise.
     """
-    from diffusers import UniPCMultistepScheduler
+    from relay.engine.models import get_spec
 
-    from relay.engine.denoise import expert_schedule
-
-    if boundary is None:
-        return {DENSE: steps}
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        num_train_timesteps=num_train_timesteps, flow_shift=shift)
-    scheduler.set_timesteps(steps)
-    schedule = expert_schedule([int(t) for t in scheduler.timesteps.tolist()], boundary, num_train_timesteps)
-    return {HIGH: schedule.count(HIGH), LOW: schedule.count(LOW)}
+    spec = info.spec if info is not None else get_spec(family)
+    schedule = spec.expert_schedule(info, steps, shift, boundary)
+    names = (HIGH, LOW) if boundary is not None else (DENSE,)
+    return {name: schedule.count(name) for name in names}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,10 +160,4 @@ def request_experts(info, request) -> list[str]:
         info: :class:`engine.model_info.ModelInfo`.
         request: A :class:`engine.request.ResolvedRequest`.
     """
-    from relay.engine.denoise import expert_schedule
-    from relay.engine.loader import build_scheduler
-
-    scheduler = build_scheduler(info, request.shift)
-    scheduler.set_timesteps(request.steps)
-    return expert_schedule([int(t) for t in scheduler.timesteps.tolist()], request.boundary,
-                           info.num_train_timesteps)
+    return info.spec.expert_schedule(info, request.steps, request.shift, request.boundary)

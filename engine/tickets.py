@@ -1,7 +1,7 @@
 """The stage scheduler's vocabulary: its policy (:class:`SchedulerConfig`), a submitted request
 (:class:`Ticket`), the call trace, its errors, and the :class:`WorkerGroup` protocol that
-executors implement (:mod:`engine.scheduler` runs them; :mod:`launch.ray_executor` provides
-Ray actor groups)."""
+executors implement (:mod:`engine.scheduler` runs them; :mod:`launch` provides in-process,
+local-process, torchrun and Ray groups)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from relay.engine.stages import Segment
+from relay.engine.stats import RunStats
 
 
 class GroupFailure(RuntimeError):
@@ -32,6 +33,8 @@ class WorkerGroup(Protocol):
     name: str
     roles: tuple[str, ...]
 
+    def describe(self) -> dict:
+        """``{"name", "roles", "ranks", "layout", "backend"}`` for logs and run stats."""
     def prepare(self, request: dict, *, timeout_s: float): ...
     def begin(self, state, *, timeout_s: float) -> None:
         """Starts denoising ``state``; ``None``: continue with the state the group holds (the
@@ -42,7 +45,10 @@ class WorkerGroup(Protocol):
         :meth:`engine.denoise.DenoiseRun.progress`); may queue the next chunk on the workers
         before the previous result has been read."""
     def decode(self, state, *, timeout_s: float):
-        """Decodes ``state`` (``None``: the group's current run) to frames."""
+        """Decodes ``state`` (``None``: the group's current run); returns ``(frames, ranks that
+        took part)``."""
+    def memory(self, *, timeout_s: float) -> list[dict]:
+        """Each rank's peak memory since the previous call (see :mod:`engine.stats`)."""
     def restart(self) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -101,6 +107,8 @@ class Ticket:
         priority: Higher enters first.
         on_event: Called (on a scheduler thread) as ``on_event(kind, data)``.
         preview_every: A preview PNG every N steps (0: none).
+        checkpoint_at: Step counts after which a ``checkpoint`` event carries the state.
+        stats: The request's :class:`~engine.stats.RunStats`.
     """
 
     request_id: int
@@ -108,8 +116,12 @@ class Ticket:
     priority: int = 0
     on_event: Callable[[str, dict], None] | None = None
     preview_every: int = 0
+    checkpoint_at: frozenset = frozenset()
+    stats: RunStats = field(default_factory=RunStats)
     stages: list = field(default_factory=list)  # remaining: ENCODE, Segment..., DECODE
     state: object = None  # the checkpoint: DenoiseState after the last completed call
+    entered: bool = False  # counted as in the pipeline (the no-overlap baseline waits on it)
+    submitted: float = 0.0
     attempts: int = 0
     cancelled: bool = False
     started: float | None = None

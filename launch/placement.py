@@ -2,8 +2,8 @@
 
 :func:`plan_groups` turns the placement flags into :class:`GroupPlan` entries (name, roles,
 layout) and validates them against the model before anything starts, so a bad combination
-exits 2 naming its flag. The executor (:mod:`launch.ray_executor`) builds one Ray worker group
-per entry; the scheduler (:mod:`engine.scheduler`) routes stages to groups by role.
+exits 2 naming its flag. The executor (:mod:`launch.executor`) builds one worker group per
+entry with any backend; the scheduler (:mod:`engine.scheduler`) routes stages to groups by role.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from relay.engine.errors import ValidationError
-from relay.engine.loader import DENSE, HIGH, LOW
+from relay.engine.experts import DENSE, HIGH, LOW
 from relay.engine.stages import DECODE, ENCODE, expert_step_counts, propose_split
 from relay.parallel.layout import ParallelLayout
 
@@ -76,6 +76,58 @@ def parse_split(text: str) -> tuple[int, int]:
     return values
 
 
+def check_placement(info, *, placement: str = "fused", layout: ParallelLayout | None = None,
+                    replicas: int = 1, devices: int | None = None, stage_split: str | None = None,
+                    high_layout: str | None = None, low_layout: str | None = None,
+                    encode_on: str = "high", decode_on: str = "low") -> tuple[int, int] | None:
+    """Every check of the placement flags that needs no step schedule (imports no library).
+
+    Returns:
+        The ``--stage-split`` as ``(high, low)`` when given, else ``None``.
+
+    Raises:
+        ValidationError: naming the flag (``placement``, ``replicas``, ``stage_split``, ...).
+    """
+    heads = info.num_attention_heads
+    if placement not in PLACEMENTS:
+        raise ValidationError("placement", f"must be fused or staged, got {placement!r}")
+    if placement == "fused":
+        if replicas < 1:
+            raise ValidationError("replicas", f"must be at least 1, got {replicas}")
+        (layout or ParallelLayout()).check_model(num_heads=heads)
+        return None
+    if not info.is_moe:
+        raise ValidationError("placement", "staged needs a two-expert (MoE) model; this one is dense")
+    for name, value in (("encode_on", encode_on), ("decode_on", decode_on)):
+        if value not in AUX_PLACES:
+            raise ValidationError(name, f"must be one of {', '.join(AUX_PLACES)}, got {value!r}")
+    split = parse_split(stage_split) if stage_split else None
+    if split is None and (devices or 2) < 2:
+        raise ValidationError("nproc", f"staged placement needs at least 2 devices, got {devices}")
+    for name, spec in (("high", high_layout), ("low", low_layout)):
+        if spec:
+            ParallelLayout.parse_spec(spec, field=f"{name}_layout")
+    if split is not None:  # the group sizes are known: the layouts can be checked whole
+        _stage_layouts(*split, high_layout, low_layout, heads)
+    return split
+
+
+def _stage_layouts(high_n: int, low_n: int, high_layout: str | None, low_layout: str | None,
+                   heads: int) -> dict[str, ParallelLayout]:
+    """The two stage groups' layouts; an error is reported under the group's own flag."""
+    layouts = {}
+    for name, n, spec in (("high", high_n, high_layout), ("low", low_n, low_layout)):
+        flag = f"{name}_layout"
+        try:
+            group_layout = (ParallelLayout.from_spec(spec, nproc=n, field=flag) if spec
+                            else default_group_layout(n, heads))
+            group_layout.check_model(num_heads=heads)
+        except ValidationError as exc:
+            raise ValidationError(flag, f"{exc.field}: {exc.message}" if exc.field != flag else exc.message) from None
+        layouts[name] = group_layout
+    return layouts
+
+
 def plan_groups(info, request, *, placement: str = "fused", layout: ParallelLayout | None = None,
                 replicas: int = 1, devices: int | None = None, stage_split: str | None = None,
                 high_layout: str | None = None, low_layout: str | None = None,
@@ -99,42 +151,24 @@ def plan_groups(info, request, *, placement: str = "fused", layout: ParallelLayo
         ValidationError: naming the flag (``placement``, ``replicas``, ``stage_split``, ...).
     """
     heads = info.num_attention_heads
-    if placement not in PLACEMENTS:
-        raise ValidationError("placement", f"must be fused or staged, got {placement!r}")
+    split = check_placement(info, placement=placement, layout=layout, replicas=replicas, devices=devices,
+                            stage_split=stage_split, high_layout=high_layout, low_layout=low_layout,
+                            encode_on=encode_on, decode_on=decode_on)
     if placement == "fused":
-        if replicas < 1:
-            raise ValidationError("replicas", f"must be at least 1, got {replicas}")
         layout = layout or ParallelLayout()
-        layout.check_model(num_heads=heads)
         groups = tuple(GroupPlan(name=f"fused{i}", roles=(ENCODE, HIGH, LOW, DENSE, DECODE), layout=layout)
                        for i in range(replicas))
         return Placement(kind="fused", groups=groups,
                          reason=f"{replicas} replica(s) of {layout.describe()}, each running whole requests")
-    if not info.is_moe:
-        raise ValidationError("placement", "staged needs a two-expert (MoE) model; this one is dense")
-    for name, value in (("encode_on", encode_on), ("decode_on", decode_on)):
-        if value not in AUX_PLACES:
-            raise ValidationError(name, f"must be one of {', '.join(AUX_PLACES)}, got {value!r}")
-    counts = expert_step_counts(request.steps, request.shift, request.boundary, info.num_train_timesteps)
-    if stage_split:
-        high_n, low_n = parse_split(stage_split)
+    # The step counts come from the model's own scheduler (diffusers is imported from here on).
+    counts = expert_step_counts(request.steps, request.shift, request.boundary, info=info)
+    if split is not None:
+        high_n, low_n = split
         reason = f"--stage-split {high_n}:{low_n} as given ({counts[HIGH]} high-noise vs {counts[LOW]} low-noise steps)"
     else:
-        total = devices or 2
-        if total < 2:
-            raise ValidationError("nproc", f"staged placement needs at least 2 devices, got {total}")
-        split = propose_split(total, counts[HIGH], counts[LOW], allowed=lambda n: heads % n == 0 or n == 1)
-        high_n, low_n, reason = split.high_devices, split.low_devices, split.reason
-    layouts = {}
-    for name, n, spec in (("high", high_n, high_layout), ("low", low_n, low_layout)):
-        flag = f"{name}_layout"
-        try:  # any layout error is reported under the group's own flag
-            group_layout = (ParallelLayout.from_spec(spec, nproc=n, field=flag) if spec
-                            else default_group_layout(n, heads))
-            group_layout.check_model(num_heads=heads)
-        except ValidationError as exc:
-            raise ValidationError(flag, f"{exc.field}: {exc.message}" if exc.field != flag else exc.message) from None
-        layouts[name] = group_layout
+        best = propose_split(devices or 2, counts[HIGH], counts[LOW], allowed=lambda n: heads % n == 0 or n == 1)
+        high_n, low_n, reason = best.high_devices, best.low_devices, best.reason
+    layouts = _stage_layouts(high_n, low_n, high_layout, low_layout, heads)
     roles = {"high": [HIGH], "low": [LOW]}
     own = []
     for stage, place in ((ENCODE, encode_on), (DECODE, decode_on)):

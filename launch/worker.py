@@ -1,14 +1,16 @@
-"""The worker entry point shared by every launcher: rank information in, one generation out.
+"""The per-rank worker every executor builds: rank information in, stages out.
 
-``torchrun``, the local spawner (``relay generate --nproc N``) and (later) Ray actors all reduce
-to :class:`parallel.groups.RankInfo` and call :func:`run_generation`. Every rank runs the same
-sequence of forwards (lock-step); rank 0 reports progress, writes checkpoints and the output.
+In-process, local-process, torchrun and Ray groups all reduce to one
+:class:`~parallel.groups.RankInfo` per rank and build a :class:`StageWorker` from it and a
+:class:`WorkerSpec` (what to load, the layout). The driver then calls the same methods on every
+rank of a group in the same order (lock-step) through :meth:`StageWorker.execute`; only the
+output rank (global rank 0) returns states, previews and frames. Control messages are small
+(method names, requests, step counts); tensors travel on the executor's data plane.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -18,39 +20,10 @@ from relay.parallel.groups import RankInfo
 from relay.parallel.layout import ParallelLayout
 
 TEXT_ENCODER_PLACEMENTS = ("device", "cpu", "fsdp")
-
-
-@dataclass(frozen=True, kw_only=True)
-class GenerateJob:
-    """Everything a worker needs for one generation (picklable; no tensors).
-
-    Attributes:
-        model: Model directory.
-        request: ``ResolvedRequest.to_dict(with_image=True)``; rank 0's copy is authoritative.
-        layout: The parallel layout of the group.
-        dtype: ``bf16`` / ``fp16`` / ``fp32`` or ``None`` for the device default.
-        device_type: ``cuda`` or ``cpu``.
-        output: Output path (written by rank 0).
-        text_encoder: ``device`` (a copy per rank), ``cpu`` (run on the host) or ``fsdp``
-            (sharded over every rank).
-        offload: Keep FSDP shards in host memory between uses (FSDP2 CPU offload), for GPUs
-            too small to hold even a shard of an expert next to the activations.
-        checkpoint_dir: Where rank 0 writes snapshots, if anywhere.
-        checkpoint_at: Step counts after which to snapshot.
-        quiet: No progress bar.
-    """
-
-    model: str
-    request: dict
-    layout: ParallelLayout
-    dtype: str | None
-    device_type: str
-    output: str
-    text_encoder: str = "device"
-    offload: bool = False
-    checkpoint_dir: str | None = None
-    checkpoint_at: tuple[int, ...] = ()
-    quiet: bool = False
+#: The methods a driver may call through :meth:`StageWorker.execute`.
+METHODS = ("prepare", "begin", "advance", "decode", "memory", "ping", "parameter_bytes")
+#: Fault actions for resilience tests (see :meth:`StageWorker.execute`).
+FAULT_ACTIONS = ("exit", "hang", "raise")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,8 +37,10 @@ class WorkerSpec:
             loads are the expert stages among them. ``None`` = every stage (fused).
         dtype: ``bf16`` / ``fp16`` / ``fp32`` or ``None`` for the device default.
         device_type: ``cuda`` or ``cpu``.
-        text_encoder: ``device``, ``cpu`` or ``fsdp`` (see :class:`GenerateJob`).
-        offload: FSDP2 CPU offload of the shards (or, on one rank, model offload).
+        text_encoder: ``device`` (a copy per rank), ``cpu`` (run on the host) or ``fsdp``
+            (sharded over every rank).
+        offload: FSDP2 CPU offload of the shards (or, on one rank, model offload: the text
+            encoder and the idle expert rest in host memory).
         timeout_s: Collective timeout of the group.
         threads: CPU threads per rank (default: the cores divided among the group's ranks;
             an executor running several groups at once divides them among all its ranks).
@@ -85,23 +60,18 @@ class WorkerSpec:
 class StageWorker:
     """One rank of a worker group: joins the group, loads what its roles need, and runs stages.
 
-    Every launcher (torchrun, the local spawner, Ray actors) builds one per rank from rank
-    information and calls the same methods on every rank of a group in the same order
-    (lock-step); only the output rank (global rank 0) returns states, previews and frames.
-
     Args:
-        info: Rank information from the launcher.
+        info: Rank information from the executor.
         spec: What to load and the layout.
     """
 
     def __init__(self, info: RankInfo, spec: WorkerSpec) -> None:
+        from relay.engine.loader import quiet_libraries
         from relay.engine.model_info import read_model_info
         from relay.engine.pipeline import Engine
         from relay.parallel import parallelize
         from relay.parallel.cfg import CfgParallelPredictor
         from relay.parallel.groups import init_groups
-
-        from relay.launch.cli import quiet_libraries
 
         quiet_libraries()
         if spec.device_type == "cpu":
@@ -110,12 +80,14 @@ class StageWorker:
         self.model_info = read_model_info(spec.model)
         self.groups = init_groups(spec.layout, info, device_type=spec.device_type, timeout_s=spec.timeout_s)
         self.model = _load(spec, self.groups, self.model_info)
-        self._handles = [parallelize(expert, self.groups) for expert in self.model.experts.values()]
+        plan = self.model_info.spec.sequence_parallel() if self.groups.sp_group is not None else None
+        self._handles = [parallelize(expert, self.groups, plan) for expert in self.model.experts.values()]
         self.engine = Engine(self.model)
         groups = self.groups
         self._predict = CfgParallelPredictor(groups.cfg_group, groups.cfg_rank) if groups.cfg_group else None
         self._previewer = None
         self._prepared = None
+        self._fault: dict | None = None
         self.run = None
 
     @property
@@ -123,12 +95,53 @@ class StageWorker:
         """Whether this rank returns states, previews and frames (global rank 0)."""
         return self.groups.is_output_rank
 
-    def parameter_bytes(self) -> dict[str, int]:
-        """This rank's parameter bytes of each loaded expert (shards under FSDP)."""
-        from relay.parallel.fsdp import local_parameter_bytes
+    # --- the control entry point ----------------------------------------------------------------
+    def execute(self, method: str, args: tuple = (), fault=None):
+        """Runs ``method(*args)``: every executor's rank calls this, the same way.
 
-        return {name: local_parameter_bytes(expert) for name, expert in self.model.experts.items()}
+        Args:
+            method: One of :data:`METHODS`.
+            args: Its arguments.
+            fault: Fault injection for resilience tests (``None``: keep the current one):
+                ``{"action": "exit" | "hang" | "raise", "method": ..., "at_step": N (advance
+                only), "seed": S (only that request)}``, or ``{}`` to disarm. ``exit`` really
+                ends the process (``os._exit``), ``hang`` really blocks.
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown worker method {method!r}")
+        if fault is not None:
+            self._fault = fault or None
+        self._maybe_fail(method, args)
+        return getattr(self, method)(*args)
 
+    def _maybe_fail(self, method: str, args: tuple) -> None:
+        fault = self._fault
+        if not fault or fault.get("method") != method:
+            return
+        step_range = None
+        if method == "prepare":
+            request = args[0]
+        elif method in ("begin", "decode") and args and args[0] is not None:
+            request = args[0].request
+        else:
+            request = self.request
+        if method == "advance" and self.run is not None:
+            until, max_steps = args[0], args[1]
+            step_range = range(self.run.step_index, min(until, self.run.step_index + max_steps))
+        if fault.get("seed") is not None and (request or {}).get("seed") != fault["seed"]:
+            return
+        at = fault.get("at_step")
+        if step_range is not None and at is not None:
+            if at not in step_range:
+                return
+            self.run.run(until=at)  # the steps before the fault really run
+        if fault["action"] == "hang":
+            time.sleep(10**6)
+        if fault["action"] == "raise":
+            raise RuntimeError(f"injected fault in {method}")
+        os._exit(17)
+
+    # --- stages ---------------------------------------------------------------------------------
     def prepare(self, request: dict):
         """The ``encode`` stage: text (and image) conditioning and the initial noise.
 
@@ -164,13 +177,13 @@ class StageWorker:
         held = self._prepared if self._prepared is not None else self.run
         return None if held is None else held.request
 
-    def advance(self, *, until: int, max_steps: int, snapshot: bool = True, preview: bool = False):
+    def advance(self, until: int, max_steps: int, preview: bool = False):
         """Runs at most ``max_steps`` steps, stopping before step index ``until``.
 
         Returns:
             ``(events, progress, preview)`` on the output rank: the step events, the run's
-            :meth:`~engine.denoise.DenoiseRun.progress` after the last step (when ``snapshot``;
-            ``DenoiseState.advanced`` makes it a full checkpoint) and a preview PNG of the
+            :meth:`~engine.denoise.DenoiseRun.progress` after the last step
+            (``DenoiseState.advanced`` makes it a full checkpoint) and a preview PNG of the
             latents (when ``preview``); ``([], None, None)`` elsewhere.
         """
         if self.run is None:
@@ -180,16 +193,15 @@ class StageWorker:
         self.run.run(until=end, callback=events.append)
         if not self.is_output_rank:
             return [], None, None
-        progress = self.run.progress() if snapshot else None
         png = self.preview_png(self.run.latents) if preview else None
-        return events, progress, png
+        return events, self.run.progress(), png
 
     def preview_png(self, latents) -> bytes:
-        """A small PNG of ``latents`` through the VAE's linear latent-to-RGB projection."""
+        """A small PNG of ``latents`` through the family's linear latent-to-RGB projection."""
         if self._previewer is None:
             from relay.engine.preview import LatentPreviewer
 
-            self._previewer = LatentPreviewer.for_vae(self.model.vae)
+            self._previewer = LatentPreviewer.for_vae(self.model.vae, self.model_info.spec.preview_projection)
         return self._previewer.png(latents)
 
     def decode(self, state=None):
@@ -199,6 +211,37 @@ class StageWorker:
             return None
         return self.engine.decode(state if state is not None else self.run)
 
+    def memory(self, reset: bool = True) -> dict:
+        """This rank's peak memory since the previous call (``reset``) or the start.
+
+        Returns:
+            ``{"rank", "device", "peak_bytes", "measure"}``: on CUDA the peak of
+            ``torch.cuda.max_memory_allocated``; on a CPU the process's peak resident set
+            (the kernel keeps no resettable peak, so it is the peak since the process started).
+        """
+        device = self.groups.device
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+            if reset:
+                torch.cuda.reset_peak_memory_stats(device)
+            measure = "cuda_max_allocated"
+        else:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+            measure = "host_peak_rss"
+        return {"rank": self.info.rank, "device": str(device), "peak_bytes": int(peak), "measure": measure}
+
+    def ping(self) -> int:
+        """This process's pid (a cheap call that proves the rank answers)."""
+        return os.getpid()
+
+    def parameter_bytes(self) -> dict[str, int]:
+        """This rank's parameter bytes of each loaded expert (shards under FSDP)."""
+        from relay.parallel.fsdp import local_parameter_bytes
+
+        return {name: local_parameter_bytes(expert) for name, expert in self.model.experts.items()}
+
     def close(self) -> None:
         """Removes the parallel hooks and leaves the process group."""
         from relay.parallel.groups import destroy_groups
@@ -207,19 +250,21 @@ class StageWorker:
             if handle is not None:
                 handle.remove()
         self._handles = []
-        destroy_groups()
+        destroy_groups(self.groups)
 
 
 def _load(spec: WorkerSpec, groups, info):
     """Loads the model for this rank: the experts of its roles (FSDP-sharded when the layout
     asks for it), the text encoder when it encodes, and the VAE (decode, image encode, previews)."""
-    from relay.engine.loader import DTYPES, default_dtype, expert_folders, load_model
+    from relay.engine.experts import DENSE, HIGH, LOW
+    from relay.engine.loader import DTYPES, default_dtype, load_model
     from relay.engine.stages import ENCODE
 
+    family = info.spec
     device = groups.device
     dtype_name = spec.dtype or default_dtype(device)
-    folders = expert_folders(info)
-    wanted = tuple(folders) if spec.roles is None else tuple(n for n in folders if n in spec.roles)
+    names = (HIGH, LOW) if info.is_moe else (DENSE,)
+    wanted = names if spec.roles is None else tuple(n for n in names if n in spec.roles)
     encodes = spec.roles is None or ENCODE in spec.roles
     sharded = groups.fsdp_mesh is not None
     model = load_model(info, dtype=dtype_name, device=device, experts=() if sharded else wanted,
@@ -227,78 +272,21 @@ def _load(spec: WorkerSpec, groups, info):
                        offload=spec.offload and groups.layout.world_size == 1)
     torch_dtype = DTYPES[dtype_name]
     if sharded:
-        from relay.parallel.fsdp import load_sharded_transformer
+        from relay.parallel.fsdp import load_sharded
 
         for name in wanted:
-            model.experts[name] = load_sharded_transformer(
-                info.path, folders[name], mesh=groups.fsdp_mesh, device=device, dtype=torch_dtype,
-                offload=spec.offload)
+            meta, folder = family.meta_transformer(info, name)
+            model.experts[name] = load_sharded(meta, folder, mesh=groups.fsdp_mesh, device=device,
+                                               dtype=torch_dtype, offload=spec.offload)
     if not encodes:
         return model
     if spec.text_encoder == "fsdp" and groups.world_mesh is not None:
-        from relay.parallel.fsdp import load_sharded_text_encoder
+        from relay.parallel.fsdp import load_sharded
 
-        model.text_encoder = load_sharded_text_encoder(
-            info.path / "text_encoder", mesh=groups.world_mesh, device=device, dtype=torch_dtype,
-            offload=spec.offload)
+        meta, folder = family.meta_text_encoder(info, dtype=torch_dtype)
+        model.text_encoder = load_sharded(meta, folder, mesh=groups.world_mesh, device=device,
+                                          dtype=torch_dtype, offload=spec.offload)
     elif spec.text_encoder != "device":
-        from relay.engine.loader import load_text_encoder
-
-        model.text_encoder = load_text_encoder(
+        model.text_encoder = family.load_text_encoder(
             info, dtype=torch_dtype, device=torch.device("cpu") if spec.text_encoder == "cpu" else device)
     return model
-
-
-def run_generation(info: RankInfo, job: GenerateJob) -> dict:
-    """Joins the group, generates, and (on rank 0) writes the output.
-
-    Returns:
-        A small report: rank, per-rank parameter bytes of each expert, timings.
-    """
-    import torch.distributed as dist
-
-    started = time.perf_counter()
-    spec = WorkerSpec(model=job.model, layout=job.layout, dtype=job.dtype, device_type=job.device_type,
-                      text_encoder=job.text_encoder, offload=job.offload)
-    worker = StageWorker(info, spec)
-    try:
-        shared = [job.request]
-        dist.broadcast_object_list(shared, src=0)  # every rank uses rank 0's request (and seed)
-        worker.prepare(shared[0])
-        worker.begin()  # continues from the state it just prepared
-        loaded = time.perf_counter() - started
-        step_s = _denoise(worker.run, job, worker.is_output_rank)
-        if worker.is_output_rank:
-            from relay.engine.video import write_output
-
-            write_output(worker.decode(), job.output, fps=worker.run.request["fps"])
-            if not job.quiet:
-                print(f"wrote {job.output}", file=sys.stderr, flush=True)
-        dist.barrier()
-        return {"rank": info.rank, "param_bytes": worker.parameter_bytes(), "load_s": loaded,
-                "step_s": step_s, "total_s": time.perf_counter() - started}
-    finally:
-        worker.close()
-
-
-def _denoise(run, job: GenerateJob, reporting: bool) -> list[float]:
-    """Runs every step; returns each step's wall time in seconds."""
-    from relay.launch.progress import StepProgress, checkpoint_writer
-
-    save = checkpoint_writer(run, job.checkpoint_dir, job.checkpoint_at) if job.checkpoint_dir and reporting else None
-    bar = StepProgress(run.num_steps, desc=f"denoise x{job.layout.world_size}") if reporting and not job.quiet else None
-    elapsed = [0.0]
-
-    def on_step(event) -> None:
-        elapsed.append(event.elapsed)
-        if bar is not None:
-            bar(event)
-        if save is not None:
-            save(event)
-
-    try:
-        run.run(callback=on_step)
-    finally:
-        if bar is not None:
-            bar.close()
-    return [b - a for a, b in zip(elapsed, elapsed[1:])]

@@ -1,5 +1,7 @@
-"""The planner's catalogs: GPUs (``data/gpus.json``) and Wan 2.2 models (``data/models.json``),
-each entry with its source, loaded into typed specs and looked up by name or alias."""
+"""The planner's catalogs: GPUs (``data/gpus.json``) and the published models of every model
+family (each family spec's ``catalog``; Wan: ``engine/models/wan/catalog.json``), each entry
+with its source, loaded into typed entries and looked up by name or alias. A model is priced at
+its family's reference settings (the spec's ``presets`` for its kind)."""
 
 from __future__ import annotations
 
@@ -63,32 +65,24 @@ class TextEncoderSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelDefaults:
-    """Wan 2.2 reference settings of a model (as :data:`engine.model_info.PRESETS`)."""
+class CatalogModel:
+    """One published model of a family's catalog.
 
-    width: int
-    height: int
-    frames: int
-    steps: int
-    shift: float
-    boundary: float | None
-    guidance: float
-    guidance_low: float | None
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """One model of the catalog (``data/models.json``)."""
+    Attributes:
+        defaults: The family's reference settings for the model's kind
+            (:class:`engine.model_info.Defaults`).
+    """
 
     name: str
     aliases: tuple[str, ...]
+    family: str
     kind: str
     num_experts: int
     transformer: Mapping[str, object]
     vae: VaeSpec
     text_encoder: TextEncoderSpec
     encodes_video: bool
-    defaults: ModelDefaults
+    defaults: object
     source: str
 
     @property
@@ -145,16 +139,19 @@ def gpus() -> dict[str, GpuSpec]:
 
 
 @cache
-def models() -> dict[str, ModelSpec]:
-    """The model catalog by name."""
-    raw = json.loads((DATA_DIR / "models.json").read_text())
-    vaes = {n: VaeSpec(name=n, **v) for n, v in raw["vaes"].items()}
-    encoders = {n: TextEncoderSpec(name=n, **v) for n, v in raw["text_encoders"].items()}
+def models() -> dict[str, CatalogModel]:
+    """Every family's published models by name."""
+    from relay.engine.models import specs
+
     out = {}
-    for m in raw["models"]:
-        out[m["name"]] = ModelSpec(**{
-            **m, "aliases": tuple(m["aliases"]), "vae": vaes[m["vae"]],
-            "text_encoder": encoders[m["text_encoder"]], "defaults": ModelDefaults(**m["defaults"])})
+    for spec in specs():
+        raw = json.loads(spec.catalog.read_text())
+        vaes = {n: VaeSpec(name=n, **v) for n, v in raw["vaes"].items()}
+        encoders = {n: TextEncoderSpec(name=n, **v) for n, v in raw["text_encoders"].items()}
+        for m in raw["models"]:
+            out[m["name"]] = CatalogModel(**{
+                **m, "aliases": tuple(m["aliases"]), "family": spec.name, "vae": vaes[m["vae"]],
+                "text_encoder": encoders[m["text_encoder"]], "defaults": spec.presets[m["kind"]]})
     return out
 
 
@@ -163,6 +160,6 @@ def find_gpu(name: str) -> GpuSpec:
     return _lookup(gpus(), name, "gpu")
 
 
-def find_model(name: str) -> ModelSpec:
+def find_model(name: str) -> CatalogModel:
     """Catalog model by name or alias; :class:`ValidationError` ``model`` if unknown."""
     return _lookup(models(), name, "model")

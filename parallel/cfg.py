@@ -23,14 +23,17 @@ class CfgParallelPredictor:
         self.group = group
         self.cfg_rank = cfg_rank
 
-    def __call__(self, model, x: torch.Tensor, timestep: torch.Tensor, cond, guidance: float) -> torch.Tensor:
+    def __call__(self, model, x: torch.Tensor, timestep: torch.Tensor, cond,
+                 guidance: float) -> tuple[torch.Tensor, int]:
+        """The guided noise prediction and the request's forwards (2: one per half; 1 when the
+        step has no unconditional forward and both halves run the same conditional one)."""
         if guidance <= 1.0 or cond.negative_embeds is None:
             # No unconditional forward on this step: both halves run the conditional one, so
             # every rank still executes the same sequence of forwards (FSDP stays in step).
             return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.prompt_embeds,
-                         return_dict=False)[0]
+                         return_dict=False)[0], 1
         embeds = cond.prompt_embeds if self.cfg_rank == 0 else cond.negative_embeds
         mine = model(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
                      return_dict=False)[0]
         noise, uncond = all_gather_stacked(mine, self.group)
-        return uncond + guidance * (noise - uncond)
+        return uncond + guidance * (noise - uncond), 2

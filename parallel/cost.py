@@ -4,7 +4,7 @@ datasheets (the engine of ``relay plan``; :mod:`parallel.plan` enumerates and ra
 One transformer forward per rank, layout ``cfg x ring x ulysses`` (``P = ring x ulysses`` splits
 the ``S`` tokens; width ``D``, ``L`` layers):
 
-* tensor: ``FLOPs / P / (tensor_efficiency x peak_bf16)`` (FLOPs from :mod:`engine.flops`);
+* tensor: ``FLOPs / P / (tensor_efficiency x peak_bf16)`` (FLOPs from the model family's spec);
 * element-wise: ``elementwise_bytes x (S/P) x D x L / memory_bandwidth``: norms, modulation, RoPE,
   GELU, residual adds and all-to-all packing are memory-bound. ``tensor_efficiency`` and
   ``elementwise_bytes`` are the only constants fitted to the published Wan 2.2 timings, so any
@@ -35,16 +35,14 @@ from dataclasses import dataclass
 from functools import cache
 
 from relay.engine.errors import ValidationError
-from relay.engine.flops import transformer_flops, video_tokens
+from relay.engine.experts import DENSE, HIGH, LOW
 # The catalog lives in parallel.catalog; its names stay importable from here, where the planner
 # and its callers have always found them.
 from relay.parallel.catalog import (  # noqa: F401
-    DATA_DIR, GpuSpec, ModelDefaults, ModelSpec, TextEncoderSpec, VaeSpec, find_gpu, find_model, gpus, models)
+    DATA_DIR, CatalogModel, GpuSpec, TextEncoderSpec, VaeSpec, find_gpu, find_model, gpus, models)
 from relay.parallel.layout import ParallelLayout
 
 GIB = 2**30
-#: Expert names, the same strings as :mod:`engine.loader` (not imported: it imports torch).
-HIGH, LOW, DENSE = "high_noise", "low_noise", "dense"
 BF16 = 2
 
 
@@ -103,7 +101,7 @@ def load_calibration() -> Calibration:
 class Workload:
     """One request's shape: model, video size, steps per expert and guidance per expert."""
 
-    model: ModelSpec
+    model: CatalogModel
     width: int
     height: int
     frames: int
@@ -130,7 +128,7 @@ class Workload:
         return 4.0 * vae.latent_channels * t * (self.height // vae.spatial_stride) * (self.width // vae.spatial_stride)
 
 
-def make_workload(model: ModelSpec, *, width: int | None = None, height: int | None = None,
+def make_workload(model: CatalogModel, *, width: int | None = None, height: int | None = None,
                   frames: int | None = None, steps: int | None = None) -> Workload:
     """A :class:`Workload` at the model's reference settings, with the given overrides.
 
@@ -149,16 +147,19 @@ def make_workload(model: ModelSpec, *, width: int | None = None, height: int | N
         raise ValidationError("frames", f"must be 4k+1 in 1..257, got {frames}")
     if not 1 <= steps <= 1000:
         raise ValidationError("steps", f"must be in 1..1000, got {steps}")
+    from relay.engine.models import get_spec
+
+    family = get_spec(model.family)
     if model.num_experts == 2:
         from relay.engine.stages import expert_step_counts
 
-        counts = expert_step_counts(steps, d.shift, d.boundary)
+        counts = expert_step_counts(steps, d.shift, d.boundary, family=model.family)
         guidance = {HIGH: d.guidance, LOW: d.guidance_low if d.guidance_low is not None else d.guidance}
     else:
         counts, guidance = {DENSE: steps}, {DENSE: d.guidance}
-    tokens = video_tokens(dict(model.transformer), height=height, width=width, frames=frames,
-                          vae_spatial=model.vae.spatial_stride, vae_temporal=model.vae.temporal_stride)
-    flops = transformer_flops(dict(model.transformer), tokens, model.text_encoder.tokens)
+    tokens = family.video_tokens(dict(model.transformer), height=height, width=width, frames=frames,
+                                 vae_spatial=model.vae.spatial_stride, vae_temporal=model.vae.temporal_stride)
+    flops = family.flops(dict(model.transformer), tokens, model.text_encoder.tokens)
     return Workload(model=model, width=width, height=height, frames=frames, steps=steps,
                     expert_steps=counts, guidance=guidance, tokens=tokens, flops=flops)
 

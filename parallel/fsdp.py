@@ -1,19 +1,22 @@
-"""FSDP2 (``fully_shard``) loading of the Wan transformer and the UMT5 text encoder.
+"""FSDP2 (``fully_shard``) loading of a transformer or text encoder, rank-locally.
 
 A 14B expert does not fit on one device next to its activations, and even a host that could hold
-it should not need to hold it once per rank. So every loader here builds the model on the meta
-device, shards it with ``fully_shard`` (one FSDP group per transformer block, then the root),
+it should not need to hold it once per rank. So the model is built on the meta device by its
+family (the spec's ``meta_transformer`` / ``meta_text_encoder``: a
+:class:`~engine.models.spec.MetaModel`), sharded here with ``fully_shard`` (one FSDP group per
+block, then the root),
 allocates only this rank's shards with ``to_empty``, and then fills those shards straight from
 the safetensors files: each rank reads just its own rows of each tensor (``get_slice``), so no
 rank -- on the device or on the host -- ever holds more than one full tensor, and that only for
 tensors FSDP does not shard (buffers).
 
 Dtypes follow the library loaders the unsharded path uses, so that sharded and unsharded runs
-compute the same thing: parameters are cast to ``dtype``, except the modules diffusers and
-transformers keep in fp32 (``_keep_in_fp32_modules``; FSDP2 all-gathers a mixed-dtype group as
-bytes, so mixed groups are fine). Non-persistent buffers are not in checkpoints and are garbage
-after ``to_empty``; the ones we know how to rebuild (Wan's rotary tables) are recomputed on the
-CPU, and any other one is an error rather than silent garbage.
+compute the same thing: parameters are cast to ``dtype``, except the modules the family says
+diffusers and transformers keep in fp32 (``MetaModel.keep_fp32``; FSDP2 all-gathers a
+mixed-dtype group as bytes, so mixed groups are fine). Non-persistent buffers are not in
+checkpoints and are garbage after ``to_empty``; the ones the family knows how to rebuild
+(``MetaModel.rebuild_buffers``, e.g. Wan's rotary tables) are recomputed on the CPU, and any
+other one is an error rather than silent garbage.
 
 With ``offload=True`` every ``fully_shard`` group gets a ``CPUOffloadPolicy``: the parameter
 shards rest in host memory (pinned when the device is CUDA, for asynchronous copies) and each
@@ -28,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -39,82 +42,34 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 logger = logging.getLogger(__name__)
 
-_REDUCED = (torch.float16, torch.bfloat16)
 
-
-def load_sharded_transformer(model_dir: str | Path, subfolder: str, *, mesh: DeviceMesh,
-                             device: str | torch.device, dtype: torch.dtype,
-                             offload: bool = False) -> nn.Module:
-    """Builds a ``WanTransformer3DModel`` sharded with FSDP2 over ``mesh``, loading rank-locally.
+def load_sharded(meta, folder: str | Path, *, mesh: DeviceMesh, device: str | torch.device,
+                 dtype: torch.dtype, offload: bool = False) -> nn.Module:
+    """Shards a model built on the meta device with FSDP2 over ``mesh`` and loads it rank-locally.
 
     Args:
-        model_dir: A Wan 2.x diffusers directory.
-        subfolder: The transformer folder in it (``transformer`` or ``transformer_2``).
+        meta: The family's :class:`~engine.models.spec.MetaModel` (module on ``meta``, its
+            blocks, fp32 modules, checkpoint stem, buffer rebuilders).
+        folder: The folder with the safetensors checkpoint (``<stem>.safetensors`` or its index).
         mesh: 1-D device mesh to shard over (every rank of it must call this).
         device: This rank's device; only its parameter shards are allocated there.
-        dtype: Parameter dtype; diffusers' fp32 modules (rope, time embedder, norms,
-            modulation tables) stay fp32 as in ``from_pretrained``.
+        dtype: Parameter dtype; ``meta.keep_fp32`` modules stay fp32 (as in ``from_pretrained``).
         offload: Keep the parameter shards in host memory (``CPUOffloadPolicy``) and copy
             each block's shards to ``device`` only for its forward.
 
     Returns:
         The model in eval mode with ``requires_grad`` off; its parameters are ``DTensor`` shards
-        (on the CPU with ``offload``, else on ``device``); buffers are on ``device``.
+        (on the CPU with ``offload``, else on ``device``); buffers are on ``device``. A weight
+        tied under two names (UMT5's ``shared`` / ``embed_tokens``) is loaded once.
 
     Raises:
         FileNotFoundError: no safetensors checkpoint in the folder.
         ValueError: a parameter or buffer is missing from the checkpoint or has the wrong shape.
     """
-    from diffusers import WanTransformer3DModel
-
-    folder = Path(model_dir) / subfolder
-    config = WanTransformer3DModel.load_config(folder)
-    with torch.device("meta"):
-        model = WanTransformer3DModel.from_config(config)
-    # diffusers keeps these fp32 for any dtype, matching on any dotted name component.
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    fp32 = keep if dtype != torch.float32 else set()
-    return _shard_and_load(model, model.blocks, folder, "diffusion_pytorch_model",
-                           mesh=mesh, device=device, dtype=dtype, fp32=fp32, offload=offload)
-
-
-def load_sharded_text_encoder(path: str | Path, *, mesh: DeviceMesh, device: str | torch.device,
-                              dtype: torch.dtype, offload: bool = False) -> nn.Module:
-    """Builds a ``UMT5EncoderModel`` sharded with FSDP2 over ``mesh``, loading rank-locally.
-
-    ``shared.weight`` and ``encoder.embed_tokens.weight`` are one tied parameter; checkpoints
-    store it under either name (usually ``shared.weight``), and it is loaded once.
-
-    Args:
-        path: The ``text_encoder`` folder (``config.json`` plus ``model*.safetensors``).
-        mesh: 1-D device mesh to shard over (every rank of it must call this).
-        device: This rank's device.
-        dtype: Parameter dtype; as in transformers, ``_keep_in_fp32_modules`` (T5's ``wo``)
-            stay fp32 under fp16 and ``_keep_in_fp32_modules_strict`` under fp16 and bf16.
-        offload: Keep the parameter shards in host memory (``CPUOffloadPolicy``) and copy
-            each block's shards to ``device`` only for its forward.
-
-    Returns:
-        The encoder in eval mode with ``requires_grad`` off (shards placed as for the
-        transformer).
-
-    Raises:
-        FileNotFoundError: no safetensors checkpoint in the folder.
-        ValueError: a parameter is missing from the checkpoint or has the wrong shape.
-    """
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    folder = Path(path)
-    config = UMT5Config.from_pretrained(folder)
-    with torch.device("meta"):
-        model = UMT5EncoderModel(config)
-    fp32 = set()
-    if dtype == torch.float16:
-        fp32 |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    if dtype in _REDUCED:
-        fp32 |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    return _shard_and_load(model, model.encoder.block, folder, "model",
-                           mesh=mesh, device=device, dtype=dtype, fp32=fp32, offload=offload)
+    fp32 = set(meta.keep_fp32) if dtype != torch.float32 else set()
+    return _shard_and_load(meta.module, meta.blocks, Path(folder), meta.weights_stem, mesh=mesh,
+                           device=device, dtype=dtype, fp32=fp32, offload=offload,
+                           rebuilders=meta.rebuild_buffers)
 
 
 def local_parameter_bytes(module: nn.Module) -> int:
@@ -141,7 +96,7 @@ def offload_policy(device: str | torch.device, offload: bool) -> OffloadPolicy:
 
 def _shard_and_load(model: nn.Module, blocks: Iterable[nn.Module], folder: Path, stem: str, *,
                     mesh: DeviceMesh, device: str | torch.device, dtype: torch.dtype,
-                    fp32: set[str], offload: bool = False) -> nn.Module:
+                    fp32: set[str], offload: bool, rebuilders: Mapping[str, Callable]) -> nn.Module:
     """Casts ``model`` (on meta), shards ``blocks`` then the root, allocates, and loads."""
     model.requires_grad_(False)  # inference only; also keeps FSDP from tracking grads
     for name, tensor in _checkpointed(model).items():
@@ -159,7 +114,7 @@ def _shard_and_load(model: nn.Module, blocks: Iterable[nn.Module], folder: Path,
     if offload:
         _buffers_to(model, device)  # FSDP does not manage buffers: forward uses them in place
     _load_checkpoint(model, folder, stem)
-    _rebuild_non_persistent_buffers(model)
+    _rebuild_non_persistent_buffers(model, rebuilders)
     return model.eval()
 
 
@@ -275,23 +230,13 @@ def local_shard_bounds(shape: torch.Size, mesh: DeviceMesh,
     return tuple(sizes), tuple(offsets)
 
 
-def _wan_rope(module: nn.Module) -> nn.Module:
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-
-    # The module keeps its constructor arguments; theta is never overridden by the model.
-    return WanRotaryPosEmbed(module.attention_head_dim, module.patch_size, module.max_seq_len)
-
-
-#: Class name -> how to rebuild a fresh copy (on the CPU) whose non-persistent buffers are right.
-_BUFFER_REBUILDERS: dict[str, Callable[[nn.Module], nn.Module]] = {"WanRotaryPosEmbed": _wan_rope}
-
-
-def _rebuild_non_persistent_buffers(model: nn.Module) -> None:
-    """Recomputes buffers that checkpoints do not store and ``to_empty`` left uninitialised."""
+def _rebuild_non_persistent_buffers(model: nn.Module, rebuilders: Mapping[str, Callable]) -> None:
+    """Recomputes buffers that checkpoints do not store and ``to_empty`` left uninitialised
+    (``rebuilders``: class name -> function building a fresh CPU copy of such a module)."""
     for name, module in model.named_modules():
         if not module._non_persistent_buffers_set:
             continue
-        rebuild = _BUFFER_REBUILDERS.get(type(module).__name__)
+        rebuild = rebuilders.get(type(module).__name__)
         if rebuild is None:
             raise ValueError(f"{name} ({type(module).__name__}) has non-persistent buffers "
                              f"{sorted(module._non_persistent_buffers_set)} that cannot be rebuilt")

@@ -1,9 +1,10 @@
 """Process groups for a worker group: the one module that creates them.
 
-:func:`init_groups` turns rank information from any launcher (torchrun, local spawn, Ray) into a
-``torch.distributed`` world, a device mesh named ``(cfg, ring, ulysses)`` and the derived
+:func:`init_groups` turns rank information from any launcher (torchrun, local processes, Ray)
+into a ``torch.distributed`` world, a device mesh named ``(cfg, ring, ulysses)`` and the derived
 groups, and hands yunchang (which xfuser's attention uses) the Ulysses and ring groups of this
-mesh. Nothing else in Relay calls ``init_process_group`` or the xfuser / yunchang initialisers.
+mesh. A group of one rank (in this process) needs no ``torch.distributed`` at all. Nothing else
+in Relay calls ``init_process_group`` or the xfuser / yunchang initialisers.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class ParallelGroups:
         layout: The validated layout.
         rank: Global rank.
         device: This rank's device.
-        mesh: Device mesh with dimensions :data:`parallel.layout.MESH_DIMS`.
+        mesh: Device mesh with dimensions :data:`parallel.layout.MESH_DIMS` (``None`` for a
+            group of one rank, which has no process group).
         cfg_group: Group along the CFG dimension (``None`` when ``cfg_degree == 1``).
         cfg_rank: 0 runs the conditional forward, 1 the unconditional one.
         sp_group: The sequence-parallel group (ring x ulysses), ``None`` when its degree is 1.
@@ -48,12 +50,12 @@ class ParallelGroups:
     layout: ParallelLayout
     rank: int
     device: torch.device
-    mesh: object
-    cfg_group: object | None
-    cfg_rank: int
-    sp_group: object | None
-    sp_rank: int
-    fsdp_mesh: object | None
+    mesh: object | None = None
+    cfg_group: object | None = None
+    cfg_rank: int = 0
+    sp_group: object | None = None
+    sp_rank: int = 0
+    fsdp_mesh: object | None = None
     world_mesh: object | None = None
 
     @property
@@ -65,6 +67,11 @@ class ParallelGroups:
 def backend_for(device_type: str) -> str:
     """NCCL on CUDA, gloo on CPU."""
     return "nccl" if device_type == "cuda" else "gloo"
+
+
+def rank_device(device_type: str, local_rank: int) -> torch.device:
+    """This rank's device: ``cuda:<local_rank>``, or the CPU."""
+    return torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
 
 
 def init_groups(layout: ParallelLayout, info: RankInfo, *, device_type: str | None = None,
@@ -79,7 +86,9 @@ def init_groups(layout: ParallelLayout, info: RankInfo, *, device_type: str | No
     """
     layout.check_world(info.world_size)
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device_type, info.local_rank) if device_type == "cuda" else torch.device("cpu")
+    device = rank_device(device_type, info.local_rank)
+    if info.world_size == 1:  # one rank in this process: nothing to join, nothing to split
+        return ParallelGroups(layout=layout, rank=info.rank, device=device)
     if device_type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -118,10 +127,13 @@ def _register_sequence_groups(ulysses_group, ring_group) -> None:
     registry.RING_PG = ring_group
 
 
-def destroy_groups() -> None:
-    """Leaves the process group (idempotent); yunchang's registry is cleared too."""
+def destroy_groups(groups: ParallelGroups | None = None) -> None:
+    """Leaves the process group (idempotent); yunchang's registry is cleared too. A group of
+    one rank (``groups.mesh`` is ``None``) joined nothing and leaves nothing."""
     from relay.parallel import xdit
 
+    if groups is not None and groups.mesh is None:
+        return
     if xdit._loaded is not None:
         xdit._loaded.PROCESS_GROUP.ULYSSES_PG = None
         xdit._loaded.PROCESS_GROUP.RING_PG = None

@@ -123,6 +123,27 @@ class ParallelLayout:
         layout.check_world(nproc)
         return layout
 
+    @staticmethod
+    def parse_spec(spec: str, *, field: str = "layout") -> dict[str, int]:
+        """The degrees of a ``"ulysses=4,ring=1,cfg=2,fsdp=8"`` spec, checked for syntax only.
+
+        Raises:
+            LayoutError: unknown key, a key given twice, or a non-integer value.
+        """
+        values: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            key, sep, value = part.partition("=")
+            key = {"cfg_parallel": "cfg"}.get(key.strip(), key.strip())
+            if not sep or key not in ("ulysses", "ring", "cfg", "fsdp"):
+                raise LayoutError(field, f"{part!r} is not KEY=N with KEY one of ulysses, ring, cfg, fsdp")
+            if key in values:
+                raise LayoutError(field, f"{key} is given twice")
+            try:
+                values[key] = int(value)
+            except ValueError:
+                raise LayoutError(field, f"{key} must be an integer, got {value.strip()!r}") from None
+        return values
+
     @classmethod
     def from_spec(cls, spec: str, *, nproc: int | None = None, field: str = "layout") -> ParallelLayout:
         """Parses ``"ulysses=4,ring=1,cfg=2,fsdp=8"`` (the layout flags' names, any subset).
@@ -137,18 +158,7 @@ class ParallelLayout:
         Raises:
             LayoutError: unknown key, non-integer value, or an impossible layout.
         """
-        values: dict[str, int] = {}
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            key, sep, value = part.partition("=")
-            key = {"cfg_parallel": "cfg"}.get(key.strip(), key.strip())
-            if not sep or key not in ("ulysses", "ring", "cfg", "fsdp"):
-                raise LayoutError(field, f"{part!r} is not KEY=N with KEY one of ulysses, ring, cfg, fsdp")
-            if key in values:
-                raise LayoutError(field, f"{key} is given twice")
-            try:
-                values[key] = int(value)
-            except ValueError:
-                raise LayoutError(field, f"{key} must be an integer, got {value.strip()!r}") from None
+        values = cls.parse_spec(spec, field=field)
         if nproc is None:
             return cls(cfg_degree=values.get("cfg", 1), ulysses_degree=values.get("ulysses", 1),
                        ring_degree=values.get("ring", 1), fsdp_degree=values.get("fsdp", 1))

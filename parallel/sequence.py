@@ -1,16 +1,19 @@
-"""Sequence parallelism for Wan transformers, installed as removable hooks and processors.
+"""Sequence parallelism for diffusion transformers, installed as removable hooks and processors.
 
 After patch embedding a video is a sequence of ``S`` tokens. Each rank of the sequence-parallel
 group keeps one contiguous chunk of ``ceil(S / P)`` tokens (the sequence is padded at the end
-when ``P`` does not divide ``S``):
+when ``P`` does not divide ``S``). Where the split and the gather happen is the model's own
+declaration -- diffusers' ``_cp_plan``, taken from the family spec's
+:class:`~engine.models.spec.SequenceParallelPlan` -- so nothing here knows Wan:
 
-* the model's forward pre-hook measures ``S`` and splits per-token timesteps (TI2V);
-* a forward hook on ``rope`` slices the rotary tables to the rank's chunk;
-* a pre-hook on ``blocks[0]`` splits the hidden states;
-* every block's self-attention gets :class:`USPAttnProcessor`, which runs xfuser's
-  long-context (Ulysses + ring) attention; cross-attention to the text stays local;
-* a forward hook on ``proj_out`` all-gathers the chunks and drops the padding before
-  unpatchify.
+* ``{name or index: ContextParallelInput}`` on a module: split those inputs before it runs
+  (``split_output=False``) or those outputs after it (``split_output=True``), along
+  ``split_dim``, when the tensor has ``expected_dims`` dimensions (Wan: the rotary tables after
+  ``rope``, the hidden states before ``blocks.0``, per-token timesteps at the model's input);
+* ``ContextParallelOutput`` on a module: all-gather its output along ``gather_dim`` and drop
+  the padding (Wan: after ``proj_out``, before unpatchify);
+* the plan's self-attention modules get the family's processor with this group's kernel:
+  xfuser's long-context (Ulysses + ring) attention; cross-attention to the text stays local.
 
 Padding is exact: padded keys are marked (NaN) inside the key tensor and dropped by the
 attention kernel, and padded queries are discarded at the gather. Nothing in the model's code
@@ -50,63 +53,20 @@ def _split(tensor: torch.Tensor, dim: int, chunk: _Chunk) -> torch.Tensor:
     return tensor.narrow(dim, chunk.start, chunk.size).contiguous()
 
 
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved rotary embedding (same arithmetic as diffusers' Wan processor)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
-
-
-class USPAttnProcessor:
-    """Self-attention of a Wan block through xfuser's Ulysses + ring attention.
-
-    Projections, QK-norm (RMS over all heads, per token) and rotary embedding are per token
-    and run on the local chunk; only the attention itself spans the group.
-    """
-
-    def __init__(self, owner: SequenceParallel) -> None:
-        self.owner = owner
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 rotary_emb=None):
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise RuntimeError("USPAttnProcessor serves self-attention only")
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _apply_rotary(query, *rotary_emb)
-            key = _apply_rotary(key, *rotary_emb)
-        chunk = self.owner.chunk
-        padded = chunk.padded != chunk.seq
-        if padded and chunk.valid < chunk.size:
-            key = key.clone()
-            key[:, chunk.valid:] = float("nan")  # the mark the padding-aware kernel drops
-            value = value.clone()
-            value[:, chunk.valid:] = 0
-        out = self.owner.attention(padded)(None, query, key, value)
-        out = out.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
 class SequenceParallel:
-    """Splits a Wan transformer's tokens over ``group`` (installed on construction).
+    """Splits a transformer's tokens over ``group`` as ``plan`` declares (installed on construction).
 
     Args:
-        model: A ``WanTransformer3DModel`` (plain or FSDP-sharded).
+        model: The transformer (plain or FSDP-sharded).
+        plan: The family's :class:`~engine.models.spec.SequenceParallelPlan`.
         group: The sequence-parallel process group.
         rank: This rank's index in ``group`` (the chunk it owns).
         device: Device attention runs on (selects the attention kernel).
     """
 
-    def __init__(self, model, *, group, rank: int, device: torch.device) -> None:
+    def __init__(self, model, plan, *, group, rank: int, device: torch.device) -> None:
+        from diffusers.models._modeling_parallel import ContextParallelOutput
+
         self.model = model
         self.group = group
         self.rank = rank
@@ -114,17 +74,97 @@ class SequenceParallel:
         self.device = device
         self.chunk = _Chunk()
         self._attention = {}
-        self._handles = [
-            model.register_forward_pre_hook(self._on_model, with_kwargs=True),
-            model.rope.register_forward_hook(self._on_rope),
-            model.blocks[0].register_forward_pre_hook(self._on_first_block),
-            model.proj_out.register_forward_hook(self._on_proj_out),
-        ]
+        root_inputs = {}
+        self._handles = []
+        for path, entry in plan.cp_plan.items():
+            if not path:
+                root_inputs = entry
+                continue
+            module = model.get_submodule(path)
+            if isinstance(entry, ContextParallelOutput):
+                self._handles.append(module.register_forward_hook(self._gather_hook(entry)))
+                continue
+            inputs = {key: spec for key, spec in entry.items() if not spec.split_output}
+            outputs = {key: spec for key, spec in entry.items() if spec.split_output}
+            if inputs:
+                self._handles.append(module.register_forward_pre_hook(self._split_inputs_hook(module, inputs),
+                                                                      with_kwargs=True))
+            if outputs:
+                self._handles.append(module.register_forward_hook(self._split_outputs_hook(outputs)))
+        # The model's own pre-hook starts each forward: a fresh chunk, then its split inputs.
+        self._handles.insert(0, model.register_forward_pre_hook(self._start_hook(model, root_inputs),
+                                                                with_kwargs=True))
         self._processors = []
-        for block in model.blocks:
-            self._processors.append((block.attn1, block.attn1.get_processor()))
-            block.attn1.set_processor(USPAttnProcessor(self))
+        for attn in plan.self_attention(model):
+            self._processors.append((attn, attn.get_processor()))
+            attn.set_processor(plan.processor(self.attend))
 
+    # --- the chunk ------------------------------------------------------------------------------
+    def _split(self, tensor: torch.Tensor, spec) -> torch.Tensor:
+        if spec.expected_dims is not None and tensor.ndim != spec.expected_dims:
+            return tensor  # e.g. one timestep per sample, not per token: nothing to split
+        seq = tensor.shape[spec.split_dim]
+        if self.chunk.seq == 0:
+            size = -(-seq // self.degree)
+            self.chunk = _Chunk(seq=seq, padded=size * self.degree, size=size, start=self.rank * size)
+        elif seq != self.chunk.seq:
+            raise RuntimeError(f"sequence-parallel split of {seq} tokens in a forward of {self.chunk.seq}")
+        return _split(tensor, spec.split_dim, self.chunk)
+
+    def _split_args(self, signature, args, kwargs, inputs):
+        args, kwargs = list(args), dict(kwargs)
+        for key, spec in inputs.items():
+            if key in kwargs:
+                if torch.is_tensor(kwargs[key]):
+                    kwargs[key] = self._split(kwargs[key], spec)
+                continue
+            position = signature.index(key) if key in signature else None
+            if position is not None and position < len(args) and torch.is_tensor(args[position]):
+                args[position] = self._split(args[position], spec)
+        return tuple(args), kwargs
+
+    def _start_hook(self, model, inputs):
+        signature = _parameters(model)
+
+        def hook(module, args, kwargs):
+            self.chunk = _Chunk()
+            return self._split_args(signature, args, kwargs, inputs) if inputs else (args, kwargs)
+
+        return hook
+
+    def _split_inputs_hook(self, module, inputs):
+        signature = _parameters(module)
+
+        def hook(module, args, kwargs):
+            return self._split_args(signature, args, kwargs, inputs)
+
+        return hook
+
+    def _split_outputs_hook(self, outputs):
+        def hook(module, args, output):
+            if torch.is_tensor(output):
+                return self._split(output, outputs[0]) if 0 in outputs else output
+            items = list(output)
+            for index, spec in outputs.items():
+                items[index] = self._split(items[index], spec)
+            return type(output)(items)
+
+        return hook
+
+    def _gather_hook(self, spec):
+        def hook(module, args, output):
+            from relay.parallel.groups import all_gather_stacked
+
+            if spec.expected_dims is not None and output.ndim != spec.expected_dims:
+                return output
+            dim = spec.gather_dim
+            chunks = all_gather_stacked(output, self.group)  # (degree, *output.shape)
+            gathered = chunks.movedim(0, dim).flatten(dim, dim + 1)
+            return gathered.narrow(dim, 0, self.chunk.seq)
+
+        return hook
+
+    # --- attention ----------------------------------------------------------------------------
     def attention(self, padded: bool):
         """xfuser's long-context attention for this device (one per padding mode, cached)."""
         if padded not in self._attention:
@@ -133,31 +173,17 @@ class SequenceParallel:
             self._attention[padded] = make_attention(self.device, padded=padded)
         return self._attention[padded]
 
-    def _on_model(self, module, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        _, _, frames, height, width = hidden.shape
-        pt, ph, pw = module.config.patch_size
-        seq = (frames // pt) * (height // ph) * (width // pw)
-        size = -(-seq // self.degree)
-        self.chunk = _Chunk(seq=seq, padded=size * self.degree, size=size, start=self.rank * size)
-        timestep = kwargs.get("timestep")
-        if timestep is not None and timestep.ndim == 2:  # per-token timesteps (TI2V)
-            kwargs = dict(kwargs, timestep=_split(timestep, 1, self.chunk))
-        return args, kwargs
-
-    def _on_rope(self, module, args, output):
-        cos, sin = output
-        return _split(cos, 1, self.chunk), _split(sin, 1, self.chunk)
-
-    def _on_first_block(self, module, args):
-        return (_split(args[0], 1, self.chunk), *args[1:])
-
-    def _on_proj_out(self, module, args, output):
-        from relay.parallel.groups import all_gather_stacked
-
-        chunks = all_gather_stacked(output, self.group)  # (degree, batch, size, ...)
-        gathered = chunks.transpose(0, 1).reshape(output.shape[0], self.chunk.padded, *output.shape[2:])
-        return gathered[:, : self.chunk.seq]
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The kernel the family's processor calls: attention over the whole sequence for this
+        rank's queries, ``(batch, local tokens, heads, head_dim)`` in and out."""
+        chunk = self.chunk
+        padded = chunk.padded != chunk.seq
+        if padded and chunk.valid < chunk.size:
+            key = key.clone()
+            key[:, chunk.valid:] = float("nan")  # the mark the padding-aware kernel drops
+            value = value.clone()
+            value[:, chunk.valid:] = 0
+        return self.attention(padded)(None, query, key, value)
 
     def remove(self) -> None:
         """Removes every hook and restores the original attention processors."""
@@ -166,3 +192,10 @@ class SequenceParallel:
         for attn, processor in self._processors:
             attn.set_processor(processor)
         self._handles, self._processors = [], []
+
+
+def _parameters(module) -> list[str]:
+    """Names of ``module.forward``'s positional parameters, in order (``self`` excluded)."""
+    import inspect
+
+    return [name for name in inspect.signature(module.forward).parameters]

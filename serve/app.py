@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from relay.engine.service import AsyncEngine, LocalRunner
+from relay.engine.service import AsyncEngine
 from relay.serve.server import RelayServer, ServerConfig
 
 log = logging.getLogger(__name__)
@@ -18,19 +18,17 @@ def model_name(path: Path) -> str:
     return path.name
 
 
-async def serve(model_dirs: list[str], *, config: ServerConfig, dtype: str | None = None,
-                device: str | None = None, offload: bool = False, max_queue: int = 8,
-                heartbeat_s: float = 5.0, port_file: str | None = None, runner_factory=None) -> None:
+async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, max_queue: int = 8,
+                heartbeat_s: float = 5.0, port_file: str | None = None) -> None:
     """Runs the server until it has drained.
 
     Health is NOT_SERVING (and Generate answers UNAVAILABLE) until every model has loaded.
 
     Args:
         runner_factory: ``runner_factory(info, name) -> runner`` builds each model's runner
-            (called on a worker thread; e.g. Ray worker groups under a stage scheduler, whose
-            runner may have a ``close()``). Default: the model loaded in this process.
+            (called on a worker thread): an :class:`engine.scheduled.ScheduledRunner` over the
+            model's executor, whose ``close()`` is called when the server stops.
     """
-    from relay.engine.loader import load_model
     from relay.engine.model_info import read_model_info
 
     infos = {}
@@ -48,12 +46,9 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, dtype: str | Non
           f"{', token auth' if config.tokens else ''}); loading {', '.join(infos)}", file=sys.stderr, flush=True)
     if port_file:
         Path(port_file).write_text(f"{server.port}\n")
-    def local_runner(info, name):
-        return LocalRunner(load_model(info, dtype=dtype, device=device, offload=offload), name=name)
-
     try:
         for name, info in infos.items():
-            runners[name] = await asyncio.to_thread(runner_factory or local_runner, info, name)
+            runners[name] = await asyncio.to_thread(runner_factory, info, name)
         # Again: libraries started while loading (Ray's core worker) may install their own
         # SIGTERM handler, which would abort instead of draining.
         server.install_signal_handlers()

@@ -26,10 +26,13 @@ VIRTUAL = "relay/serve/gen"
 
 def generate(out_root: Path) -> Path:
     """Runs protoc (grpcio-tools) with ``out_root`` as the output root; returns the stub folder."""
+    from importlib import resources
+
     from grpc_tools import protoc
 
     out_root.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{VIRTUAL}=proto", f"--python_out={out_root}", f"--pyi_out={out_root}",
+    well_known = resources.files("grpc_tools") / "_proto"  # google/protobuf/*.proto
+    args = ["protoc", f"-I{VIRTUAL}=proto", f"-I{well_known}", f"--python_out={out_root}", f"--pyi_out={out_root}",
             f"--grpc_python_out={out_root}", PROTO.replace("proto/", VIRTUAL + "/", 1)]
     import os
 

@@ -87,11 +87,25 @@ def video_events(job: Job):
         yield pb.GenerateEvent(job_id=job.job_id, video_chunk=pb.VideoChunk(
             offset=offset, data=data[offset:offset + CHUNK_BYTES]))
     t = job.timings
-    yield pb.GenerateEvent(job_id=job.job_id, done=pb.Done(
-        sha256=hashlib.sha256(data).hexdigest(), size=len(data), mime=job.mime,
-        timings=pb.Timings(queued_s=t.get("queued_s", 0.0), encode_s=t.get("encode_s", 0.0),
-                           denoise_s=t.get("denoise_s", 0.0), decode_s=t.get("decode_s", 0.0),
-                           total_s=t.get("total_s", 0.0))))
+    done = pb.Done(sha256=hashlib.sha256(data).hexdigest(), size=len(data), mime=job.mime,
+                   timings=pb.Timings(queued_s=t.get("queued_s", 0.0), encode_s=t.get("encode_s", 0.0),
+                                      denoise_s=t.get("denoise_s", 0.0), decode_s=t.get("decode_s", 0.0),
+                                      total_s=t.get("total_s", 0.0)))
+    done.stats.update(_plain(job.stats))
+    yield pb.GenerateEvent(job_id=job.job_id, done=done)
+
+
+def _plain(value):
+    """``value`` with only JSON types (a Struct holds no tuples, paths or numpy numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+        return str(value)  # a Struct number is a double: a 63-bit seed would lose its last digits
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def job_message(engine, job: Job) -> pb.Job:

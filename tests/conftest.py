@@ -47,7 +47,7 @@ class CliResult:
 @pytest.fixture
 def relay(capsys):
     """Runs ``relay ARGS...`` in this process (same code as the console script)."""
-    from relay.launch.cli import main
+    from relay.cli.main import main
 
     def run(*args: str) -> CliResult:
         try:

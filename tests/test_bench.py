@@ -42,7 +42,7 @@ def test_bench_package_comes_from_this_repo():
 
 def test_building_the_bench_parser_imports_no_heavy_library():
     """Every ``relay`` command builds the bench sub-commands: they must stay cheap."""
-    code = ("import argparse, sys; from relay.launch import bench_cli; "
+    code = ("import argparse, sys; from relay.cli import bench as bench_cli; "
             "bench_cli.add_parser(argparse.ArgumentParser().add_subparsers()); "
             "print(sorted(m for m in ('torch', 'grpc', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -61,6 +61,30 @@ def test_registry_has_the_benches_and_the_stage_slots():
     for name in built:
         module = importlib.import_module(BENCHES[name][0])
         assert all(callable(getattr(module, fn)) for fn in ("add_arguments", "skip_reason", "run")), name
+
+
+def test_cli_smoke(relay, tmp_path):
+    result = relay("bench", "cli", "--smoke", "--results", tmp_path)
+    assert result.code == 0, result.err
+    _rows(result.out, ["relay --help", "relay --version", "relay generate --help", "python -c pass"])
+    doc = _document(tmp_path, "cli")
+    assert all(len(times) == 2 for times in doc["raw"].values())
+    helps = {k: v for k, v in doc["summary"].items() if k.startswith("relay")}
+    assert len(helps) == 10 and all(v["median_s"] > 0 for v in helps.values())
+
+
+def test_results_go_to_a_user_folder_not_the_package(monkeypatch, tmp_path):
+    from relay.bench import common
+
+    monkeypatch.delenv("RELAY_RESULTS", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert common.results_dir() == tmp_path / "relay" / "bench"
+    monkeypatch.setenv("RELAY_RESULTS", str(tmp_path / "mine"))
+    assert common.results_dir() == tmp_path / "mine"
+    monkeypatch.delenv("RELAY_RESULTS")
+    written = common.write_result("probe", common.BenchResult(settings={}, raw={}, summary={}, table=""))
+    assert written.parent == tmp_path / "relay" / "bench"
+    assert not str(written).startswith(str(Path(common.__file__).parent))
 
 
 def test_engine_smoke(relay, tiny_models, tmp_path):
@@ -136,7 +160,7 @@ def test_gpu_bench_skips_without_cuda(relay, tmp_path):
 
 def test_gpu_bench_arithmetic_in_cpu_test_mode(relay, tmp_path):
     from relay.bench.gpu import TINY
-    from relay.engine.flops import transformer_flops, video_tokens
+    from relay.engine.models.wan.flops import transformer_flops, video_tokens
 
     target = tmp_path / "gpu.json"
     result = relay("bench", "gpu", "--device", "cpu", "--config", "tiny", "--dtype", "fp32", "--smoke",

@@ -240,7 +240,16 @@ def _worker(job: dict) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
     from transformers import UMT5EncoderModel
 
-    from relay.parallel.fsdp import load_sharded_text_encoder, load_sharded_transformer, local_parameter_bytes
+    from relay.engine.models.wan.loading import text_encoder_on_meta, transformer_on_meta
+    from relay.parallel.fsdp import load_sharded, local_parameter_bytes
+
+    def load_sharded_transformer(model_dir, subfolder, **kwargs):
+        """A Wan expert through the family's meta build and the generic FSDP2 loader."""
+        folder = Path(model_dir) / subfolder
+        return load_sharded(transformer_on_meta(folder), folder, **kwargs)
+
+    def load_sharded_text_encoder(path, *, dtype, **kwargs):
+        return load_sharded(text_encoder_on_meta(Path(path), dtype=dtype), path, dtype=dtype, **kwargs)
 
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()

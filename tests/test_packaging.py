@@ -1,14 +1,16 @@
 """Relay installs under one ``relay`` namespace: nothing generic at the top level of site-packages."""
 
+import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GENERIC = ("engine", "parallel", "serve", "launch", "bench")
+GENERIC = ("engine", "parallel", "serve", "launch", "cli", "bench")
 
 
 @pytest.mark.parametrize("name", GENERIC)
@@ -19,12 +21,24 @@ def test_packages_import_from_the_relay_namespace(name):
     assert Path(module.__file__).resolve().parent == REPO / name
 
 
+def _checkout_files() -> list[str]:
+    """The files a clean checkout has (tracked, plus new files git does not ignore)."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout.split()
+    return [name for name in out if (REPO / name).is_file()]
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """The wheel ``pip wheel .`` builds from this checkout (no dependencies, no network)."""
+    """The wheel ``pip wheel`` builds from a copy of a clean checkout (no stale build folder, no
+    dependencies, no network)."""
+    source = tmp_path_factory.mktemp("checkout")
+    for name in _checkout_files():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(out), str(REPO)], check=True, capture_output=True, timeout=300)
+                    "-w", str(out), str(source)], check=True, capture_output=True, timeout=300)
     return next(out.glob("*.whl"))
 
 
@@ -35,33 +49,45 @@ def test_wheel_installs_only_the_relay_namespace(wheel):
         assert archive.read(top_level).decode().split() == ["relay"]
         assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"relay"}
         assert "relay/proto/relay/v1/relay.proto" in names  # every client generates from it
-        assert "relay/engine/data/wan21_latent_rgb.json" in names
-        assert "relay/parallel/data/models.json" in names
+        for data in ("engine/models/wan/wan21_latent_rgb.json", "engine/models/wan/catalog.json",
+                     "parallel/data/gpus.json", "parallel/data/calibration.json"):
+            assert f"relay/{data}" in names, data
         assert not any(name.startswith("relay/tests/") or "/results/" in name for name in names)
+        # Every module of the checkout ships (a package missing from pyproject would not).
+        shipped = {name for name in names if name.endswith(".py")}
+        for name in _checkout_files():
+            if name.endswith(".py") and not name.startswith(("tests/", ".")):
+                assert f"relay/{name}" in shipped, name
 
 
-def test_installed_wheel_imports_relay_engine_but_not_engine(wheel, tmp_path):
-    """The wheel installed into a fresh folder, imported by an isolated interpreter that has the
-    dependencies but not this checkout (the editable finder is dropped): ``import engine`` fails."""
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                    "--target", str(site), str(wheel)], check=True, capture_output=True, timeout=300)
-    code = ("import importlib, sys\n"
-            "sys.meta_path = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()\n"
-            "                 and 'editable' not in getattr(f, '__name__', '').lower()]\n"
-            "sys.path.insert(0, SITE)\n"
-            "import relay.engine.request, relay.launch.cli\n"
+def test_fresh_venv_imports_relay_engine_but_not_engine(wheel, tmp_path):
+    """The wheel installed into a fresh virtual environment that sees the dependencies but not
+    this checkout: ``import relay.engine`` works, ``import engine`` (and the other generic names)
+    fails, and the ``relay`` console script answers."""
+    venv = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
+                    "--no-index", str(wheel)], check=True, capture_output=True, timeout=300)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # The dependencies (torch, diffusers, ...) from this environment; a path added by a .pth is
+    # not a site folder, so its own .pth files (this checkout's editable finder) do not run.
+    Path(site, "relay-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    code = ("import importlib, relay.engine.request, relay.cli.main\n"
             "assert relay.engine.request.__file__.startswith(SITE), relay.engine.request.__file__\n"
-            "for name in ('engine', 'parallel', 'serve', 'launch', 'bench'):\n"
+            "for name in ('engine', 'parallel', 'serve', 'launch', 'cli', 'bench'):\n"
             "    try:\n"
             "        importlib.import_module(name)\n"
             "    except ModuleNotFoundError:\n"
             "        continue\n"
             "    raise SystemExit(f'{name} imported')\n"
-            "print('ok')\n").replace("SITE", repr(str(site)))
-    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120)
+            "print('ok')\n").replace("SITE", repr(site))
+    out = subprocess.run([str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
+    version = subprocess.run([str(venv / "bin" / "relay"), "--version"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("relay "), version.stderr
 
 
 def test_cli_help_explains_every_generation_flag(relay):
@@ -69,7 +95,7 @@ def test_cli_help_explains_every_generation_flag(relay):
     assert result.code == 0
     for flag in ("--model", "--prompt", "--negative-prompt", "--height", "--width", "--frames",
                  "--steps", "--seed", "--guidance", "--guidance-low", "--shift", "--boundary",
-                 "--fps", "--image", "--dtype", "--output"):
+                 "--fps", "--image", "--dtype", "--output", "--stats", "--executor"):
         assert flag in result.out, flag
     top = relay("--help")
-    assert all(cmd in top.out for cmd in ("generate", "resume", "make-tiny"))
+    assert all(cmd in top.out for cmd in ("generate", "resume", "make-tiny", "serve", "plan", "bench"))

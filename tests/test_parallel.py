@@ -1,8 +1,8 @@
 """Multi-process parity: a worker group (gloo, fp32, CPU) produces the single-process video.
 
-Every case spawns real processes through the same launcher as ``relay generate --nproc N``;
-the reference is a plain single-process run of the engine (itself checked bit-exact against
-diffusers' pipelines in test_parity.py).
+Every case spawns real processes through the same executor as ``relay generate --nproc N``
+(the ``mp`` backend under the stage scheduler); the reference is a plain single-process run of
+the engine (itself checked bit-exact against diffusers' pipelines in test_parity.py).
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ CASES = {
 }
 
 
-def _run_group_command(args: list[str]) -> tuple[int, str]:
+def _run_group_command(args: list[str], env: dict | None = None) -> tuple[int, str]:
     """Runs a launcher command in its own session; on timeout the whole process group is killed
     (its worker ranks included), so a hung group never outlives the test."""
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     try:
         _, err = proc.communicate(timeout=GROUP_TIMEOUT_S)
     finally:
@@ -72,11 +72,29 @@ def engines(tiny_models):
     return {kind: Engine(load_model(path, dtype="fp32", device="cpu")) for kind, path in tiny_models.items()}
 
 
+def _run_on_processes(model_dir, resolved, layout, **spec_fields):
+    """One request on a local-process group (the ``mp`` backend of ``relay generate --nproc``);
+    returns the frames, the run stats, each rank's pid and parameter bytes per expert."""
+    from relay.engine.model_info import read_model_info
+    from relay.engine.stages import request_experts
+    from relay.launch.executor import Executor
+    from relay.launch.placement import plan_groups
+    from relay.launch.worker import WorkerSpec
+
+    info = read_model_info(model_dir)
+    spec = WorkerSpec(model=str(model_dir), layout=layout, dtype="fp32", device_type="cpu", **spec_fields)
+    with Executor(plan_groups(info, resolved, layout=layout), spec, backend="mp",
+                  build_timeout_s=GROUP_TIMEOUT_S) as executor:
+        ticket = executor.scheduler.submit(resolved.to_dict(with_image=True), experts=request_experts(info, resolved))
+        frames = ticket.result(timeout=GROUP_TIMEOUT_S)
+        group = executor.groups[0]
+        pids, shares = group.ping(), group.call("parameter_bytes", timeout_s=60)
+    return frames, ticket.stats.to_dict(), pids, shares
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_group_output_equals_single_process(case, tiny_models, engines, png_bytes, tmp_path):
+def test_group_output_equals_single_process(case, tiny_models, engines, png_bytes):
     from relay.engine import GenerationRequest
-    from relay.launch.local import spawn_group
-    from relay.launch.worker import GenerateJob
 
     kind, layout_kwargs, size, extra = CASES[case]
     extra = dict(extra)
@@ -86,19 +104,15 @@ def test_group_output_equals_single_process(case, tiny_models, engines, png_byte
     reference = engine.generate(resolved)
     layout = ParallelLayout(**layout_kwargs)
     layout.check_model(num_heads=engine.info.num_attention_heads)
-    job = GenerateJob(model=str(tiny_models[kind]), request=resolved.to_dict(with_image=True),
-                      layout=layout, dtype="fp32", device_type="cpu", output=str(tmp_path / "x.npy"),
-                      quiet=True, **extra)
-    reports = spawn_group(job, layout.world_size, timeout_s=GROUP_TIMEOUT_S)
-    assert [r["rank"] for r in reports] == list(range(layout.world_size))
-    ours = np.load(tmp_path / "x.npy")
+    ours, stats, pids, shares = _run_on_processes(tiny_models[kind], resolved, layout, **extra)
+    assert len(set(pids)) == layout.world_size  # one process per rank
+    assert [m["rank"] for m in stats["memory"]["fused0"]] == list(range(layout.world_size))
     assert ours.shape == reference.shape
     np.testing.assert_allclose(ours, reference, atol=TOLERANCE, rtol=0)
     if layout.fsdp_degree > 1:  # each rank holds about 1/fsdp of every expert
         full = sum(p.numel() * p.element_size() for p in engine.model.experts["high_noise"].parameters())
-        for report in reports:
-            share = report["param_bytes"]["high_noise"] / full
-            assert abs(share - 1 / layout.fsdp_degree) < 0.05, share
+        for share in shares:
+            assert abs(share["high_noise"] / full - 1 / layout.fsdp_degree) < 0.05, share
 
 
 def test_token_counts_of_the_padded_cases_do_not_divide():
@@ -108,24 +122,6 @@ def test_token_counts_of_the_padded_cases_do_not_divide():
         layout = ParallelLayout(**layout_kwargs)
         tokens = ((size["frames"] - 1) // 4 + 1) * (size["height"] // 16) * (size["width"] // 16)
         assert tokens % layout.sp_degree, name
-
-
-def test_cli_nproc_group_writes_the_same_video(tiny_models, engines, tmp_path):
-    """`relay generate --nproc 2 --ulysses 2 --fsdp` end to end (process group killed on timeout)."""
-    from relay.engine import GenerationRequest
-
-    size = dict(height=32, width=48, frames=5)
-    reference = engines["t2v"].generate(GenerationRequest(**_settings("t2v", size)))
-    out = tmp_path / "cli.npy"
-    args = [sys.executable, "-m", "relay.launch.cli", "generate", "--model", str(tiny_models["t2v"]),
-            "--nproc", "2", "--ulysses", "2", "--fsdp", "--dtype", "fp32", "--device", "cpu",
-            "--output", str(out)]
-    for key, value in _settings("t2v", size).items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    code, err = _run_group_command(args)
-    assert code == 0, err
-    assert "layout cfg=1 ulysses=2 ring=1 fsdp=2 (2 ranks)" in err
-    np.testing.assert_allclose(np.load(out), reference, atol=TOLERANCE, rtol=0)
 
 
 @pytest.mark.parametrize("flags,field", [
@@ -182,21 +178,31 @@ def test_from_flags_fills_the_sequence_degrees():
         ParallelLayout.from_flags(nproc=8, ulysses=3)
 
 
-def test_torchrun_launch_equals_single_process(tiny_models, engines, tmp_path):
-    """`torchrun --nproc_per_node 2 -m relay.launch.torchrun generate ...` with cfg-parallel."""
+def test_torchrun_ranks_never_parse_argv(tiny_models, engines, tmp_path):
+    """`relay generate --executor torchrun`: the ranks read the job file the driver wrote; a rank
+    that built an argument parser (re-parsing flags from argv) fails the run."""
     from relay.engine import GenerationRequest
-    from relay.launch.local import free_port
 
     size = dict(height=32, width=48, frames=5)
     reference = engines["t2v"].generate(GenerationRequest(**_settings("t2v", size)))
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    # sitecustomize runs in every interpreter on PYTHONPATH: in a torchrun rank (RANK is set)
+    # any argparse parse is an error; the driver and torchrun itself may parse.
+    (guard / "sitecustomize.py").write_text(
+        "import os\n"
+        "if 'RANK' in os.environ:\n"
+        "    import argparse\n"
+        "    def refuse(self, *args, **kwargs):\n"
+        "        raise SystemExit('a torchrun rank parsed argv with argparse')\n"
+        "    argparse.ArgumentParser.parse_known_args = refuse\n")
     out = tmp_path / "torchrun.npy"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    args = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), "-m", "relay.launch.torchrun", "generate",
-            "--model", str(tiny_models["t2v"]), "--cfg-parallel", "2", "--dtype", "fp32",
+    args = [sys.executable, "-m", "relay.cli", "generate", "--model", str(tiny_models["t2v"]),
+            "--executor", "torchrun", "--nproc", "2", "--cfg-parallel", "2", "--dtype", "fp32",
             "--device", "cpu", "--output", str(out)]
     for key, value in _settings("t2v", size).items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    code, err = _run_group_command(args)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH")])))
+    code, err = _run_group_command(args, env=env)
     assert code == 0, err
     np.testing.assert_allclose(np.load(out), reference, atol=TOLERANCE, rtol=0)

@@ -86,14 +86,10 @@ def test_cli_output_equals_diffusers_pipeline(case, tiny_models, png_bytes, rela
 
 def test_t2v_parity_case_crosses_the_expert_boundary(tiny_models):
     """The T2V parity case must exercise both experts, or it would not test the switch."""
-    from relay.engine.denoise import expert_schedule
-    from relay.engine.loader import build_scheduler
     from relay.engine.model_info import read_model_info
 
     info = read_model_info(tiny_models["t2v"])
-    scheduler = build_scheduler(info, CASES["t2v"]["shift"])
-    scheduler.set_timesteps(CASES["t2v"]["steps"])
-    experts = expert_schedule(scheduler.timesteps.tolist(), info.boundary_ratio, 1000)
+    experts = info.spec.expert_schedule(info, CASES["t2v"]["steps"], CASES["t2v"]["shift"], info.boundary_ratio)
     assert experts == ["high_noise"] * 3 + ["low_noise"] * 3
 
 

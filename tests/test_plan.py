@@ -132,7 +132,7 @@ def test_catalogs_cover_the_required_entries_with_sources():
 
 
 def test_model_catalog_matches_the_engine():
-    from relay.engine.model_info import PRESETS
+    from relay.engine.models.wan.config import PRESETS
 
     for model in cost.models().values():
         preset, d = PRESETS[model.kind], model.defaults

@@ -18,7 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from relay.engine.preview import PUBLISHED_PATH, LatentPreviewer
+from relay.engine.models.wan import SPEC
+from relay.engine.preview import LatentPreviewer
+
+PUBLISHED_PATH = SPEC.preview_projection  # the Wan family's published Wan 2.1 VAE projection
 
 #: Held-out R^2 (on 0..255 preview colours) that a fitted projection must reach on the stand-in VAE.
 #: Measured: 0.990 (16-ch) and 0.992 (48-ch); the rest is the tanh, texture and 8-bit rounding.
@@ -85,12 +88,12 @@ def _heldout_r2(vae, previewer, latents):
 
 @pytest.fixture(scope="module")
 def previewer_for(tiny_models):
-    """``kind -> LatentPreviewer.for_vae(tiny VAE)``, each built once for this module."""
+    """``kind -> LatentPreviewer.for_vae(tiny VAE, the Wan projection)``, each built once for this module."""
     cache = {}
 
     def get(kind):
         if kind not in cache:
-            cache[kind] = LatentPreviewer.for_vae(_vae(tiny_models[kind]))
+            cache[kind] = LatentPreviewer.for_vae(_vae(tiny_models[kind]), PUBLISHED_PATH)
         return cache[kind]
 
     return get
@@ -99,7 +102,7 @@ def previewer_for(tiny_models):
 @pytest.mark.parametrize("z_dim,spatial", [(16, 8), (48, 16)])
 def test_fitted_projection_explains_a_local_decoder_on_heldout_latents(z_dim, spatial):
     vae = LocalColourVAE(z_dim, spatial)
-    previewer = LatentPreviewer.for_vae(vae)
+    previewer = LatentPreviewer.for_vae(vae, PUBLISHED_PATH)
     assert previewer.source == "fitted"
     assert previewer.factors.shape == (z_dim, 3) and previewer.bias.shape == (3,)
     r2 = _heldout_r2(vae, previewer, _latents(z_dim, 5, 6, 10, seed=1234))
@@ -110,12 +113,12 @@ def test_tiny_vaes_are_fitted_deterministically_on_their_real_layouts(tiny_model
     # ti2v: the 48-channel Wan 2.2 VAE (patch 2, 16x spatial). t2v with its latent std changed
     # beyond the tolerance: the 16-channel layout (8x spatial) through the fitting branch.
     ti2v = _vae(tiny_models["ti2v"])
-    first, second = previewer_for("ti2v"), LatentPreviewer.for_vae(ti2v)
+    first, second = previewer_for("ti2v"), LatentPreviewer.for_vae(ti2v, PUBLISHED_PATH)
     assert first.source == "fitted" and first.factors.shape == (48, 3)
     assert torch.equal(first.factors, second.factors) and torch.equal(first.bias, second.bias)
     changed = list(_vae(tiny_models["t2v"]).config.latents_std)
     changed[3] += 2e-3
-    t2v = LatentPreviewer.for_vae(_vae(tiny_models["t2v"], latents_std=changed))
+    t2v = LatentPreviewer.for_vae(_vae(tiny_models["t2v"], latents_std=changed), PUBLISHED_PATH)
     assert t2v.source == "fitted" and t2v.factors.shape == (16, 3)
     for previewer in (first, t2v):
         assert torch.isfinite(previewer.factors).all() and torch.isfinite(previewer.bias).all()
@@ -126,11 +129,11 @@ def test_published_factors_are_used_when_the_vae_stats_match(tiny_models):
     # The tiny t2v VAE keeps diffusers' default latents_mean/std, which are the Wan 2.1 ones.
     vae = _vae(tiny_models["t2v"])
     assert np.allclose(vae.config.latents_std, published["vae_latents_std"], atol=1e-6)
-    previewer = LatentPreviewer.for_vae(vae)
+    previewer = LatentPreviewer.for_vae(vae, PUBLISHED_PATH)
     assert previewer.source == "published"
     within = list(published["vae_latents_std"])
     within[3] += 5e-4
-    assert LatentPreviewer.for_vae(_vae(tiny_models["t2v"], latents_std=within)).source == "published"
+    assert LatentPreviewer.for_vae(_vae(tiny_models["t2v"], latents_std=within), PUBLISHED_PATH).source == "published"
 
     latents = _latents(16, 3, 5, 7, seed=7)
     factors = np.array(published["factors_rgb_per_channel"])
@@ -157,7 +160,7 @@ def test_png_is_the_middle_frame_enlarged_within_max_side(previewer_for, kind, m
 
 
 def test_rgb_rejects_latents_of_the_wrong_shape():
-    previewer = LatentPreviewer.published()
+    previewer = LatentPreviewer.published(PUBLISHED_PATH)
     for shape in [(1, 48, 2, 4, 4), (2, 16, 2, 4, 4), (16, 2, 4, 4)]:
         with pytest.raises(ValueError, match="latents must be"):
             previewer.rgb(torch.zeros(shape))

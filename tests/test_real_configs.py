@@ -49,13 +49,19 @@ def _write(root: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize("kind,multiple,heads", [("t2v", 16, 40), ("i2v", 16, 40), ("ti2v", 32, 24)])
 def test_real_layouts_are_classified(kind, multiple, heads, tmp_path):
-    from relay.engine.model_info import PRESETS, read_model_info
+    from relay.engine.model_info import read_model_info
+    from relay.engine.models.wan.config import PRESETS
     from relay.engine.request import GenerationRequest, resolve_request
 
     info = read_model_info(_write(tmp_path / kind, kind))
     assert info.kind == kind and not info.tiny
     assert info.spatial_multiple == multiple and info.num_attention_heads == heads
-    assert info.defaults == PRESETS[kind]
+    # The folder's own scheduler config sets the shift (as diffusers reads it); the table the rest.
+    from dataclasses import replace
+
+    assert info.defaults == replace(PRESETS[kind], shift=UNIPC["flow_shift"])
+    assert info.default_sources["shift"] == "scheduler/scheduler_config.json"
+    assert info.default_sources["steps"] == f"Wan 2.2 reference ({kind})"
     image = None
     if kind == "i2v":
         import io
@@ -107,7 +113,7 @@ def test_full_size_architectures_build_on_meta(conf, billions):
 
 def test_flop_count_matches_the_wan22_reference_figures():
     """One A14B expert forward at 720p x 81 frames is about 6.5 PFLOP, ~72% self-attention."""
-    from relay.engine.flops import transformer_flops, video_tokens
+    from relay.engine.models.wan.flops import transformer_flops, video_tokens
 
     tokens = video_tokens(A14B, height=720, width=1280, frames=81)
     assert tokens == 75_600

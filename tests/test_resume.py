@@ -21,7 +21,7 @@ SWITCH = 3  # 3 high-noise steps, then the low-noise expert (checked below)
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_models, tmp_path_factory):
     """One full run that also writes snapshots after steps 1, 2, 3 (the switch) and 5."""
-    from relay.launch.cli import main
+    from relay.cli.main import main
 
     folder = tmp_path_factory.mktemp("resume")
     out = folder / "full.npy"
@@ -46,7 +46,7 @@ def test_resume_in_new_process_is_bit_identical(step, uninterrupted, tiny_models
     out = tmp_path / "resumed.npy"
     env = dict(os.environ, OMP_NUM_THREADS="2")
     proc = subprocess.run(
-        [sys.executable, "-m", "relay.launch.cli", "resume", str(folder / f"step-{step:04d}.pt"),
+        [sys.executable, "-m", "relay.cli", "resume", str(folder / f"step-{step:04d}.pt"),
          "--model", str(tiny_models["t2v"]), "--dtype", "fp32", "--device", "cpu", "--quiet",
          "--output", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
@@ -58,7 +58,7 @@ def test_resume_in_new_process_is_bit_identical(step, uninterrupted, tiny_models
 def test_resume_from_latents_alone_differs(uninterrupted, tiny_models):
     """Dropping the solver history (keeping latents and step index) must change the result:
     this guards the snapshot's completeness."""
-    from relay.engine.loader import build_scheduler, load_model
+    from relay.engine.loader import load_model
     from relay.engine.pipeline import Engine
     from relay.engine.state import DenoiseState, capture_solver
 
@@ -70,7 +70,7 @@ def test_resume_from_latents_alone_differs(uninterrupted, tiny_models):
     complete.run()
     assert np.array_equal(engine.decode(complete), full)
 
-    fresh = build_scheduler(engine.info, float(state.request["shift"]))
+    fresh = engine.spec.build_scheduler(engine.info, float(state.request["shift"]))
     fresh.set_timesteps(state.num_steps)
     fresh.set_begin_index(state.step_index)
     state.solver = capture_solver(fresh)

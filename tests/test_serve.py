@@ -27,15 +27,25 @@ class LiveServer:
     """A Relay server on its own event loop thread, with the engine reachable for counters."""
 
     def __init__(self, model_dir, *, max_queue=8, heartbeat_s=5.0, tokens=()):
-        from relay.engine.loader import load_model
+        from relay.engine.loader import load_tokenizer
         from relay.engine.model_info import read_model_info
-        from relay.engine.service import AsyncEngine, LocalRunner
+        from relay.engine.scheduled import ScheduledRunner
+        from relay.engine.service import AsyncEngine
+        from relay.launch.executor import Executor
+        from relay.launch.placement import plan_groups
+        from relay.launch.worker import WorkerSpec
+        from relay.parallel.layout import ParallelLayout
         from relay.serve.server import RelayServer, ServerConfig
 
         self.loop = asyncio.new_event_loop()
         info = read_model_info(model_dir)
         self.name = info.path.name
-        runners = {self.name: LocalRunner(load_model(info, dtype="fp32", device="cpu"), name=self.name)}
+        # The same runtime as relay serve: a stage scheduler over an in-process group.
+        self.executor = Executor(plan_groups(info, None, layout=ParallelLayout()),
+                                 WorkerSpec(model=str(info.path), layout=ParallelLayout(), dtype="fp32"),
+                                 backend="inprocess")
+        runners = {self.name: ScheduledRunner(self.executor.scheduler, info, name=self.name,
+                                              tokenizer=load_tokenizer(info))}
         ready = threading.Event()
 
         async def boot():
@@ -77,6 +87,7 @@ class LiveServer:
         self.call(lambda: self.engine._task.cancel())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.executor.close()
 
 
 async def _wrap(fn):
@@ -107,6 +118,22 @@ def _health(target):
 
     with grpc.insecure_channel(target) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def test_done_event_carries_the_run_stats(client):
+    """The service's ``done`` event has the same run stats document as ``relay generate --stats``."""
+    from google.protobuf.json_format import MessageToDict
+
+    result = client.generate(_request(output_format=pb.OUTPUT_FORMAT_NPY, **dict(FAST, guidance_low=1.0)))
+    stats = MessageToDict(result.done.stats)
+    assert stats["version"] == 1 and stats["layout"]["executor"] == "inprocess"
+    assert stats["experts"]["high_noise"]["forwards"] + stats["experts"]["high_noise"]["skipped"] == \
+        2 * stats["experts"]["high_noise"]["steps"]
+    assert stats["experts"]["low_noise"]["forwards"] == stats["experts"]["low_noise"]["steps"]  # guidance 1
+    assert sum(e["steps"] for e in stats["experts"].values()) == FAST["steps"]
+    assert stats["decode"]["ranks"] == 1 and stats["memory"]["fused0"][0]["peak_bytes"] > 0
+    assert stats["sources"]["steps"] == "request" and stats["settings"]["seed"] == FAST["seed"]
+    assert {"queued", "encode", "high_noise", "low_noise", "handoff", "decode", "total"} <= set(stats["seconds"])
 
 
 def test_stream_order_previews_and_frames_equal_generate(live, client, tiny_models):
@@ -320,11 +347,11 @@ def test_token_auth_on_the_relay_service(tiny_models):
 
 def test_sigterm_drains(tiny_models, tmp_path):
     """SIGTERM: the running job finishes, new calls get UNAVAILABLE, the process exits 0."""
-    from relay.launch.service_commands import _wait_serving
+    from relay.cli.service import _wait_serving
     from relay.serve.client import RelayClient
 
     port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "relay.launch.cli", "serve", "--model", str(tiny_models["t2v"]),
+    proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve", "--model", str(tiny_models["t2v"]),
                              "--port", "0", "--port-file", str(port_file), "--dtype", "fp32",
                              "--device", "cpu", "--grace", "120"],
                             cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)

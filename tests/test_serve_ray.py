@@ -22,14 +22,14 @@ FAST = dict(height=32, width=32, frames=5, steps=6, guidance=4.0, guidance_low=3
 
 def test_staged_service_streams_equal_frames_and_drains(tiny_models, tmp_path):
     from relay.engine import Engine, GenerationRequest, load_model
-    from relay.launch.service_commands import _wait_serving
+    from relay.cli.service import _wait_serving
     from relay.serve.client import RelayClient
 
     before = _rank_actors()  # other Ray sessions on this machine are not this server's
     port_file = tmp_path / "port"
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "relay.launch.cli", "serve", "--model", str(tiny_models["t2v"]), "--port", "0",
+        [sys.executable, "-m", "relay.cli", "serve", "--model", str(tiny_models["t2v"]), "--port", "0",
          "--port-file", str(port_file), "--dtype", "fp32", "--device", "cpu", "--executor", "ray",
          "--placement", "staged", "--stage-split", "1:1", "--grace", "30"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -44,7 +44,11 @@ def test_staged_service_streams_equal_frames_and_drains(tiny_models, tmp_path):
             return client.generate(request, timeout=600)
 
         with ThreadPoolExecutor(3) as pool:
-            results = list(pool.map(one, seeds))
+            try:
+                results = list(pool.map(one, seeds))
+            except Exception as exc:  # the server's side of the story, for the report
+                log.flush()
+                raise AssertionError(f"{exc!r}\nserver log:\n{(tmp_path / 'serve.log').read_text()[-4000:]}") from exc
         engine = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu"))
         for seed, result in zip(seeds, results):
             expected = engine.generate(GenerationRequest(prompt="a red kite over the sea", seed=seed, **FAST))
@@ -76,7 +80,9 @@ def _rank_actors() -> set[int]:
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--placement", "staged"], "--executor: --placement"),
+    (["--executor", "torchrun", "--placement", "staged"], "--executor: torchrun runs one group"),
+    (["--executor", "torchrun", "--model", "second"], "--executor: torchrun serves one model"),
+    (["--port", "80", "--ulysses", "3", "--nproc", "3"], "--ulysses: 3 must divide"),
     (["--executor", "ray", "--placement", "staged", "--stage-split", "2:0"], "--stage-split:"),
     (["--executor", "ray", "--layout", "ulysses=x"], "--layout: ulysses must be an integer"),
 ])

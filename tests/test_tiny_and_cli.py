@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _relay_executable() -> list[str]:
     script = Path(sys.executable).with_name("relay")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "relay.launch.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "relay.cli"]
 
 
 @pytest.mark.parametrize("kind", ["t2v", "i2v", "ti2v"])
@@ -71,7 +71,7 @@ def test_relay_console_script_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "denoise" in proc.stderr and "seed 1" in proc.stderr  # progress bar and settings shown
-    assert (tmp_path / "cache" / f"tiny-t2v-v{TINY_VERSION}" / "model_index.json").exists()
+    assert (tmp_path / "cache" / f"tiny-wan2.2-t2v-v{TINY_VERSION}" / "model_index.json").exists()
     import imageio_ffmpeg
 
     reader = imageio_ffmpeg.read_frames(str(out))
@@ -100,14 +100,10 @@ def test_mp4_and_npy_writers(tmp_path):
 def test_expert_split_matches_wan22_reference_numbers(tiny_models):
     """At the release settings the boundary gives T2V 26 high + 14 low steps (40 steps, shift
     12, boundary 0.875) and I2V 15 + 25 (shift 5, boundary 0.9), as the Wan 2.2 notes state."""
-    from relay.engine.denoise import expert_schedule
-    from relay.engine.loader import build_scheduler
     from relay.engine.model_info import read_model_info
 
     info = read_model_info(tiny_models["t2v"])
     for shift, boundary, high in ((12.0, 0.875, 26), (5.0, 0.9, 15)):
-        scheduler = build_scheduler(info, shift)
-        scheduler.set_timesteps(40)
-        experts = expert_schedule(scheduler.timesteps.tolist(), boundary, 1000)
+        experts = info.spec.expert_schedule(info, 40, shift, boundary)
         assert experts.count("high_noise") == high and experts.count("low_noise") == 40 - high
         assert experts == sorted(experts)  # all high-noise steps come first

@@ -149,9 +149,10 @@ def test_i2v_size_follows_image_aspect(tiny_models, png_bytes):
 
 
 def test_defaults_come_from_kind_preset_and_relay_json(tiny_models):
-    from relay.engine.model_info import PRESETS, read_model_info
+    from relay.engine.model_info import read_model_info
+    from relay.engine.models.wan.config import PRESETS
     from relay.engine.request import GenerationRequest, resolve_request
-    from relay.engine.tiny import TINY_DEFAULTS
+    from relay.engine.models.wan.tiny import TINY_DEFAULTS
 
     info = read_model_info(tiny_models["t2v"])
     resolved = resolve_request(GenerationRequest(prompt="x"), info)

@@ -1,3 +1,4 @@
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -186,16 +187,18 @@ class Timings(_message.Message):
     def __init__(self, queued_s: _Optional[float] = ..., encode_s: _Optional[float] = ..., denoise_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class Done(_message.Message):
-    __slots__ = ("sha256", "size", "mime", "timings")
+    __slots__ = ("sha256", "size", "mime", "timings", "stats")
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     MIME_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     size: int
     mime: str
     timings: Timings
-    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., mime: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    stats: _struct_pb2.Struct
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., mime: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., stats: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("job_id", "accepted", "queued", "started", "progress", "preview", "decoding", "video_chunk", "done")

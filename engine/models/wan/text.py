@@ -1,13 +1,14 @@
-"""Prompt cleaning and UMT5 text encoding, matching the Wan 2.2 reference preprocessing."""
+"""Prompt cleaning, length checks and UMT5 text encoding, as the Wan 2.2 reference does them."""
 
 from __future__ import annotations
 
 import html
 import re
 
-import torch
+from relay.engine.errors import ValidationError
 
-from relay.engine.model_info import MAX_SEQUENCE_LENGTH
+#: Tokens of the UMT5 text encoder context used by every Wan 2.x model.
+MAX_SEQUENCE_LENGTH = 512
 
 
 def clean_prompt(text: str) -> str:
@@ -22,14 +23,21 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-@torch.no_grad()
-def encode_prompt(tokenizer, text_encoder, text: str, *, device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
+def check_prompt_tokens(tokenizer, field: str, text: str) -> None:
+    """Refuses a prompt longer than the text encoder's context instead of truncating it."""
+    count = len(tokenizer(clean_prompt(text), add_special_tokens=True).input_ids)
+    if count > MAX_SEQUENCE_LENGTH:
+        raise ValidationError(field, f"is {count} tokens; the limit is {MAX_SEQUENCE_LENGTH}")
+
+
+def encode_prompt(tokenizer, text_encoder, text: str, *, device, dtype):
     """Encodes one prompt to ``(1, 512, dim)`` embeddings.
 
     Positions past the prompt's real tokens are zeroed (not left as the encoder's padding
     outputs), which is what the Wan transformers were trained with.
     """
+    import torch
+
     inputs = tokenizer(
         [clean_prompt(text)], padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
         truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
@@ -37,7 +45,8 @@ def encode_prompt(tokenizer, text_encoder, text: str, *, device: torch.device,
     mask = inputs.attention_mask
     length = int(mask.gt(0).sum())
     encoder_device = next(text_encoder.parameters()).device
-    hidden = text_encoder(inputs.input_ids.to(encoder_device), mask.to(encoder_device)).last_hidden_state
+    with torch.no_grad():
+        hidden = text_encoder(inputs.input_ids.to(encoder_device), mask.to(encoder_device)).last_hidden_state
     hidden = hidden.to(device=device, dtype=dtype)
     out = torch.zeros_like(hidden)
     out[:, :length] = hidden[:, :length]

@@ -1,9 +1,15 @@
-"""``relay serve``, ``relay submit`` and ``relay demo`` (parsing lives in :mod:`launch.cli`)."""
+"""``relay serve``, ``relay submit`` and ``relay demo`` (parsing lives in :mod:`cli.main`).
+
+``relay serve`` runs each model on an executor of its own (any backend: this process, local
+processes, torchrun, Ray), wrapped in a :class:`~engine.scheduled.ScheduledRunner` for the
+async service engine.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -11,60 +17,136 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from relay.cli.flags import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    check_executor,
+    check_placement_flags,
+    layout_from_args,
+    model_info,
+    parse_device,
+    placement_from_args,
+    refuse,
+    scheduler_config,
+)
+from relay.engine.request import GenerationRequest, resolve_request
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeRun:
+    """What :func:`serve_driver` needs (picklable: it travels in a torchrun job)."""
+
+    models: list
+    config: object
+    max_queue: int
+    heartbeat_s: float
+    port_file: str | None
+    plans: dict
+    spec: object
+    scheduler: object
 
 
 def serve(args: argparse.Namespace) -> int:
-    """``relay serve``."""
+    """``relay serve``: every flag checked, then the models on the chosen executor, served."""
     from relay.engine.errors import ModelError, ValidationError
-    from relay.engine.tiny import default_model_dir
-    from relay.serve.app import serve as run
     from relay.serve.server import ServerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    tokens = []
-    if args.token:
-        from relay.serve.auth import load_tokens
-
-        try:
-            tokens = load_tokens(args.token)
-        except (OSError, ValueError) as exc:
-            print(f"relay serve: error: --token: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
-        print("relay serve: error: --tls-cert and --tls-key go together (and --tls-client-ca needs them)",
-              file=sys.stderr)
-        return EXIT_USAGE
-    config = ServerConfig(host=args.host, port=args.port, tokens=tokens, tls_cert=args.tls_cert,
-                          tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                          reflection=args.reflection, grace_s=args.grace)
-    models = args.model or [str(default_model_dir("t2v"))]
-    factory = None
     try:
-        if args.executor == "ray":
-            from relay.launch.ray_commands import serve_runner_factory
+        tokens = _tokens(args)
+        if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+            raise ValidationError("tls_cert", "--tls-cert and --tls-key go together (and --tls-client-ca needs them)")
+        device_type, device_index = parse_device(args.device)
+        check_executor(args)
+        config = ServerConfig(host=args.host, port=args.port, tokens=tokens, tls_cert=args.tls_cert,
+                              tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                              reflection=args.reflection, grace_s=args.grace)
+        scheduler = scheduler_config(args, max_queue=args.max_queue + 1)
+        models = args.model or [None]
+        if args.executor == "torchrun" and len(models) > 1:
+            raise ValidationError("executor", "torchrun serves one model (one group); use local or ray for more")
+        infos = [model_info(directory) for directory in models]
+        layouts = {}
+        for info in infos:  # every flag first; the stage split below reads each model's scheduler
+            layouts[str(info.path)] = layout = layout_from_args(args, info, needs_uncond=None)
+            check_placement_flags(args, info, layout)
+        plans = {}
+        for info in infos:
+            # Stage sizing uses the model's reference settings (a request may differ; the split stays).
+            reference = resolve_request(GenerationRequest(prompt="reference", seed=0), info)
+            plans[str(info.path)] = placement_from_args(args, info, reference, layouts[str(info.path)])
+    except (ValidationError, ModelError) as exc:
+        return refuse("serve", exc)
+    from relay.launch.worker import WorkerSpec
 
-            factory = serve_runner_factory(args, models)
-        elif args.placement != "fused" or args.replicas != 1 or args.stage_split or args.ray_address:
-            raise ValidationError("executor", "--placement / --replicas / --stage-split / --ray-address "
-                                              "need --executor ray")
-        asyncio.run(run(models, config=config, dtype=args.dtype, device=args.device, offload=args.offload,
-                        max_queue=args.max_queue, heartbeat_s=args.heartbeat, port_file=args.port_file,
-                        runner_factory=factory))
-    except ValidationError as exc:
-        print(f"relay serve: error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
-        return EXIT_USAGE
-    except ModelError as exc:
-        print(f"relay serve: error: --model: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        if factory is not None:
-            from relay.launch.ray_executor import shutdown
+    spec = WorkerSpec(model="", layout=None, dtype=args.dtype, device_type=device_type or _default_device_type(),
+                      text_encoder=args.text_encoder, offload=args.offload)
+    run = ServeRun(models=[str(info.path) for info in infos], config=config, max_queue=args.max_queue,
+                   heartbeat_s=args.heartbeat, port_file=args.port_file, plans=plans, spec=spec,
+                   scheduler=scheduler)
+    if args.executor == "torchrun":
+        from relay.cli.generate import run_under_torchrun
 
-            shutdown()
+        placement = plans[run.models[0]]
+        job_spec = replace(spec, model=run.models[0], layout=placement.groups[0].layout)
+        return run_under_torchrun(placement, job_spec, scheduler, "relay.cli.service:serve_driver", run)
+
+    def build(info):
+        from relay.launch.executor import Executor, backend_for
+
+        placement = plans[str(info.path)]
+        return Executor(placement, replace(spec, model=str(info.path), layout=placement.groups[0].layout),
+                        backend=backend_for(args.executor, placement), config=scheduler,
+                        ray_address=args.ray_address, ray_strategy=args.ray_strategy, device_offset=device_index)
+
+    return _serve(run, build)
+
+
+def serve_driver(executor, run: ServeRun) -> int:
+    """Rank 0 of ``relay serve --executor torchrun``: serves the one model on the torchrun group."""
+    return _serve(run, lambda info: executor, close_executors=False)
+
+
+def _serve(run: ServeRun, build, *, close_executors: bool = True) -> int:
+    """Serves ``run.models``; ``build(info)`` gives each model's executor."""
+    from relay.engine.loader import load_tokenizer
+    from relay.engine.scheduled import ScheduledRunner
+    from relay.serve.app import serve as serve_app
+
+    def factory(info, name):
+        placement = run.plans[str(info.path)]
+        print(f"relay serve: {name}: {placement.kind} placement, {placement.reason}", file=sys.stderr, flush=True)
+        executor = build(info)
+        runner = ScheduledRunner(executor.scheduler, info, name=name, tokenizer=load_tokenizer(info))
+        runner.close = executor.close if close_executors else executor.scheduler.close
+        return runner
+
+    asyncio.run(serve_app(run.models, config=run.config, max_queue=run.max_queue, heartbeat_s=run.heartbeat_s,
+                          port_file=run.port_file, runner_factory=factory))
     return EXIT_OK
+
+
+def _tokens(args) -> list[str]:
+    from relay.engine.errors import ValidationError
+
+    if not args.token:
+        return []
+    from relay.serve.auth import load_tokens
+
+    try:
+        return load_tokens(args.token)
+    except (OSError, ValueError) as exc:
+        raise ValidationError("token", str(exc)) from None
+
+
+def _default_device_type() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _request(args) -> "object":
@@ -113,6 +195,11 @@ def submit(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(result.data)
+    if args.stats:
+        from google.protobuf.json_format import MessageToDict
+
+        Path(args.stats).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.stats).write_text(json.dumps(MessageToDict(result.done.stats), indent=2) + "\n")
     t = result.done.timings
     print(f"wrote {out} ({result.done.size} bytes, sha256 {result.done.sha256[:16]}...; seed "
           f"{result.settings.seed}; queued {t.queued_s:.1f}s, denoise {t.denoise_s:.1f}s, "
@@ -136,8 +223,10 @@ class _StreamProgress:
             if self.bar is None:
                 from tqdm.auto import tqdm
 
+                from relay.cli.progress import on_terminal
+
                 self.bar = tqdm(total=event.progress.total, unit="step", desc="denoise", file=sys.stderr,
-                                disable=not self.enabled, dynamic_ncols=True)
+                                disable=not on_terminal(self.enabled), dynamic_ncols=True)
             self.bar.set_postfix_str(f"{event.progress.expert} eta {event.progress.eta_s:.1f}s", refresh=False)
             self.bar.update(event.progress.step - self.bar.n)
         elif kind == "preview" and self.previews is not None:
@@ -158,12 +247,12 @@ def demo(args: argparse.Namespace) -> int:
     """``relay demo``: the main job end to end on the embedded tiny model."""
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
-        server = subprocess.Popen([sys.executable, "-m", "relay.launch.cli", "serve", "--port", "0",
+        server = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve", "--port", "0",
                                    "--port-file", str(port_file)], start_new_session=True)
         try:
             port = _wait_serving(server, port_file)
             print(f"relay demo: server ready on 127.0.0.1:{port}; submitting", file=sys.stderr, flush=True)
-            from relay.launch.cli import main
+            from relay.cli.main import main
 
             code = main(["submit", "--server", f"127.0.0.1:{port}", "--prompt", args.prompt,
                          "--seed", str(args.seed), "--preview-every", "2",

@@ -74,7 +74,7 @@ def _run_one(name: str, args) -> int:
         print(f"relay bench {name}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(result.table, flush=True)
-    path = write_result(name, result, results_dir=args.results, json_path=args.json)
+    path = write_result(name, result, folder=args.results, json_path=args.json)
     print(f"wrote {path}", flush=True)
     return EXIT_OK
 

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--gpus", type=int, help="GPUs to plan for (with --layout: default the layout's size)")
     p.add_argument("--gpu", required=True, help="GPU kind from parallel/data/gpus.json: h100, h200, a100, "
                                                 "h20, l40s, a6000, 4090 (or an alias such as h800)")
-    p.add_argument("--model", required=True, help="model from parallel/data/models.json: t2v-a14b, "
+    p.add_argument("--model", required=True, help="catalog model (engine/models/wan/catalog.json): t2v-a14b, "
                                                   "i2v-a14b, ti2v-5b")
     p.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1280x720 or 832x480 (default: the model's)")
     p.add_argument("--frames", type=int, help="frames, 4k+1 (default: the model's, 81 or 121)")

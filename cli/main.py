@@ -1,0 +1,144 @@
+"""The ``relay`` command line: ``generate``, ``resume``, ``serve``, ``submit``, ``demo``,
+``make-tiny``, ``plan`` and ``bench``.
+
+The CLI is thin: it parses flags into a :class:`engine.request.GenerationRequest`, validates
+every flag against the model's configs before torch, diffusers or Ray is imported (exit code 2
+naming the flag), then hands the request to an executor (:mod:`launch.executor`). Building the
+parser imports nothing heavy, so ``relay --help`` answers at once. See ``relay <command> --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from relay.cli.flags import (
+    checkpoint_flags,
+    executor_flags,
+    generation_flags,
+    parallel_flags,
+    runtime_flags,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``relay`` command."""
+    from relay import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="Relay: distributed inference for the Wan 2.2 video diffusion models.",
+    )
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = sub.add_parser(
+        "generate", help="generate one video",
+        description="Generate one video, in this process, on local processes, under torchrun or on "
+                    "Ray. Every setting is checked before any library or weight loads; a bad one "
+                    "exits with code 2 naming it.")
+    generation_flags(gen)
+    runtime_flags(gen)
+    parallel_flags(gen)
+    executor_flags(gen)
+    checkpoint_flags(gen)
+    gen.set_defaults(handler="relay.cli.generate:generate")
+    res = sub.add_parser("resume", help="finish a generation from a denoise-state snapshot",
+                         description="Continue a snapshot written by `generate --checkpoint-dir` "
+                                     "(bit-identical to an uninterrupted run on the same device), "
+                                     "on any executor.")
+    res.add_argument("state", help="snapshot file (.pt)")
+    runtime_flags(res)
+    parallel_flags(res)
+    executor_flags(res)
+    res.set_defaults(handler="relay.cli.generate:resume")
+    srv = sub.add_parser("serve", help="serve generations over gRPC (relay.v1.Relay)",
+                         description="Serve Wan 2.2 generations over gRPC with streamed progress, on "
+                                     "any executor. SIGTERM drains: no new jobs, in-flight jobs "
+                                     "finish within --grace.")
+    srv.add_argument("--model", action="append",
+                     help="model directory (repeatable; default: the embedded tiny T2V model)")
+    srv.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=50051, help="listen port; 0 picks a free one")
+    srv.add_argument("--port-file", help="write the bound port here once listening")
+    srv.add_argument("--max-queue", type=int, default=8, help="jobs that may wait behind the running ones")
+    srv.add_argument("--heartbeat", type=float, default=5.0, help="seconds between queued heartbeats")
+    srv.add_argument("--grace", type=float, default=60.0, help="seconds in-flight jobs get on SIGTERM")
+    srv.add_argument("--token", help="require bearer tokens: comma-separated, or @FILE (one per line)")
+    srv.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
+    srv.add_argument("--tls-key", help="server private key (PEM)")
+    srv.add_argument("--tls-client-ca", help="require client certificates from this CA (mutual TLS)")
+    srv.add_argument("--reflection", action="store_true", help="serve gRPC reflection")
+    runtime_flags(srv, output=False, model=False)
+    parallel_flags(srv)
+    executor_flags(srv)
+    srv.set_defaults(handler="relay.cli.service:serve")
+    sub_ = sub.add_parser("submit", help="submit a generation to a relay server and stream it",
+                          description="Submit a generation to `relay serve`, show streamed progress, "
+                                      "save the video. Bad input exits 2 with the server's message.")
+    generation_flags(sub_)
+    sub_.add_argument("--server", default="127.0.0.1:50051", help="host:port of relay serve")
+    sub_.add_argument("--model", default="", help="served model name (default: the server's default)")
+    sub_.add_argument("--output", required=True, help=".mp4 or .npy (the raw frames, as relay generate)")
+    sub_.add_argument("--preview-dir", help="save streamed preview PNGs here")
+    sub_.add_argument("--preview-every", type=int, default=0, help="a preview every N steps")
+    sub_.add_argument("--priority", type=int, default=0, help="higher runs first")
+    sub_.add_argument("--token", help="bearer token")
+    sub_.add_argument("--tls-ca", help="CA certificate to verify the server (enables TLS)")
+    sub_.add_argument("--tls-cert", help="client certificate (mutual TLS)")
+    sub_.add_argument("--tls-key", help="client key (mutual TLS)")
+    sub_.add_argument("--timeout", type=float, help="deadline in seconds")
+    sub_.add_argument("--stats", metavar="PATH.json", help="write the server's run stats of this job here")
+    sub_.add_argument("--quiet", action="store_true", help="no progress output")
+    sub_.set_defaults(handler="relay.cli.service:submit")
+    demo = sub.add_parser("demo", help="start a server on the tiny model, submit, save the video",
+                          description="The main job end to end: relay serve on the embedded tiny "
+                                      "model, relay submit with streamed progress, graceful stop.")
+    demo.add_argument("--prompt", default="a red robot walking through a neon city at night, cinematic")
+    demo.add_argument("--output", default="out/demo.mp4")
+    demo.add_argument("--seed", type=int, default=42)
+    demo.set_defaults(handler="relay.cli.service:demo")
+    tiny = sub.add_parser("make-tiny", help="write a tiny random Wan 2.2 model (diffusers layout)",
+                          description="Write a random tiny Wan 2.2 model for tests and demos.")
+    tiny.add_argument("directory", help="target folder")
+    tiny.add_argument("--kind", choices=("t2v", "i2v", "ti2v"), default="t2v",
+                      help="t2v / i2v: two experts (MoE); ti2v: dense, 48-channel VAE")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    tiny.set_defaults(handler="relay.cli.generate:make_tiny")
+    from relay.cli import bench, plan
+
+    plan.add_parser(sub)
+    bench.add_parser(sub)
+    return parser
+
+
+def _handler(args):
+    """The sub-command's function: a ``"module:function"`` name, imported only now."""
+    import importlib
+
+    handler = args.handler
+    if callable(handler):
+        return handler
+    module, _, name = handler.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``relay`` console script; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _handler(args)(args)
+    except KeyboardInterrupt:
+        print(f"relay {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one plain line; RELAY_DEBUG=1 shows the traceback
+        import os
+
+        if os.environ.get("RELAY_DEBUG"):
+            raise
+        print(f"relay {args.command}: internal error: {type(exc).__name__}: {exc} "
+              "(set RELAY_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

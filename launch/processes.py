@@ -1,0 +1,183 @@
+"""A worker group of spawned processes on this machine, one per device (the ``mp`` backend).
+
+``relay generate --nproc N`` and every local multi-rank group: the driver spawns one process per
+rank, each joins the group's ``torch.distributed`` world (NCCL on CUDA, gloo on CPU, rendezvous
+on a free loopback port) and builds its :class:`~launch.worker.StageWorker`. Each rank has a pipe
+to the driver: a control message (method, arguments) goes down, the result comes back. Tensors
+in a message (a hand-off state, a checkpoint) are not copied through the pipe: torch's
+multiprocessing pickler moves their storage to shared memory and sends a handle.
+
+A rank that dies is seen at once (its process sentinel) and a call past its deadline is the
+watchdog: either raises :class:`~engine.tickets.GroupFailure`, and the scheduler rebuilds the
+whole group (every process is terminated and spawned again).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.connection
+import os
+import socket
+import time
+import traceback
+
+from relay.engine.errors import ModelError
+from relay.engine.tickets import GroupFailure
+from relay.launch.group import CallGroup
+from relay.launch.worker import WorkerSpec
+from relay.parallel.groups import RankInfo
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_MODEL_ERROR = f"{ModelError.__module__}.{ModelError.__name__}:"
+
+
+class _RankError:
+    """A rank's answer when its call raised: the traceback, as text."""
+
+    def __init__(self, method: str, text: str) -> None:
+        self.method, self.text = method, text
+
+
+def _rank_main(info: RankInfo, spec: WorkerSpec, conn) -> None:
+    """A rank process: build the worker, then serve calls until the driver says stop."""
+    from relay.launch.worker import StageWorker
+
+    try:
+        worker = StageWorker(info, spec)
+    except BaseException:  # noqa: BLE001 - reported to the driver, then this rank ends
+        conn.send(_RankError("setup", traceback.format_exc()))
+        return
+    conn.send(os.getpid())
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:  # the driver is gone
+                break
+            if message is None:
+                break
+            method, args, fault = message
+            try:
+                result = worker.execute(method, args, fault)
+            except Exception:  # noqa: BLE001 - the driver decides (it fails the group)
+                result = _RankError(method, traceback.format_exc())
+            conn.send(result)
+    finally:
+        worker.close()
+
+
+class ProcessGroup(CallGroup):
+    """A group of spawned rank processes (see the module docstring).
+
+    Args:
+        name: Group name.
+        roles: Stages it runs.
+        spec: What each rank loads.
+        device_offset: The first CUDA device of the group: rank ``r`` uses ``cuda:<offset + r>``
+            (several local groups share one machine's GPUs); ignored on a CPU.
+        build_timeout_s: How long every rank may take to start and load.
+    """
+
+    backend = "mp"
+
+    def __init__(self, *, name: str, roles: tuple[str, ...], spec: WorkerSpec, device_offset: int = 0,
+                 build_timeout_s: float = 600.0) -> None:
+        super().__init__(name=name, roles=roles, spec=spec)
+        self.device_offset = device_offset
+        self.build_timeout_s = build_timeout_s
+        self.procs: list = []
+        self.conns: list = []
+        self.pids: list[int] = []
+
+    def _build(self) -> None:
+        import torch.multiprocessing as torch_mp
+
+        context = torch_mp.get_context("spawn")
+        init = f"tcp://127.0.0.1:{free_port()}"
+        for rank in range(self.size):
+            parent, child = context.Pipe()
+            info = RankInfo(rank=rank, local_rank=self.device_offset + rank, world_size=self.size, init_method=init)
+            proc = context.Process(target=_rank_main, args=(info, self.spec, child), daemon=True,
+                                   name=f"relay-{self.name}-rank{rank}")
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
+        try:
+            self.pids = self._gather("setup", self.build_timeout_s)
+        except GroupFailure:
+            self._teardown()
+            raise
+
+    def _teardown(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns, self.pids = [], [], []
+
+    def _send(self, method: str, args: tuple, faults: list):
+        if not self.conns:
+            raise GroupFailure(f"group {self.name} is not built")
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send((method, args, faults[rank]))
+            except (OSError, ValueError) as exc:
+                raise GroupFailure(f"group {self.name}: rank {rank} cannot be reached ({exc})") from None
+        return method
+
+    def _receive(self, handle, timeout_s: float) -> list:
+        return self._gather(handle, timeout_s)
+
+    def _gather(self, what: str, timeout_s: float) -> list:
+        """Each rank's next answer; a dead rank, a rank error or the deadline fails the group."""
+        deadline = time.monotonic() + timeout_s
+        results: dict[int, object] = {}
+        waiting = dict(enumerate(self.conns))
+        while waiting:
+            sentinels = {self.procs[rank].sentinel: rank for rank in waiting}
+            ready = multiprocessing.connection.wait([*waiting.values(), *sentinels],
+                                                    timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise GroupFailure(f"group {self.name}: {what} exceeded its {timeout_s:.0f}s watchdog")
+            for item in ready:
+                rank = sentinels.get(item)
+                if rank is None:
+                    rank = next(r for r, c in waiting.items() if c is item)
+                    try:
+                        results[rank] = waiting.pop(rank).recv()
+                    except (EOFError, OSError):
+                        raise GroupFailure(f"group {self.name}: rank {rank} died during {what}") from None
+                elif rank in waiting and not waiting[rank].poll():
+                    code = self.procs[rank].exitcode
+                    raise GroupFailure(f"group {self.name}: rank {rank} died during {what} (exit code {code})")
+        for rank, result in sorted(results.items()):
+            if isinstance(result, _RankError):
+                log.error("group %s rank %d: %s failed:\n%s", self.name, rank, result.method, result.text)
+                last = result.text.strip().splitlines()[-1]
+                if result.method == "setup" and last.startswith(_MODEL_ERROR):
+                    raise ModelError(last[len(_MODEL_ERROR):].strip())  # the folder, not the group
+                raise GroupFailure(f"group {self.name}: {result.method} raised on rank {rank}: {last}")
+        return [results[rank] for rank in range(self.size)]

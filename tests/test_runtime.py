@@ -1,0 +1,105 @@
+"""One runtime: every executor drives the same stage scheduler and gives the same frames.
+
+Each case is ``relay generate`` end to end on one executor -- in this process, on spawned local
+processes (fused and staged), under torchrun, on Ray actors (fused and staged) -- compared with a
+plain single-process run of the engine (itself equal to diffusers' pipeline, test_parity.py).
+The run stats file proves which backend ran it and that the scheduler recorded it the same way
+everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+SETTINGS = dict(prompt="a paper boat on a stream", height=32, width=32, frames=5, steps=6, seed=11,
+                guidance=4.0, guidance_low=3.0, shift=5.0)
+#: name: (extra flags, backend, groups as (name, ranks), tolerance)
+CASES = {
+    "inprocess": ([], "inprocess", [("fused0", 1)], 1e-5),
+    "mp-ulysses2": (["--nproc", 2, "--ulysses", 2], "mp", [("fused0", 2)], 1e-4),
+    "mp-staged": (["--placement", "staged", "--stage-split", "1:1"], "mp", [("high", 1), ("low", 1)], 1e-5),
+    "torchrun-cfg2": (["--executor", "torchrun", "--nproc", 2, "--cfg-parallel", 2], "torchrun",
+                      [("fused0", 2)], 1e-4),
+    "ray-fused": (["--executor", "ray"], "ray", [("fused0", 1)], 1e-5),
+    "ray-staged": (["--executor", "ray", "--placement", "staged", "--stage-split", "1:1"], "ray",
+                   [("high", 1), ("low", 1)], 1e-5),
+}
+
+
+def _flags(settings: dict) -> list:
+    out = []
+    for key, value in settings.items():
+        out += [f"--{key.replace('_', '-')}", value]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    from relay.engine import Engine, GenerationRequest, load_model
+
+    engine = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu"))
+    return engine.generate(GenerationRequest(**SETTINGS))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_executor_runs_the_same_scheduler_and_frames(case, tiny_models, reference, relay, tmp_path):
+    flags, backend, groups, tolerance = CASES[case]
+    out, stats_path = tmp_path / "x.npy", tmp_path / "stats.json"
+    result = relay("generate", "--model", tiny_models["t2v"], *_flags(SETTINGS), "--dtype", "fp32",
+                   "--device", "cpu", "--output", out, "--stats", stats_path, *flags)
+    assert result.code == 0, result.err
+    frames = np.load(out)
+    assert frames.shape == reference.shape
+    np.testing.assert_allclose(frames, reference, atol=tolerance, rtol=0)
+    stats = json.loads(stats_path.read_text())
+    layout = stats["layout"]
+    assert layout["executor"] == backend
+    assert [(g["name"], g["ranks"]) for g in layout["groups"]] == groups
+    assert {g["backend"] for g in layout["groups"]} == {backend}
+    # The scheduler recorded the request the same way on every backend.
+    assert {name: e["steps"] for name, e in stats["experts"].items()} == {"high_noise": 3, "low_noise": 3}
+    for entry in stats["experts"].values():
+        assert entry["forwards"] + entry["skipped"] == entry["steps"] * 2  # guidance 4 and 3: CFG
+    assert set(stats["seconds"]) == {"queued", "encode", "high_noise", "low_noise", "handoff", "decode", "total"}
+    assert all(v >= 0 for v in stats["seconds"].values()) and stats["seconds"]["total"] > 0
+    assert stats["decode"]["ranks"] == 1 and stats["decode"]["group"] == groups[-1][0]
+    assert {name: len(ranks) for name, ranks in stats["memory"].items()} == dict(groups)
+    assert all(r["peak_bytes"] > 0 for ranks in stats["memory"].values() for r in ranks)
+    assert stats["sources"]["steps"] == "request" and stats["model"]["kind"] == "t2v"
+    if len(groups) == 2:  # staged: the state crossed groups once
+        assert stats["seconds"]["handoff"] > 0
+    assert "layout cfg=" in result.err or "placement staged" in result.err
+
+
+def test_stats_count_one_forward_per_step_without_guidance(tiny_models, relay, tmp_path):
+    """Guidance 1 on the low-noise expert: one branch there, two on the high-noise one."""
+    stats_path = tmp_path / "stats.json"
+    settings = dict(SETTINGS, guidance_low=1.0)
+    result = relay("generate", "--model", tiny_models["t2v"], *_flags(settings), "--dtype", "fp32",
+                   "--device", "cpu", "--output", tmp_path / "x.npy", "--stats", stats_path, "--quiet")
+    assert result.code == 0, result.err
+    experts = json.loads(stats_path.read_text())["experts"]
+    assert experts["high_noise"] == {"steps": 3, "forwards": 6, "skipped": 0}
+    assert experts["low_noise"] == {"steps": 3, "forwards": 3, "skipped": 0}
+
+
+def test_resume_runs_on_a_process_group(tiny_models, reference, relay, tmp_path):
+    """A snapshot written in this process finishes on a 2-rank group (the same scheduler path)."""
+    from relay.engine.state import DenoiseState
+
+    ck = tmp_path / "ck"
+    full = relay("generate", "--model", tiny_models["t2v"], *_flags(SETTINGS), "--dtype", "fp32", "--device",
+                 "cpu", "--output", tmp_path / "full.npy", "--checkpoint-dir", ck, "--checkpoint-at", "2", "--quiet")
+    assert full.code == 0, full.err
+    assert DenoiseState.load(ck / "step-0002.pt").step_index == 2
+    result = relay("resume", ck / "step-0002.pt", "--model", tiny_models["t2v"], "--dtype", "fp32", "--device",
+                   "cpu", "--nproc", 2, "--ring", 2, "--output", tmp_path / "resumed.npy",
+                   "--stats", tmp_path / "stats.json", "--quiet")
+    assert result.code == 0, result.err
+    np.testing.assert_allclose(np.load(tmp_path / "resumed.npy"), reference, atol=1e-4, rtol=0)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["experts"]["high_noise"]["steps"] == 1 and stats["experts"]["low_noise"]["steps"] == 3
+    assert stats["seconds"]["encode"] == 0.0 and stats["layout"]["executor"] == "mp"
