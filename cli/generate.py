@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -230,11 +231,27 @@ def run_under_torchrun(placement, spec, config, driver: str, payload) -> int:
     folder = Path(tempfile.mkdtemp(prefix="relay-torchrun-"))
     try:
         job = folder / "job.pkl"
-        TorchrunJob(placement=placement, spec=spec, config=config, driver=driver, payload=payload).save(job)
+        TorchrunJob(placement=placement, spec=spec, config=config, driver=driver, payload=payload,
+                    pid_file=str(folder / "rank0.pid")).save(job)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={nproc}", "-m", "relay.launch.torchrun", str(job)]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        return subprocess.call(command, env=env)
+        proc = subprocess.Popen(command, env=env)
+
+        def forward(signum, frame) -> None:
+            # To rank 0, the driver: a service drains and closes the group, the followers exit,
+            # and torchrun ends cleanly. Before rank 0 runs, to torchrun (which stops the ranks).
+            try:
+                os.kill(int((folder / "rank0.pid").read_text()), signum)
+            except (OSError, ValueError):
+                proc.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -21,6 +21,7 @@ import importlib
 import logging
 import os
 import pickle
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ class TorchrunJob:
         driver: ``"module:function"`` rank 0 runs as ``function(executor, payload)``; its return
             value is the job's exit code.
         payload: The driver's argument (e.g. the resolved request and output path).
+        pid_file: Where rank 0 writes its pid once it drives (the launcher sends it SIGTERM
+            there, so a service drains), or ``None``.
     """
 
     placement: object
@@ -54,6 +57,7 @@ class TorchrunJob:
     config: object
     driver: str
     payload: object
+    pid_file: str | None = None
 
     def save(self, path) -> None:
         """Writes the job (pickle; the file is the driver's own, in a private folder)."""
@@ -178,12 +182,19 @@ def run_job(job: TorchrunJob, info: RankInfo) -> int:
     worker = StageWorker(info, job.spec)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     if info.rank != 0:
+        # Rank 0 decides when the group ends (a service drains first); torchrun passes a SIGTERM
+        # to every rank, so the followers leave it to rank 0 and exit when it closes the group.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         try:
             follow(worker, control)
         finally:
             worker.close()
         return 0
     group = TorchrunGroup(name=plan.name, roles=plan.roles, spec=job.spec, worker=worker, control=control)
+    if job.pid_file:
+        with open(job.pid_file, "w") as file:
+            file.write(str(os.getpid()))
     with Executor.from_groups(job.placement, [group], config=job.config) as executor:
         return int(_resolve(job.driver)(executor, job.payload) or 0)
 

@@ -1,6 +1,7 @@
-"""``relay serve --executor ray --placement staged``: the real server process on Ray worker
-groups serves concurrent streams whose frames equal the single-process engine's, reports which
-group ran each step, and drains on SIGTERM leaving no worker process behind."""
+"""``relay serve`` on worker groups: the real server process -- on Ray actors in a staged
+placement, on local processes, under torchrun -- serves streams whose frames equal the
+single-process engine's, reports which group ran each step, and drains on SIGTERM leaving no
+worker process behind."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import io
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,6 +79,62 @@ def _rank_actors() -> set[int]:
         except OSError:
             continue
     return pids
+
+
+@pytest.mark.parametrize("flags, backend", [
+    (["--executor", "local", "--nproc", "2", "--ulysses", "2"], "mp"),
+    (["--executor", "torchrun", "--nproc", "2", "--cfg-parallel", "2"], "torchrun"),
+], ids=["local-processes", "torchrun"])
+def test_service_on_a_process_group_equals_the_engine_and_drains(tiny_models, tmp_path, flags, backend):
+    import os
+
+    from google.protobuf.json_format import MessageToDict
+
+    from relay.cli.service import _wait_serving
+    from relay.engine import Engine, GenerationRequest, load_model
+    from relay.serve.client import RelayClient
+
+    port_file = tmp_path / "port"
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "serve", "--model", str(tiny_models["t2v"]), "--port", "0",
+         "--port-file", str(port_file), "--dtype", "fp32", "--device", "cpu", "--grace", "30", *flags],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        port = _wait_serving(server, port_file)
+        request = pb.GenerateRequest(prompt="a red kite over the sea", seed=31, output_format=pb.OUTPUT_FORMAT_NPY,
+                                     **FAST)
+        with RelayClient(f"127.0.0.1:{port}") as client:
+            result = client.generate(request, timeout=600)
+        expected = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu")).generate(
+            GenerationRequest(prompt="a red kite over the sea", seed=31, **FAST))
+        assert float(np.abs(np.load(io.BytesIO(result.data)) - expected).max()) <= 1e-4
+        stats = MessageToDict(result.done.stats)
+        assert stats["layout"]["executor"] == backend and stats["layout"]["groups"][0]["ranks"] == 2
+        assert len(stats["memory"]["fused0"]) == 2
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=120) == 0
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert "drained and stopped" in text, text[-3000:]
+    deadline = time.monotonic() + 30  # the ranks leave after the server (a barrier would need them)
+    while time.monotonic() < deadline and _session_alive(server.pid):
+        time.sleep(0.2)
+    assert not _session_alive(server.pid), "a worker process outlived the server"
+
+
+def _session_alive(pgid: int) -> bool:
+    import os
+
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("flags, message", [
