@@ -125,8 +125,17 @@ def _serve(run: ServeRun, build, *, close_executors: bool = True) -> int:
         runner.close = executor.close if close_executors else executor.scheduler.close
         return runner
 
-    asyncio.run(serve_app(run.models, config=run.config, max_queue=run.max_queue, heartbeat_s=run.heartbeat_s,
-                          port_file=run.port_file, runner_factory=factory))
+    from relay.engine.errors import ModelError
+    from relay.engine.tickets import GroupFailure
+
+    try:
+        asyncio.run(serve_app(run.models, config=run.config, max_queue=run.max_queue, heartbeat_s=run.heartbeat_s,
+                              port_file=run.port_file, runner_factory=factory))
+    except ModelError as exc:
+        return refuse("serve", exc)
+    except GroupFailure as exc:  # a group (or Ray itself) could not be built
+        print(f"relay serve: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     return EXIT_OK
 
 

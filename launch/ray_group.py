@@ -32,27 +32,51 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+#: Tries at starting (or joining) Ray before giving up: a local start can time out under load
+#: ("Timed out waiting for file .../gcs_server_port_...").
+RAY_START_ATTEMPTS = 3
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None,
+            attempts: int = RAY_START_ATTEMPTS) -> bool:
     """Joins an existing Ray cluster (``address``) or starts a local one (dashboard off).
 
     A local Ray gets at least 16 logical CPUs: on CPU every rank reserves one, whatever the
-    core count (the ranks share the cores; torch threads are divided among them).
+    core count (the ranks share the cores; torch threads are divided among them). A start that
+    fails is retried (after a clean ``ray.shutdown``) up to ``attempts`` times.
 
     Returns:
         True when this call connected (the caller should :func:`shutdown`), False when this
         process was already connected.
+
+    Raises:
+        GroupFailure: Ray did not start (or could not be joined) after ``attempts`` tries.
     """
     import ray
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus or max(16, os.cpu_count() or 1), include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=True)
-    return True
+    what = f"the Ray cluster at {address}" if address else "a local Ray"
+    for attempt in range(1, attempts + 1):
+        try:
+            if address:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+            else:
+                ray.init(num_cpus=num_cpus or max(16, os.cpu_count() or 1), include_dashboard=False,
+                         logging_level=logging.WARNING, log_to_driver=True)
+            return True
+        except Exception as exc:  # noqa: BLE001 - Ray raises several types for a failed start
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            try:
+                ray.shutdown()  # leave nothing half-started behind
+            except Exception:  # noqa: BLE001
+                pass
+            if attempt == attempts:
+                raise GroupFailure(f"{what} did not start after {attempts} tries (last: {reason})") from None
+            log.warning("%s did not start (try %d of %d: %s); trying again", what, attempt, attempts, reason)
+            time.sleep(2.0 * attempt)
+    return False  # not reached
 
 
 def shutdown() -> None:

@@ -58,6 +58,8 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, 
         print(f"relay serve: SERVING on {address}", file=sys.stderr, flush=True)
         await server.wait()
     finally:
+        if not server.stopped:  # a model failed to load: stop listening before the loop ends
+            await server.server.stop(0)
         for runner in runners.values():
             close = getattr(runner, "close", None)
             if close is not None:

@@ -231,6 +231,11 @@ class RelayServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.drain()))
 
+    @property
+    def stopped(self) -> bool:
+        """True once :meth:`drain` has stopped the server."""
+        return self._stopped.is_set()
+
     async def wait(self) -> None:
         """Until the server has drained and stopped."""
         await self._stopped.wait()

@@ -6,6 +6,7 @@ worker process behind."""
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def test_staged_service_streams_equal_frames_and_drains(tiny_models, tmp_path):
         [sys.executable, "-m", "relay.cli", "serve", "--model", str(tiny_models["t2v"]), "--port", "0",
          "--port-file", str(port_file), "--dtype", "fp32", "--device", "cpu", "--executor", "ray",
          "--placement", "staged", "--stage-split", "1:1", "--grace", "30"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         port = _wait_serving(server, port_file)
         client = RelayClient(f"127.0.0.1:{port}")
@@ -62,7 +63,7 @@ def test_staged_service_streams_equal_frames_and_drains(tiny_models, tmp_path):
         assert server.wait(timeout=120) == 0
     finally:
         if server.poll() is None:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
     text = (tmp_path / "serve.log").read_text()
