@@ -48,7 +48,7 @@ def generation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, help="pixels; a multiple of 16 (32 for TI2V-5B)")
     g.add_argument("--frames", type=int, help="frame count, 4k+1 (81 for A14B, 121 for TI2V-5B)")
     g.add_argument("--steps", type=int, help="denoising steps, 1..1000 (40 for A14B, 50 for TI2V-5B)")
-    g.add_argument("--seed", type=int, help="0..2^63-1; random when unset (the seed used is printed)")
+    g.add_argument("--seed", type=int, help="0..2^63-1; unset or -1: random (the seed used is printed)")
     g.add_argument("--guidance", type=float,
                    help="classifier-free guidance of the high-noise expert (or the only one); 1 = off")
     g.add_argument("--guidance-low", type=float,
@@ -89,7 +89,8 @@ def parallel_flags(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group(
         "parallel execution (one video on N devices: NCCL on CUDA, gloo on CPU)")
     p.add_argument("--nproc", type=int, default=1,
-                   help="devices per group (fused), or to split between the stages (staged; default 2)")
+                   help="fused: devices per group (default 1); staged: devices split between the two "
+                        "stage groups (1 means the minimum, 2)")
     p.add_argument("--ulysses", type=int,
                    help="Ulysses sequence-parallel degree; must divide the heads (40 A14B, 24 5B)")
     p.add_argument("--ring", type=int, help="ring-attention sequence-parallel degree")
@@ -199,6 +200,23 @@ def parse_device(text: str | None) -> tuple[str | None, int]:
     if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
         raise ValidationError("device", f"must be cpu, cuda or cuda:N, got {text!r}")
     return kind, int(index or 0)
+
+
+def resolve_device_type(executor: str, device_type: str | None) -> str:
+    """The device type of the run: ``--device``'s, else CUDA when this machine has it. Local and
+    torchrun runs on ``cuda`` need CUDA here (a Ray cluster's GPUs are checked when it is joined).
+
+    Raises:
+        ValidationError: ``device``: CUDA asked for on a machine (or a torch build) without it.
+    """
+    import torch
+
+    if device_type is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda" and executor != "ray" and not torch.cuda.is_available():
+        build = "a CPU-only torch build" if torch.version.cuda is None else "no visible CUDA device"
+        raise ValidationError("device", f"cuda is not available here ({build}, torch {torch.__version__})")
+    return device_type
 
 
 def layout_from_args(args, info, *, needs_uncond: bool | None):

@@ -33,6 +33,7 @@ from relay.cli.flags import (
     placement_from_args,
     read_image,
     refuse,
+    resolve_device_type,
     say,
 )
 from relay.engine.errors import ModelError, ValidationError
@@ -182,7 +183,7 @@ def _run(args, command, info, resolved, layout, config, run: GenerateRun, device
     from relay.engine.stages import request_experts
 
     try:
-        device_type = device_type or _default_device_type()
+        device_type = resolve_device_type(args.executor, device_type)
         local = args.executor in ("local", "torchrun")
         placement = placement_from_args(args, info, resolved, layout)
         if local and device_type == "cuda":
@@ -258,12 +259,6 @@ def run_under_torchrun(placement, spec, config, driver: str, payload) -> int:
 
 def _needs_uncond(resolved) -> bool:
     return resolved.guidance > 1 or (resolved.guidance_low or 0) > 1
-
-
-def _default_device_type() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _model_facts(info) -> dict:

@@ -31,6 +31,7 @@ from relay.cli.flags import (
     parse_device,
     placement_from_args,
     refuse,
+    resolve_device_type,
     scheduler_config,
 )
 from relay.engine.request import GenerationRequest, resolve_request
@@ -60,6 +61,7 @@ def serve(args: argparse.Namespace) -> int:
         tokens = _tokens(args)
         if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
             raise ValidationError("tls_cert", "--tls-cert and --tls-key go together (and --tls-client-ca needs them)")
+        check_port(args.host, args.port)
         device_type, device_index = parse_device(args.device)
         check_executor(args)
         config = ServerConfig(host=args.host, port=args.port, tokens=tokens, tls_cert=args.tls_cert,
@@ -83,7 +85,11 @@ def serve(args: argparse.Namespace) -> int:
         return refuse("serve", exc)
     from relay.launch.worker import WorkerSpec
 
-    spec = WorkerSpec(model="", layout=None, dtype=args.dtype, device_type=device_type or _default_device_type(),
+    try:
+        device_type = resolve_device_type(args.executor, device_type)
+    except ValidationError as exc:
+        return refuse("serve", exc)
+    spec = WorkerSpec(model="", layout=None, dtype=args.dtype, device_type=device_type,
                       text_encoder=args.text_encoder, offload=args.offload)
     run = ServeRun(models=[str(info.path) for info in infos], config=config, max_queue=args.max_queue,
                    heartbeat_s=args.heartbeat, port_file=args.port_file, plans=plans, spec=spec,
@@ -139,6 +145,33 @@ def _serve(run: ServeRun, build, *, close_executors: bool = True) -> int:
     return EXIT_OK
 
 
+def check_port(host: str, port: int) -> None:
+    """``--port``: 0..65535, and free on ``host`` (checked here, so the error names the address
+    instead of gRPC's 'Failed to bind'); 0 picks a free port."""
+    import errno
+    import socket
+
+    from relay.engine.errors import ValidationError
+
+    if isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ValidationError("port", f"must be between 0 and 65535, got {port}")
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValidationError("host", f"cannot resolve {host!r}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            taken = exc.errno == errno.EADDRINUSE
+            raise ValidationError("port", f"{host}:{port} is already in use" if taken
+                                  else f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
 def _tokens(args) -> list[str]:
     from relay.engine.errors import ValidationError
 
@@ -150,12 +183,6 @@ def _tokens(args) -> list[str]:
         return load_tokens(args.token)
     except (OSError, ValueError) as exc:
         raise ValidationError("token", str(exc)) from None
-
-
-def _default_device_type() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _request(args) -> "object":
@@ -210,9 +237,10 @@ def submit(args: argparse.Namespace) -> int:
         Path(args.stats).parent.mkdir(parents=True, exist_ok=True)
         Path(args.stats).write_text(json.dumps(MessageToDict(result.done.stats), indent=2) + "\n")
     t = result.done.timings
-    print(f"wrote {out} ({result.done.size} bytes, sha256 {result.done.sha256[:16]}...; seed "
-          f"{result.settings.seed}; queued {t.queued_s:.1f}s, denoise {t.denoise_s:.1f}s, "
-          f"decode {t.decode_s:.1f}s)", file=sys.stderr)
+    if not args.quiet:
+        print(f"wrote {out} ({result.done.size} bytes, sha256 {result.done.sha256[:16]}...; seed "
+              f"{result.settings.seed}; queued {t.queued_s:.1f}s, denoise {t.denoise_s:.1f}s, "
+              f"decode {t.decode_s:.1f}s)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -29,6 +29,8 @@ MAX_IMAGE_PIXELS = 40_000_000
 MIN_IMAGE_SIDE = 16
 #: The source of a resolved field the request itself gave.
 REQUEST = "request"
+#: A seed that asks for a random one, on every front end (CLI, gRPC, Python); so does ``None``.
+RANDOM_SEED = -1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +43,7 @@ class GenerationRequest:
         height, width: Output size in pixels; multiples of the model's spatial multiple.
         frames: Number of frames, ``4k + 1``.
         steps: Denoising steps, 1..1000.
-        seed: 0..2**63-1; ``None`` picks one at random (reported in the resolved request).
+        seed: 0..2**63-1; ``None`` or -1 picks one at random (reported in the resolved request).
         guidance: Classifier-free guidance for the high-noise expert (or the only one);
             1.0 turns guidance off.
         guidance_low: Guidance for the low-noise expert (MoE models only).
@@ -138,7 +140,7 @@ def open_image(data: bytes):
     Raises:
         ValidationError: on field ``image``.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not isinstance(data, (bytes, bytearray)) or not data:
         raise ValidationError("image", "is empty")
@@ -153,7 +155,8 @@ def open_image(data: bytes):
             if min(width, height) < MIN_IMAGE_SIDE:
                 raise ValidationError("image", f"is {width}x{height}; each side must be >= {MIN_IMAGE_SIDE}")
             probe.load()
-            return probe.convert("RGB")
+            # A photo's EXIF orientation is how it is meant to be seen (phones store it rotated).
+            return ImageOps.exif_transpose(probe).convert("RGB")
     except ValidationError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:

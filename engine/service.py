@@ -274,8 +274,12 @@ class AsyncEngine:
             self._emit(job, self._queued_event(job))
 
     def _finish(self, job: Job, state: JobState, *, error: str = "") -> None:
+        started = job.state != JobState.QUEUED
         job.state = state
         job.error = error
+        # One line per request at its end (never the prompt or a token).
+        log.info("job %s %s after %.2fs (%s)%s", job.job_id, state.value, time.monotonic() - job.submitted,
+                 "ran" if started else "never ran", f": {error}" if error else "")
         kind = {JobState.SUCCEEDED: "done", JobState.FAILED: "failed", JobState.CANCELLED: "cancelled"}[state]
         self._emit(job, Event(kind, {"error": error}))
         self._finished.append(job.job_id)
@@ -315,6 +319,10 @@ class AsyncEngine:
             self._wakeup.set()
 
     async def _run(self, job: Job) -> None:
+        r = job.request
+        log.info("job %s started: model %s, %dx%d, %d frames, %d steps, seed %d, %s%s, queued %.2fs",
+                 job.job_id, job.model, r.width, r.height, r.frames, r.steps, r.seed, job.output_format,
+                 ", with image" if r.image is not None else "", time.monotonic() - job.submitted)
         job.state = JobState.RUNNING
         job.timings["queued_s"] = time.monotonic() - job.submitted
         self._emit(job, Event("started"))

@@ -15,28 +15,50 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+#: x264 worker threads, fixed: x264 output is deterministic for a given thread count, and
+#: ``auto`` would make the bytes depend on the machine's cores.
+X264_THREADS = 4
+#: ITU-R BT.709 in FFmpeg's numbering (primaries, transfer, matrix).
+BT709 = 1
+
+
 def encode_mp4(frames: np.ndarray, *, fps: int, crf: int = 16) -> bytes:
-    """Encodes frames as H.264 / yuv420p mp4 at ``fps``, in memory.
+    """Encodes frames as H.264 / yuv420p mp4 at ``fps``: deterministic bytes for the same frames
+    on any machine, tagged BT.709 (limited range), ``moov`` first (``+faststart``: a browser
+    plays it while it downloads).
 
     Uses PyAV (FFmpeg linked in-process), so a threaded server never forks an encoder process.
+    RGB -> YUV conversion is explicit (BT.709 matrix, exact rounding, one thread) instead of the
+    encoder's implicit default (BT.601, threaded).
     """
-    import io
+    import tempfile
 
     import av
+    from av.video.reformatter import ColorRange, Colorspace, Interpolation
 
     pixels = to_uint8(frames)
     _, height, width, _ = pixels.shape
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf)}
-        for frame in pixels:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+    exact = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
+    # The faststart pass re-reads the file, which an in-memory buffer does not allow.
+    with tempfile.TemporaryDirectory(prefix="relay-mp4-") as folder:
+        path = Path(folder) / "video.mp4"
+        with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            codec = stream.codec_context
+            codec.color_primaries = codec.color_trc = codec.colorspace = BT709
+            codec.color_range = ColorRange.MPEG
+            stream.options = {"crf": str(crf), "threads": str(X264_THREADS)}
+            for frame in pixels:
+                rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                yuv = rgb.reformat(format="yuv420p", src_colorspace=Colorspace.ITU709,
+                                   dst_colorspace=Colorspace.ITU709, src_color_range=ColorRange.JPEG,
+                                   dst_color_range=ColorRange.MPEG, interpolation=exact, threads=1)
+                for packet in stream.encode(yuv):
+                    container.mux(packet)
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
+        return path.read_bytes()
 
 
 def write_mp4(frames: np.ndarray, path: str | os.PathLike, *, fps: int) -> None:

@@ -27,7 +27,7 @@ def to_request(message: pb.GenerateRequest) -> GenerationRequest:
         prompt=message.prompt, negative_prompt=message.negative_prompt,
         height=_optional(message, "height"), width=_optional(message, "width"),
         frames=_optional(message, "frames"), steps=_optional(message, "steps"),
-        seed=None if seed == -1 else seed, guidance=_optional(message, "guidance"),
+        seed=seed, guidance=_optional(message, "guidance"),
         guidance_low=_optional(message, "guidance_low"), shift=_optional(message, "shift"),
         boundary=_optional(message, "boundary"), fps=_optional(message, "fps"),
         image=message.image or None,
@@ -51,6 +51,20 @@ def settings(model: str, request: ResolvedRequest, fmt: str) -> pb.ResolvedSetti
         out.guidance_low = request.guidance_low
     if request.boundary is not None:
         out.boundary = request.boundary
+    return out
+
+
+def model_defaults(model: str, info) -> pb.ResolvedSettings:
+    """A model's defaults as settings: no prompt, seed -1 (random), the size of the reference
+    table (an I2V request takes its aspect from the image)."""
+    d = info.defaults
+    out = pb.ResolvedSettings(model=model, height=d.height, width=d.width, frames=d.frames, steps=d.steps,
+                              seed=-1, guidance=d.guidance, shift=d.shift, fps=d.fps,
+                              output_format=pb.OUTPUT_FORMAT_MP4)
+    if d.guidance_low is not None:
+        out.guidance_low = d.guidance_low
+    if d.boundary is not None:
+        out.boundary = d.boundary
     return out
 
 

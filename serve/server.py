@@ -88,17 +88,10 @@ class RelayServicer(pb_grpc.RelayServicer):
         return convert.job_message(self.engine, job)
 
     async def ListModels(self, request, context):  # noqa: N802
-        from relay.engine.request import GenerationRequest, resolve_request
-
-        models = []
-        for name, info in self.models.items():
-            defaults = resolve_request(GenerationRequest(prompt="-", seed=0), info) if info.kind != "i2v" else None
-            message = pb.Model(name=name, kind=info.kind, is_default=name == self.engine.default_model,
-                               moe=info.is_moe, spatial_multiple=info.spatial_multiple,
-                               temporal_stride=info.temporal_stride)
-            if defaults is not None:
-                message.defaults.CopyFrom(convert.settings(name, defaults, "mp4"))
-            models.append(message)
+        models = [pb.Model(name=name, kind=info.kind, is_default=name == self.engine.default_model,
+                           moe=info.is_moe, spatial_multiple=info.spatial_multiple,
+                           temporal_stride=info.temporal_stride, defaults=convert.model_defaults(name, info))
+                  for name, info in self.models.items()]
         return pb.ListModelsResponse(models=models)
 
 

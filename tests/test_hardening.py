@@ -68,3 +68,107 @@ def test_serve_exits_plainly_when_ray_never_starts(tiny_models, tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "relay serve: error: a local Ray did not start after 3 tries" in proc.stderr
     assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr
+
+
+# --- mp4 output -------------------------------------------------------------------------------
+def _frames(seed: int = 0):
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    ramp = np.linspace(0, 1, 48 * 80 * 3, dtype=np.float32).reshape(48, 80, 3)
+    return np.clip(ramp[None] + rng.randn(9, 48, 80, 3).astype(np.float32) * 0.1, 0, 1)
+
+
+def test_mp4_bytes_are_deterministic_in_and_across_processes():
+    import hashlib
+
+    from relay.engine.video import encode_mp4
+
+    frames = _frames()
+    here = [hashlib.sha256(encode_mp4(frames, fps=16)).hexdigest() for _ in range(3)]
+    code = ("import hashlib, io, numpy as np, sys\n"
+            "from relay.engine.video import encode_mp4\n"
+            "frames = np.load(io.BytesIO(sys.stdin.buffer.read()))\n"
+            "print(hashlib.sha256(encode_mp4(frames, fps=16)).hexdigest())\n")
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, frames)
+    other = subprocess.run([sys.executable, "-c", code], input=buffer.getvalue(), capture_output=True,
+                           timeout=120, cwd=REPO)
+    assert other.returncode == 0, other.stderr
+    assert len(set(here)) == 1 and other.stdout.decode().strip() == here[0]
+
+
+def test_mp4_is_faststart_and_tagged_bt709(tmp_path):
+    import av
+    import numpy as np
+
+    from relay.engine.video import encode_mp4
+
+    frames = _frames(1)
+    data = encode_mp4(frames, fps=16)
+    assert data.find(b"moov") < data.find(b"mdat"), "moov must come first (faststart)"
+    path = tmp_path / "x.mp4"
+    path.write_bytes(data)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        codec = stream.codec_context
+        assert (codec.color_primaries, codec.color_trc, codec.colorspace) == (1, 1, 1)  # BT.709
+        assert int(codec.color_range) == 1  # limited (MPEG) range
+        decoded = np.stack([f.to_ndarray(format="rgb24", src_colorspace="ITU709", dst_colorspace="ITU709")
+                            for f in container.decode(stream)])
+    assert decoded.shape == (9, 48, 80, 3)
+    # Right matrix both ways: the decoded colours match the input (a 601/709 mix-up shifts them).
+    assert abs(decoded.astype(float).mean(axis=(0, 1, 2)) - frames.mean(axis=(0, 1, 2)) * 255).max() < 3
+
+
+# --- bad ports, a missing GPU -------------------------------------------------------------------
+@pytest.mark.parametrize("port", ["99999", "-1", "65536"])
+def test_serve_refuses_ports_outside_the_range(relay, tiny_models, port):
+    result = relay("serve", "--model", tiny_models["t2v"], "--port", port)
+    assert result.code == 2 and "error: --port: must be between 0 and 65535" in result.err, result.err
+
+
+def test_serve_names_the_address_already_in_use(relay, tiny_models):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = relay("serve", "--model", tiny_models["t2v"], "--port", port)
+    assert result.code == 2, result.err
+    assert f"error: --port: 127.0.0.1:{port} is already in use" in result.err
+    assert "Failed to bind" not in result.err and "internal error" not in result.err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_cuda_without_cuda_exits_2_before_loading(relay, tiny_models, tmp_path, command):
+    args = ["--model", tiny_models["t2v"], "--device", "cuda"]
+    args += ["--prompt", "x", "--output", tmp_path / "x.npy"] if command == "generate" else ["--port", "0"]
+    result = relay(command, *args)
+    assert result.code == 2, result.err
+    assert "error: --device: cuda is not available here" in result.err
+    assert "Torch not compiled" not in result.err and "layout" not in result.err  # nothing was built
+
+
+def test_i2v_photo_follows_its_exif_orientation(tiny_models):
+    """A phone photo stored landscape with EXIF orientation 6 (rotate 90) is a portrait image."""
+    import io
+
+    from PIL import Image
+
+    from relay.engine.model_info import read_model_info
+    from relay.engine.request import GenerationRequest, resolve_request
+
+    stored = Image.new("RGB", (80, 40), (200, 30, 30))
+    exif = stored.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", exif=exif)
+    resolved = resolve_request(GenerationRequest(prompt="x", image=buffer.getvalue()), read_model_info(tiny_models["i2v"]))
+    assert resolved.height > resolved.width  # portrait, as the photo is meant to be seen

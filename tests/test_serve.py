@@ -38,6 +38,7 @@ class LiveServer:
         from relay.serve.server import RelayServer, ServerConfig
 
         self.loop = asyncio.new_event_loop()
+        self.model_dir = model_dir
         info = read_model_info(model_dir)
         self.name = info.path.name
         # The same runtime as relay serve: a stage scheduler over an in-process group.
@@ -279,10 +280,16 @@ def test_client_gone_mid_stream_aborts_the_job(live, client):
 
 
 def test_deadline_shorter_than_the_job(live, client):
+    """The client's deadline passes: the server cancels the job, before its last step."""
+    call = client.stub.Generate(_request(**LONG), timeout=1.5)
+    job_id = None
     with pytest.raises(grpc.RpcError) as caught:
-        client.generate(_request(**LONG), timeout=1.5)
+        for event in call:
+            job_id = job_id or event.job_id
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert live.wait_idle()
+    job = client.get_job(job_id)
+    assert job.state == pb.JOB_STATE_CANCELLED and job.step < LONG["steps"]
 
 
 def test_overload_refuses_exactly_the_excess(tiny_models):
@@ -345,34 +352,74 @@ def test_token_auth_on_the_relay_service(tiny_models):
         server.stop()
 
 
-def test_sigterm_drains(tiny_models, tmp_path):
-    """SIGTERM: the running job finishes, new calls get UNAVAILABLE, the process exits 0."""
+def _serve_process(tiny_models, tmp_path, *flags):
     from relay.cli.service import _wait_serving
-    from relay.serve.client import RelayClient
 
     port_file = tmp_path / "port"
+    log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve", "--model", str(tiny_models["t2v"]),
                              "--port", "0", "--port-file", str(port_file), "--dtype", "fp32",
-                             "--device", "cpu", "--grace", "120"],
-                            cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             "--device", "cpu", *flags],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return proc, _wait_serving(proc, port_file, timeout_s=120), log
+
+
+def _end_process(proc, log) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+def test_sigterm_drains_while_a_job_runs(tiny_models, tmp_path):
+    """SIGTERM while a job runs: health goes NOT_SERVING and new calls get UNAVAILABLE *during*
+    the drain, the queued job is cancelled, the running one finishes, the process exits 0."""
+    from relay.serve.client import RelayClient
+
+    proc, port, log = _serve_process(tiny_models, tmp_path, "--grace", "120")
+    target = f"127.0.0.1:{port}"
     try:
-        port = _wait_serving(proc, port_file, timeout_s=120)
-        with RelayClient(f"127.0.0.1:{port}") as c:
-            call, _ = _stream_until(c, _request(**dict(FAST, steps=40)), "progress")
+        with RelayClient(target) as c, RelayClient(target) as other:
+            running, first = _stream_until(c, _request(**dict(FAST, steps=150)), "progress")
+            queued, _ = _stream_until(other, _request(**FAST), "accepted")
             proc.send_signal(signal.SIGTERM)
-            events = list(call)  # the in-flight job runs to the end
+            with pytest.raises(grpc.RpcError) as caught:  # the queued job is cancelled by the drain
+                list(queued)
+            assert caught.value.code() == grpc.StatusCode.CANCELLED
+            assert "shutting down" in caught.value.details()
+            assert _health(target) == 2  # NOT_SERVING while the running job finishes
+            with pytest.raises(grpc.RpcError) as caught:
+                other.generate(_request(**FAST), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in caught.value.details()
+            assert proc.poll() is None  # still draining: the refusal came from the server, not a closed port
+            events = list(running)  # the in-flight job runs to the end
             assert events[-1].HasField("done")
-            try:
-                c.generate(_request(**FAST), timeout=10)
-                refused = None
-            except grpc.RpcError as exc:
-                refused = exc.code()
-            assert refused in (grpc.StatusCode.UNAVAILABLE,)
+            assert [e.progress.step for e in events if e.HasField("progress")][-1] == 150
         assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _end_process(proc, log)
+    text = (tmp_path / "serve.log").read_text()
+    assert "draining: no new jobs" in text and "drained and stopped" in text
+
+
+def test_grace_expiry_cancels_the_running_job_at_a_step_boundary(tiny_models, tmp_path):
+    from relay.serve.client import RelayClient
+
+    proc, port, log = _serve_process(tiny_models, tmp_path, "--grace", "1")
+    try:
+        with RelayClient(f"127.0.0.1:{port}") as c:
+            running, first = _stream_until(c, _request(**LONG), "progress")
+            proc.send_signal(signal.SIGTERM)
+            steps = []
+            with pytest.raises(grpc.RpcError) as caught:
+                for event in running:
+                    if event.HasField("progress"):
+                        steps.append(event.progress.step)
+            assert caught.value.code() == grpc.StatusCode.CANCELLED
+            assert steps and steps[-1] < LONG["steps"]  # stopped before its last step
+        assert proc.wait(timeout=60) == 0
+    finally:
+        _end_process(proc, log)
 
 
 def test_generated_stubs_are_fresh():
@@ -432,7 +479,42 @@ def test_relay_submit_cli(live, relay, tmp_path):
         args += [f"--{key.replace('_', '-')}", value]
     result = relay(*args)
     assert result.code == 0, result.err
+    assert result.err == "" and result.out == ""  # --quiet means nothing printed
     assert np.load(out).shape == (FAST["frames"], FAST["height"], FAST["width"], 3)
     assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["step-0002.png", "step-0004.png"]
     bad = relay("submit", "--server", live.target, "--prompt", "x", "--height", "30", "--output", out)
     assert bad.code == 2 and "INVALID_ARGUMENT: height:" in bad.err
+
+
+def test_list_models_defaults_are_the_folders_without_placeholders(live, client):
+    from relay.engine.model_info import read_model_info
+
+    info = read_model_info(live.model_dir)
+    (model,) = client.list_models().models
+    d = model.defaults
+    assert d.prompt == "" and d.seed == -1  # -1: random, as in GenerateRequest
+    assert (d.height, d.width, d.frames, d.steps, d.fps) == (info.defaults.height, info.defaults.width,
+                                                             info.defaults.frames, info.defaults.steps, info.defaults.fps)
+    assert d.shift == pytest.approx(info.defaults.shift) and d.boundary == pytest.approx(info.boundary_ratio)
+
+
+def test_one_log_line_per_request_start_and_end_without_the_prompt(live, client, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="relay.engine.service")
+    result = client.generate(_request(**FAST))
+    job_id = result.events[0].job_id
+    lines = [r.getMessage() for r in caplog.records if job_id in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "started: model" in lines[0] and f"{FAST['steps']} steps" in lines[0] and "32x32" in lines[0]
+    assert "succeeded after" in lines[1]
+    assert not any("kite" in line for line in lines)  # never the prompt
+
+
+def test_grpc_seed_minus_one_is_random_like_the_cli(client, relay, tiny_models, tmp_path):
+    settings = client.generate(_request(**dict(FAST, seed=-1))).settings
+    assert 0 <= settings.seed < 2**63
+    result = relay("generate", "--model", tiny_models["t2v"], "--prompt", "x", "--seed", "-1", "--steps", 2,
+                   "--height", 32, "--width", 32, "--frames", 5, "--output", tmp_path / "x.npy")
+    assert result.code == 0, result.err
+    assert "seed          " in result.err and " random" in result.err

@@ -18,6 +18,7 @@ from relay.engine.request import (
     MAX_FRAMES,
     MAX_SIDE,
     MAX_STEPS,
+    RANDOM_SEED,
     REQUEST,
     SEED_MAX,
     SHIFT_RANGE,
@@ -87,7 +88,7 @@ def resolve(request: GenerationRequest, info, *, tokenizer=None) -> ResolvedRequ
         raise ValidationError(
             "frames", f"must be {info.temporal_stride}k+1 (e.g. {frames - (frames - 1) % info.temporal_stride}), got {frames}")
     steps = check_int("steps", pick("steps", request.steps), 1, min(MAX_STEPS, info.num_train_timesteps))
-    if request.seed is not None:
+    if request.seed is not None and request.seed != RANDOM_SEED:
         seed, sources["seed"] = request.seed, REQUEST
     else:
         seed, sources["seed"] = secrets.randbelow(SEED_MAX + 1), "random"
