@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing.connection
 import os
+import signal
 import socket
 import time
 import traceback
@@ -97,6 +98,7 @@ class ProcessGroup(CallGroup):
         self.procs: list = []
         self.conns: list = []
         self.pids: list[int] = []
+        self._failed = False  # a call failed: teardown does not wait for the ranks
 
     def _build(self) -> None:
         import torch.multiprocessing as torch_mp
@@ -114,29 +116,37 @@ class ProcessGroup(CallGroup):
             self.conns.append(parent)
         try:
             self.pids = self._gather("setup", self.build_timeout_s)
-        except GroupFailure:
+        except (GroupFailure, ModelError):
+            self._failed = True
             self._teardown()
             raise
 
     def _teardown(self) -> None:
-        for conn in self.conns:
-            try:
-                conn.send(None)
-            except (OSError, ValueError):
-                pass
-        deadline = time.monotonic() + 10
-        for proc in self.procs:
-            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        # A healthy group is asked to leave (each rank closes its process group); after a
+        # failure a rank may be dead, blocked in a collective or stopped: no waiting for it.
+        if not self._failed:
+            for conn in self.conns:
+                try:
+                    conn.send(None)
+                except (OSError, ValueError):
+                    pass
+            deadline = time.monotonic() + 10
+            for proc in self.procs:
+                proc.join(timeout=max(0.0, deadline - time.monotonic()))
         for proc in self.procs:
             if proc.is_alive():
                 proc.terminate()
-                proc.join(timeout=10)
+                try:
+                    os.kill(proc.pid, signal.SIGCONT)  # a stopped rank must run to take its SIGTERM
+                except ProcessLookupError:
+                    pass
+                proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
         for conn in self.conns:
             conn.close()
-        self.procs, self.conns, self.pids = [], [], []
+        self.procs, self.conns, self.pids, self._failed = [], [], [], False
 
     def _send(self, method: str, args: tuple, faults: list):
         if not self.conns:
@@ -149,7 +159,11 @@ class ProcessGroup(CallGroup):
         return method
 
     def _receive(self, handle, timeout_s: float) -> list:
-        return self._gather(handle, timeout_s)
+        try:
+            return self._gather(handle, timeout_s)
+        except GroupFailure:
+            self._failed = True
+            raise
 
     def _gather(self, what: str, timeout_s: float) -> list:
         """Each rank's next answer; a dead rank, a rank error or the deadline fails the group."""

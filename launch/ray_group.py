@@ -180,7 +180,7 @@ class RayWorkerGroup(CallGroup):
                      for r in range(self.size)]
             self.pids = self._gather([a.setup.remote(i, self.spec) for a, i in zip(self.actors, infos, strict=True)],
                                      "setup", self.build_timeout_s)
-        except GroupFailure:
+        except (GroupFailure, ModelError):
             self.teardown()
             raise
 

@@ -55,14 +55,37 @@ def test_stage_loads_only_its_expert_and_refuses_the_other(tiny_models, engine):
         low.start(early.snapshot()).step()
 
 
-def test_offload_keeps_modules_off_the_run_device_until_used(tiny_models, engine):
-    """With offload the result is unchanged and the inactive expert rests on the CPU."""
+def test_offload_moves_only_the_expert_in_use_to_the_device(tiny_models, engine):
+    """With offload the result is unchanged; at every step the step's expert is the one resident
+    on the run device, and the switch moves the other expert off it (both moves are recorded:
+    on a CPU both ends are the CPU, so the moves themselves are what the test can see)."""
     from relay.engine import Engine, GenerationRequest, load_model
 
     offloaded = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu", offload=True))
+    model = offloaded.model
+    moves = []
+    for name, module in [*model.experts.items(), ("text_encoder", model.text_encoder)]:
+        original = module.to
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            target = args[0] if args else kwargs.get("device")
+            moves.append((_name, "run device" if target == model.device and not isinstance(target, str) else "home"))
+            return _original(*args, **kwargs)
+
+        module.to = spy
+    resident = []
     request = GenerationRequest(prompt="a fox", **SETTINGS)
-    assert np.array_equal(offloaded.generate(request), engine.generate(request))
-    assert offloaded.model.offload
+    frames = offloaded.generate(request, callback=lambda event: resident.append((event.expert, model._resident)))
+    assert np.array_equal(frames, engine.generate(request))
+    assert all(expert == held for expert, held in resident), resident
+    assert [e for e, _ in resident] == ["high_noise"] * 3 + ["low_noise"] * 3  # both experts were used
+    # The text encoder goes to the device for encoding; each expert arrives once, when it starts,
+    # and the high-noise expert leaves when the low-noise one arrives -- no moves on other steps.
+    assert ("text_encoder", "run device") in moves
+    arrivals = [name for name, where in moves if where == "run device" and name != "text_encoder"]
+    assert arrivals == ["high_noise", "low_noise"], moves
+    switch = moves.index(("low_noise", "run device"))
+    assert ("high_noise", "home") in moves[:switch][-3:], moves
 
 
 def test_stop_is_polled_at_step_boundaries(engine):
