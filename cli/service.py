@@ -306,8 +306,12 @@ def demo(args: argparse.Namespace) -> int:
     return code
 
 
-def _wait_serving(server: subprocess.Popen, port_file: Path, timeout_s: float = 300.0) -> int:
-    """Waits (health checks, not sleeps on a guess) until the server reports SERVING."""
+def _wait_serving(server: subprocess.Popen, port_file: Path, timeout_s: float = 300.0, *,
+                  credentials=None, host: str = "localhost") -> int:
+    """Waits (health checks, not sleeps on a guess) until the server reports SERVING.
+
+    ``credentials``: the ``grpc.ChannelCredentials`` of a TLS server (``host`` must match its
+    certificate); plaintext otherwise."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -319,7 +323,9 @@ def _wait_serving(server: subprocess.Popen, port_file: Path, timeout_s: float = 
             raise RuntimeError("relay serve did not start listening")
         time.sleep(0.1)
     port = int(port_file.read_text())
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    channel = (grpc.secure_channel(f"{host}:{port}", credentials) if credentials is not None
+               else grpc.insecure_channel(f"127.0.0.1:{port}"))
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         # Watch streams status changes: the first SERVING message is the moment to submit.
         for response in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 import grpc
 import pki
@@ -357,3 +358,55 @@ def test_mutual_tls(certs, client, expected):
                 assert error.value.code() == expected
 
     run(main())
+
+
+# --- Relay's own server and relay submit over TLS / mTLS ------------------------------------------
+def test_relay_serve_and_submit_over_mutual_tls_with_a_token(certs, tiny_models, tmp_path):
+    """`relay serve --tls-cert --tls-key --tls-client-ca --token` and `relay submit --tls-ca
+    --tls-cert --tls-key --token`: the real server and CLI, end to end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from relay.cli.service import _wait_serving
+
+    repo = Path(__file__).resolve().parents[1]
+    port_file = tmp_path / "port"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "serve", "--model", str(tiny_models["t2v"]), "--port", "0",
+         "--port-file", str(port_file), "--device", "cpu", "--tls-cert", str(certs["server_cert"]),
+         "--tls-key", str(certs["server_key"]), "--tls-client-ca", str(certs["ca"]), "--token", TOKEN],
+        cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        creds = auth.channel_credentials(certs["ca"], certs["client_cert"], certs["client_key"])
+        port = _wait_serving(server, port_file, timeout_s=120, credentials=creds)
+
+        def submit(*flags):
+            return subprocess.run([sys.executable, "-m", "relay.cli", "submit", "--server", f"localhost:{port}",
+                                   "--prompt", "a kite", "--steps", "2", "--height", "32", "--width", "32",
+                                   "--frames", "5", "--output", str(tmp_path / "x.npy"), "--quiet", *flags],
+                                  cwd=repo, capture_output=True, text=True, timeout=120)
+
+        tls = ["--tls-ca", str(certs["ca"])]
+        client = ["--tls-cert", str(certs["client_cert"]), "--tls-key", str(certs["client_key"])]
+        good = submit(*tls, *client, "--token", TOKEN)
+        assert good.returncode == 0, good.stderr
+        assert np.load(tmp_path / "x.npy").shape == (5, 32, 32, 3)
+        wrong_token = submit(*tls, *client, "--token", "wrong")
+        assert wrong_token.returncode == 1 and "UNAUTHENTICATED" in wrong_token.stderr
+        no_client_cert = submit(*tls, "--token", TOKEN)
+        assert no_client_cert.returncode == 1 and "UNAVAILABLE" in no_client_cert.stderr
+        plaintext = submit("--token", TOKEN)
+        assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+    assert server.returncode == 0, server.stderr.read()

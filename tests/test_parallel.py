@@ -44,6 +44,12 @@ CASES = {
     "i2v-ring2": ("i2v", dict(ring_degree=2), dict(height=32, width=48, frames=5), {"image": True}),
     "ti2v-ulysses2-per-token-timesteps": ("ti2v", dict(ulysses_degree=2),
                                           dict(height=64, width=96, frames=5), {}),
+    # 3 tokens (1 latent frame x 1 x 3) over 2 ranks: padded, with per-token timesteps split too.
+    "ti2v-ulysses2-padded": ("ti2v", dict(ulysses_degree=2), dict(height=32, width=96, frames=1), {}),
+    # 9 tokens over a ring of 2, with the image condition concatenated on the channels.
+    "i2v-ring2-padded": ("i2v", dict(ring_degree=2), dict(height=48, width=48, frames=1), {"image": True}),
+    "ulysses2-text-encoder-cpu": ("t2v", dict(ulysses_degree=2), dict(height=32, width=48, frames=5),
+                                  {"text_encoder": "cpu"}),
 }
 
 
@@ -117,10 +123,12 @@ def test_group_output_equals_single_process(case, tiny_models, engines, png_byte
 
 def test_token_counts_of_the_padded_cases_do_not_divide():
     """Guards the padding cases: their token counts really are not multiples of the degree."""
-    for name in ("ulysses2-odd-tokens", "ring2-odd-tokens", "ulysses2-ring2-padded"):
-        _, layout_kwargs, size, _ = CASES[name]
+    for name in ("ulysses2-odd-tokens", "ring2-odd-tokens", "ulysses2-ring2-padded", "ti2v-ulysses2-padded",
+                 "i2v-ring2-padded"):
+        kind, layout_kwargs, size, _ = CASES[name]
         layout = ParallelLayout(**layout_kwargs)
-        tokens = ((size["frames"] - 1) // 4 + 1) * (size["height"] // 16) * (size["width"] // 16)
+        stride = 32 if kind == "ti2v" else 16  # VAE x patch
+        tokens = ((size["frames"] - 1) // 4 + 1) * (size["height"] // stride) * (size["width"] // stride)
         assert tokens % layout.sp_degree, name
 
 

@@ -297,3 +297,14 @@ def test_help_lists_every_catalog_entry(relay):
     assert result.code == 0
     text = " ".join(result.out.split())
     assert all(name in text for name in [*cost.gpus(), *cost.models()])
+
+
+def test_the_readme_states_the_8_gpu_error_the_model_reaches(cal):
+    """The README's figure for the held-out rows is a bound the cost model really meets."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    claimed = float(re.search(r"it predicts the 8-GPU rows\s+within ([0-9.]+)%", text).group(1)) / 100
+    worst = _max_error(cal, 8)
+    assert worst <= claimed < worst + 0.01, (worst, claimed)

@@ -103,3 +103,64 @@ def test_resume_runs_on_a_process_group(tiny_models, reference, relay, tmp_path)
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["experts"]["high_noise"]["steps"] == 1 and stats["experts"]["low_noise"]["steps"] == 3
     assert stats["seconds"]["encode"] == 0.0 and stats["layout"]["executor"] == "mp"
+
+
+def test_replicas_serve_requests_side_by_side_with_equal_frames(tiny_models, reference):
+    """Two fused replicas (local processes): both take requests, each equals the single process."""
+    from relay.engine.model_info import read_model_info
+    from relay.engine.request import GenerationRequest, resolve_request
+    from relay.engine.stages import request_experts
+    from relay.launch.executor import Executor
+    from relay.launch.placement import plan_groups
+    from relay.launch.worker import WorkerSpec
+    from relay.parallel.layout import ParallelLayout
+
+    info = read_model_info(tiny_models["t2v"])
+    resolved = resolve_request(GenerationRequest(**SETTINGS), info)
+    spec = WorkerSpec(model=str(info.path), layout=ParallelLayout(), dtype="fp32", device_type="cpu")
+    with Executor(plan_groups(info, resolved, replicas=2), spec, backend="mp") as executor:
+        tickets = [executor.scheduler.submit(resolved.to_dict(with_image=True), experts=request_experts(info, resolved))
+                   for _ in range(4)]
+        for ticket in tickets:
+            np.testing.assert_allclose(ticket.result(timeout=300), reference, atol=1e-5, rtol=0)
+    assert {t.stats.decode["group"] for t in tickets} == {"fused0", "fused1"}  # both replicas worked
+
+
+def test_checkpoint_every_3_still_writes_every_asked_snapshot(tiny_models, reference, relay, tmp_path):
+    """--checkpoint-every 3 makes group calls of 3 steps; the calls are split where a snapshot is
+    asked for (2 and 5), and the video is unchanged."""
+    from relay.engine.state import DenoiseState
+
+    ck, out = tmp_path / "ck", tmp_path / "x.npy"
+    result = relay("generate", "--model", tiny_models["t2v"], *_flags(SETTINGS), "--dtype", "fp32", "--device",
+                   "cpu", "--nproc", 2, "--ulysses", 2, "--checkpoint-every", 3, "--checkpoint-dir", ck,
+                   "--checkpoint-at", "2,5", "--output", out, "--quiet")
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in ck.iterdir()) == ["step-0002.pt", "step-0005.pt"]
+    assert [DenoiseState.load(ck / f"step-000{k}.pt").step_index for k in (2, 5)] == [2, 5]
+    np.testing.assert_allclose(np.load(out), reference, atol=1e-4, rtol=0)
+
+
+def test_max_retries_is_applied_at_run_time(tiny_models):
+    """A request that breaks its group on every try (an in-process group: a rebuild costs a reload,
+    not a spawn): with --max-retries 0 it fails after one rebuild, with 1 after two."""
+    from relay.engine.model_info import read_model_info
+    from relay.engine.request import GenerationRequest, resolve_request
+    from relay.engine.stages import request_experts
+    from relay.engine.tickets import RequestFailed, SchedulerConfig
+    from relay.launch.executor import Executor
+    from relay.launch.placement import plan_groups
+    from relay.launch.worker import WorkerSpec
+    from relay.parallel.layout import ParallelLayout
+
+    info = read_model_info(tiny_models["t2v"])
+    resolved = resolve_request(GenerationRequest(**SETTINGS), info)
+    spec = WorkerSpec(model=str(info.path), layout=ParallelLayout(), dtype="fp32", device_type="cpu")
+    for retries in (0, 1):
+        config = SchedulerConfig(max_request_retries=retries, step_timeout_s=60.0)
+        with Executor(plan_groups(info, resolved), spec, backend="inprocess", config=config) as executor:
+            executor.groups[0].arm_fault({"action": "raise", "method": "advance", "at_step": 1}, persistent=True)
+            ticket = executor.scheduler.submit(resolved.to_dict(with_image=True), experts=request_experts(info, resolved))
+            with pytest.raises(RequestFailed, match=f"giving up after {retries} retries"):
+                ticket.result(timeout=300)
+            assert ticket.attempts == retries + 1 and executor.scheduler.restarts["fused0"] == retries + 1

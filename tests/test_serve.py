@@ -518,3 +518,21 @@ def test_grpc_seed_minus_one_is_random_like_the_cli(client, relay, tiny_models, 
                    "--height", 32, "--width", 32, "--frames", 5, "--output", tmp_path / "x.npy")
     assert result.code == 0, result.err
     assert "seed          " in result.err and " random" in result.err
+
+
+def test_a_video_larger_than_one_chunk_arrives_whole(client, tiny_models):
+    """npy at 128x128x9 is 1.77 MB: two chunks of at most 1 MiB, in offset order, equal to the engine."""
+    from relay.engine import Engine, GenerationRequest, load_model
+
+    settings = dict(FAST, height=128, width=128, frames=9, steps=2)
+    result = client.generate(_request(output_format=pb.OUTPUT_FORMAT_NPY, **settings))
+    chunks = [e.video_chunk for e in result.events if e.HasField("video_chunk")]
+    assert len(chunks) == 2 and all(len(c.data) <= 1 << 20 for c in chunks)
+    assert [c.offset for c in chunks] == [0, len(chunks[0].data)]
+    assert result.done.size == len(result.data) == sum(len(c.data) for c in chunks)
+    import hashlib
+
+    assert result.done.sha256 == hashlib.sha256(result.data).hexdigest()
+    expected = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu")).generate(
+        GenerationRequest(prompt="a red kite over the sea", **settings))
+    assert np.abs(np.load(io.BytesIO(result.data)) - expected).max() <= 1e-5

@@ -107,3 +107,33 @@ def test_expert_split_matches_wan22_reference_numbers(tiny_models):
         experts = info.spec.expert_schedule(info, 40, shift, boundary)
         assert experts.count("high_noise") == high and experts.count("low_noise") == 40 - high
         assert experts == sorted(experts)  # all high-noise steps come first
+
+
+def test_relay_make_tiny_command_writes_a_loadable_model(relay, tmp_path):
+    from relay.engine.model_info import read_model_info
+
+    result = relay("make-tiny", tmp_path / "i2v", "--kind", "i2v", "--seed", "3")
+    assert result.code == 0, result.err
+    assert Path(result.out.strip()) == tmp_path / "i2v"
+    info = read_model_info(tmp_path / "i2v")
+    assert info.kind == "i2v" and info.tiny and info.is_moe
+    bad = relay("make-tiny", tmp_path / "x", "--kind", "t2i")
+    assert bad.code == 2 and "--kind" in bad.err
+
+
+def test_relay_demo_the_readmes_main_job(tmp_path):
+    """`relay demo` (what `make demo` runs): a server on the embedded tiny model, a submission
+    with streamed previews, the video written, the server drained."""
+    import imageio_ffmpeg
+
+    env = dict(os.environ, RELAY_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "out" / "demo.mp4"
+    proc = subprocess.run([*_relay_executable(), "demo", "--output", str(out), "--seed", "3"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "server ready" in proc.stderr and "drained and stopped" in proc.stderr
+    reader = imageio_ffmpeg.read_frames(str(out))
+    meta = next(reader)
+    assert meta["size"] == (64, 64) and len(list(reader)) == 9
+    previews = sorted((tmp_path / "out" / "demo-previews").glob("step-*.png"))
+    assert [p.name for p in previews] == ["step-0002.png", "step-0004.png", "step-0006.png", "step-0008.png"]

@@ -161,3 +161,28 @@ def test_defaults_come_from_kind_preset_and_relay_json(tiny_models):
     assert resolved.guidance_low == PRESETS["t2v"].guidance_low
     assert resolved.boundary == 0.875
     assert 0 <= resolved.seed < 2**63
+
+
+# --- the limits themselves, on both sides of the edge -------------------------------------------
+@pytest.mark.parametrize("field, ok, refused", [
+    ("height", 2048, 2064),   # the largest multiple of 16 allowed, and the next one
+    ("width", 2048, 2064),
+    ("frames", 257, 261),     # 4k+1 up to 257
+    ("fps", 120, 121),
+    ("guidance", 20.0, 20.01),
+    ("guidance_low", 20.0, 20.01),
+    ("steps", 1000, 1001),
+    ("seed", 2**63 - 1, 2**63),
+    ("shift", 100.0, 100.01),
+])
+def test_limits_at_the_edge(field, ok, refused, tiny_models):
+    from relay.engine.errors import ValidationError
+    from relay.engine.model_info import read_model_info
+    from relay.engine.request import GenerationRequest, resolve_request
+
+    info = read_model_info(tiny_models["t2v"])
+    resolved = resolve_request(GenerationRequest(prompt="x", **{field: ok}), info)
+    assert getattr(resolved, field) == ok
+    with pytest.raises(ValidationError) as caught:
+        resolve_request(GenerationRequest(prompt="x", **{field: refused}), info)
+    assert caught.value.field == field
