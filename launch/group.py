@@ -16,11 +16,15 @@ Calls on a group are issued by one thread at a time (the scheduler's thread for 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
 from dataclasses import replace
 
 from relay.engine.tickets import GroupFailure
 from relay.launch.worker import FAULT_ACTIONS, WorkerSpec
+
+log = logging.getLogger(__name__)
 
 
 class CallGroup:
@@ -87,8 +91,12 @@ class CallGroup:
         """
         self._broken = None
         self._unsent = set(self._faults)
+        began = time.monotonic()
         self._build()
         self.builds += 1
+        # Which process is which rank: what an operator (or a fault test) needs to find them.
+        log.info("group %s built (%s, build %d) in %.1fs: %d rank(s), pids %s", self.name, self.backend,
+                 self.builds, time.monotonic() - began, self.size, self.ping(timeout_s=60.0))
 
     def restart(self) -> None:
         """Tears the whole group down and builds it again (process groups cannot be patched);
