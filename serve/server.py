@@ -55,6 +55,11 @@ class RelayServicer(pb_grpc.RelayServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except Draining as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        # Client gone or deadline passed: stop the job at its next step boundary. grpc cancels
+        # the handler's task, which may land while this generator is parked at a ``yield``
+        # (grpc sending), so no except clause here would see it: the done callback and the
+        # ``finally`` (run when the generator is closed) both cancel a job that has not ended.
+        context.add_done_callback(lambda _: self._abandon(job))
         try:
             async for event in self.engine.events(job):
                 if event.kind == "done":
@@ -68,11 +73,13 @@ class RelayServicer(pb_grpc.RelayServicer):
                 message = convert.event_message(job, event)
                 if message is not None:
                     yield message
-        except asyncio.CancelledError:
-            # Client gone or deadline passed: stop the job at its next step boundary.
-            if not job.state.ended:
-                self.engine.cancel(job.job_id)
-            raise
+        finally:
+            self._abandon(job)
+
+    def _abandon(self, job) -> None:
+        """Cancels ``job`` unless it has ended (its stream is gone)."""
+        if not job.state.ended:
+            self.engine.cancel(job.job_id)
 
     async def Cancel(self, request, context):  # noqa: N802
         try:

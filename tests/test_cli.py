@@ -61,7 +61,7 @@ def test_version(poisoned):
     (["--guidance", "30"], "--guidance"),
     (["--shift", "0"], "--shift"),
     (["--boundary", "1.5"], "--boundary"),
-    (["--seed", "-1"], "--seed"),
+    (["--seed", "-2"], "--seed"),
     (["--fps", "0"], "--fps"),
     (["--image", "x.png"], "--image"),
     (["--output", "x.gif"], "--output"),

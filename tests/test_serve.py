@@ -292,6 +292,33 @@ def test_deadline_shorter_than_the_job(live, client):
     assert job.state == pb.JOB_STATE_CANCELLED and job.step < LONG["steps"]
 
 
+def test_a_stream_closed_at_a_yield_cancels_its_job(live):
+    """When a deadline passes or a client goes while grpc is sending, grpc cancels its own task,
+    not the servicer's generator: the generator is closed where it is parked, at a ``yield``,
+    and no except clause in it runs. The job must be cancelled all the same."""
+    from relay.serve.server import RelayServicer
+
+    class Context:  # the two calls the servicer makes on a grpc.aio context
+        def add_done_callback(self, callback):
+            pass  # grpc calls it when the RPC ends; this test closes the stream instead
+
+        async def abort(self, code, details):
+            raise AssertionError(f"{code}: {details}")
+
+    async def until_progress_then_close():
+        stream = RelayServicer(live.engine, {}).Generate(_request(**LONG), Context())
+        async for message in stream:
+            if message.WhichOneof("event") == "progress":
+                break
+        await stream.aclose()
+        return message.job_id
+
+    job_id = asyncio.run_coroutine_threadsafe(until_progress_then_close(), live.loop).result(60)
+    assert live.wait_idle()
+    job = live.call(lambda: live.engine.jobs[job_id])
+    assert job.state.name == "CANCELLED" and job.step < LONG["steps"]
+
+
 def test_overload_refuses_exactly_the_excess(tiny_models):
     server = LiveServer(tiny_models["t2v"], max_queue=2)
     try:

@@ -79,7 +79,7 @@ CASES = [
     ("boundary-on-dense", "ti2v", ["--boundary", "0.5"], "--boundary", "single transformer"),
     ("fps-zero", "t2v", ["--fps", "0"], "--fps", "between"),
     ("fps-huge", "t2v", ["--fps", "1000"], "--fps", "between"),
-    ("seed-negative", "t2v", ["--seed", "-1"], "--seed", "between"),
+    ("seed-negative", "t2v", ["--seed", "-2"], "--seed", "between"),
     ("seed-too-large", "t2v", ["--seed", str(2**63)], "--seed", "between"),
     ("prompt-empty", "t2v", ["--prompt", ""], "--prompt", "non-empty"),
     ("prompt-blank", "t2v", ["--prompt", "   "], "--prompt", "non-empty"),
