@@ -133,6 +133,10 @@ def executor_flags(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--step-timeout", type=float, default=300.0,
                    help="watchdog seconds per step before a group is declared hung")
     e.add_argument("--max-retries", type=int, default=2, help="group failures one request may survive (default 2)")
+    e.add_argument("--health-period", type=float, default=30.0, metavar="S",
+                   help="ping a worker group idle this long; 0: never (default 30)")
+    e.add_argument("--health-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds every rank has to answer; a group that does not is rebuilt (default 10)")
 
 
 def checkpoint_flags(parser: argparse.ArgumentParser) -> None:
@@ -247,8 +251,8 @@ def layout_from_args(args, info, *, needs_uncond: bool | None):
 
 
 def scheduler_config(args, **extra):
-    """The :class:`engine.tickets.SchedulerConfig` of ``--checkpoint-every``, ``--step-timeout``
-    and ``--max-retries``."""
+    """The :class:`engine.tickets.SchedulerConfig` of ``--checkpoint-every``, ``--step-timeout``,
+    ``--max-retries``, ``--health-period`` and ``--health-timeout``."""
     from relay.engine.tickets import SchedulerConfig
 
     for name, value, low in (("checkpoint_every", args.checkpoint_every, 1), ("max_retries", args.max_retries, 0)):
@@ -256,8 +260,13 @@ def scheduler_config(args, **extra):
             raise ValidationError(name, f"must be at least {low}, got {value}")
     if not args.step_timeout > 0:
         raise ValidationError("step_timeout", f"must be positive, got {args.step_timeout}")
+    if not args.health_period >= 0 or args.health_period == float("inf"):
+        raise ValidationError("health_period", f"must be a number of seconds >= 0, got {args.health_period}")
+    if not 0 < args.health_timeout < float("inf"):
+        raise ValidationError("health_timeout", f"must be positive, got {args.health_timeout}")
     return SchedulerConfig(checkpoint_every=args.checkpoint_every, step_timeout_s=args.step_timeout,
-                           max_request_retries=args.max_retries, **extra)
+                           max_request_retries=args.max_retries, health_period_s=args.health_period,
+                           health_timeout_s=args.health_timeout, **extra)
 
 
 def check_executor(args) -> None:

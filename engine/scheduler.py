@@ -19,7 +19,13 @@ while request i+1's high-noise steps do. The scheduler:
   actor) by rebuilding the whole group and re-queueing its request from the last checkpoint.
   A request that breaks its group more than ``max_request_retries`` times fails with a clear
   error; a group rebuilt more than ``max_group_restarts`` times is retired. Other requests are
-  never lost.
+  never lost;
+* fails a request that runs out of memory (:class:`GroupOutOfMemory`) at once, without a
+  retry (the same layout would fail again), with a message naming its size, frames and layout
+  and what may fit (the executor's ``advise`` hook adds the planner's figures); the group is
+  kept when its one rank freed its memory, rebuilt otherwise (peers may sit in a collective);
+* pings a group that has been idle for ``health_period_s`` and rebuilds it when a rank does not
+  answer within ``health_timeout_s``, so a frozen worker is replaced before a request finds it.
 
 It never imports ray or torch.distributed: a group is anything with the :class:`WorkerGroup`
 methods. Every way of running Relay -- one process, local processes, torchrun, Ray fused or
@@ -40,6 +46,7 @@ from relay.engine.stages import DECODE, ENCODE, Segment, segments
 from relay.engine.stats import RunStats
 from relay.engine.tickets import (
     GroupFailure,
+    GroupOutOfMemory,
     RequestCancelled,
     RequestFailed,
     SchedulerConfig,
@@ -49,13 +56,15 @@ from relay.engine.tickets import (
     busy_overlap,
 )
 
-__all__ = ["GroupFailure", "RequestCancelled", "RequestFailed", "SchedulerConfig", "StageScheduler",
+__all__ = ["GroupFailure", "GroupOutOfMemory", "RequestCancelled", "RequestFailed", "SchedulerConfig", "StageScheduler",
            "Ticket", "TraceEntry", "WorkerGroup", "busy_overlap"]
 
 log = logging.getLogger(__name__)
 
 #: Group calls the scheduler's trace keeps (the oldest are dropped).
 TRACE_LIMIT = 100_000
+#: What :meth:`StageScheduler._take` returns when an idle group is due a health check.
+_HEALTH = object()
 
 
 class StageScheduler:
@@ -65,14 +74,25 @@ class StageScheduler:
         groups: The worker groups, already built; every stage must be served by one of them.
         config: Scheduling policy.
         layout: The run stats' ``layout`` entry (default: ``{"groups": [each group's describe()]}``).
+        advise: ``advise(request, group.describe(), oom) -> str``: what may fit instead, for the
+            message of a request that ran out of memory (the executor's planner figures); its
+            errors are logged and left out of the message.
+
+    Attributes:
+        restarts: Rebuilds per group (after a failure, an out-of-memory or a health check).
+        health: Per group, ``{"checks": N, "failures": N}`` of the idle-group health checks.
     """
 
     def __init__(self, groups: Sequence[WorkerGroup], config: SchedulerConfig | None = None, *,
-                 layout: dict | None = None) -> None:
+                 layout: dict | None = None,
+                 advise: Callable[[dict, dict, BaseException], str] | None = None) -> None:
         self.groups = list(groups)
         self.config = config or SchedulerConfig()
         self.layout = layout if layout is not None else {"groups": [g.describe() for g in self.groups]}
+        self.advise = advise
         self.restarts = {group.name: 0 for group in self.groups}
+        self.health = {group.name: {"checks": 0, "failures": 0} for group in self.groups}
+        self._idle_since = {group.name: time.monotonic() for group in self.groups}
         # The newest calls (a long-running server must not grow without bound).
         self.trace: deque[TraceEntry] = deque(maxlen=TRACE_LIMIT)
         self._retired: set[str] = set()
@@ -181,7 +201,9 @@ class StageScheduler:
             self._in_flight -= 1
 
     def _take(self, group: WorkerGroup) -> Ticket | None:
-        """Blocks until a request whose next stage ``group`` serves is available (or closing)."""
+        """Blocks until a request whose next stage ``group`` serves is available (or closing);
+        :data:`_HEALTH` when the group has been idle for the health period."""
+        period = self.config.health_period_s if getattr(group, "health_checked", True) else 0.0
         with self._lock:
             while True:
                 if self._closed or group.name in self._retired:
@@ -195,7 +217,13 @@ class StageScheduler:
                         ticket.entered = True
                         self._in_flight += 1
                     return ticket
-                self._lock.wait()
+                if not period:
+                    self._lock.wait()
+                    continue
+                due = self._idle_since[group.name] + period - time.monotonic()
+                if due <= 0:
+                    return _HEALTH
+                self._lock.wait(due)
 
     def _requeue(self, ticket: Ticket) -> None:
         with self._lock:
@@ -232,9 +260,16 @@ class StageScheduler:
             ticket = self._take(group)
             if ticket is None:
                 return
+            if ticket is _HEALTH:
+                fresh = self._check_health(group) or fresh
+                continue
             try:
                 self._run_stages(group, ticket, fresh)
                 fresh = False
+            except GroupOutOfMemory as exc:
+                fresh = fresh or not exc.keep
+                self._on_out_of_memory(group, ticket, exc)
+                continue
             except GroupFailure as exc:
                 fresh = True
                 self._on_failure(group, ticket, exc)
@@ -252,8 +287,30 @@ class StageScheduler:
                     self._finish(ticket, error=RequestFailed(f"request {ticket.request_id}: {exc}"))
                     self._lock.notify_all()
                 continue
+            finally:
+                self._idle_since[group.name] = time.monotonic()
             if ticket.stages:
                 self._requeue(ticket)
+
+    def _check_health(self, group: WorkerGroup) -> bool:
+        """Pings an idle group; rebuilds it when a rank does not answer. True if rebuilt."""
+        started = time.perf_counter()
+        self.health[group.name]["checks"] += 1
+        try:
+            group.ping(timeout_s=self.config.health_timeout_s)
+            failure = None
+        except GroupFailure as exc:
+            failure = exc
+        self.trace.append(TraceEntry(group.name, -1, "health", started - self._epoch,
+                                     time.perf_counter() - self._epoch))
+        rebuilt = False
+        if failure is not None and not self._closed:
+            self.health[group.name]["failures"] += 1
+            log.warning("group %s failed its health check (no answer within %.0fs: %s); rebuilding it",
+                        group.name, self.config.health_timeout_s, failure)
+            rebuilt = self._rebuild(group, None)
+        self._idle_since[group.name] = time.monotonic()
+        return rebuilt
 
     def _timeout(self, steps: int, fresh: bool) -> float:
         return steps * self.config.step_timeout_s + (self.config.load_timeout_s if fresh else 0.0)
@@ -377,23 +434,7 @@ class StageScheduler:
         log.warning("group %s failed on request %s (attempt %d): %s", group.name, ticket.request_id,
                     ticket.attempts, exc)
         self._emit(ticket, "retry", group=group.name, attempt=ticket.attempts, error=str(exc))
-        started = time.perf_counter()
-        self.restarts[group.name] += 1
-        if self.restarts[group.name] > self.config.max_group_restarts:
-            with self._lock:
-                self._retired.add(group.name)
-            log.error("group %s retired after %d restarts", group.name, self.restarts[group.name] - 1)
-            group.shutdown()
-        else:
-            try:
-                group.restart()
-            except Exception as rebuild_error:  # noqa: BLE001 - a group that cannot rebuild retires
-                log.exception("group %s could not be rebuilt", group.name)
-                with self._lock:
-                    self._retired.add(group.name)
-                self._emit(ticket, "retry", group=group.name, error=f"rebuild failed: {rebuild_error}")
-        self.trace.append(TraceEntry(group.name, ticket.request_id, "restart",
-                                     started - self._epoch, time.perf_counter() - self._epoch))
+        self._rebuild(group, ticket)
         if ticket.attempts > self.config.max_request_retries:
             with self._lock:
                 self._leave(ticket)
@@ -403,13 +444,82 @@ class StageScheduler:
                 self._lock.notify_all()
             return
         self._requeue(ticket)
-        with self._lock:  # requests stranded on a retired group's stage cannot complete
+        self._fail_stranded()
+
+    def _rebuild(self, group: WorkerGroup, ticket: Ticket | None) -> bool:
+        """Tears ``group`` down and builds it again, or retires it after ``max_group_restarts``
+        rebuilds (or when it cannot be rebuilt). True when the group is back."""
+        if self._closed:  # the executor tears the groups down: nothing to rebuild for
+            return False
+        started = time.perf_counter()
+        self.restarts[group.name] += 1
+        back = False
+        if self.restarts[group.name] > self.config.max_group_restarts:
+            with self._lock:
+                self._retired.add(group.name)
+            log.error("group %s retired after %d restarts", group.name, self.restarts[group.name] - 1)
+            group.shutdown()
+        else:
+            try:
+                group.restart()
+                back = True
+            except Exception as rebuild_error:  # noqa: BLE001 - a group that cannot rebuild retires
+                log.exception("group %s could not be rebuilt", group.name)
+                with self._lock:
+                    self._retired.add(group.name)
+                if ticket is not None:
+                    self._emit(ticket, "retry", group=group.name, error=f"rebuild failed: {rebuild_error}")
+        self.trace.append(TraceEntry(group.name, -1 if ticket is None else ticket.request_id, "restart",
+                                     started - self._epoch, time.perf_counter() - self._epoch))
+        if not back:
+            self._fail_stranded()
+        return back
+
+    def _fail_stranded(self) -> None:
+        """Fails the waiting requests whose next stage no live group runs any more."""
+        with self._lock:
             for other in list(self._waiting):
                 if not self._servers(other.next_stage):
                     self._waiting.remove(other)
                     self._leave(other)
                     self._finish(other, error=RequestFailed(
                         f"request {other.request_id}: no live worker group runs stage {other.next_stage}"))
+            self._lock.notify_all()
+
+    def _on_out_of_memory(self, group: WorkerGroup, ticket: Ticket, exc: GroupOutOfMemory) -> None:
+        """Fails ``ticket`` at once (no retry: the layout cannot hold it) and frees the group:
+        kept when its rank freed its memory, rebuilt otherwise."""
+        message = self.out_of_memory_message(group, ticket.request, exc.oom)
+        log.error("request %s: %s", ticket.request_id, message)
+        with self._lock:
+            self._leave(ticket)
+            self._finish(ticket, error=RequestFailed(f"request {ticket.request_id}: {message}"))
+            self._lock.notify_all()
+        if self._closed:
+            return
+        if exc.keep:
+            log.info("group %s kept after the out-of-memory error (its rank freed its memory)", group.name)
+        else:
+            log.warning("group %s rebuilt after the out-of-memory error (its other ranks may wait in a "
+                        "collective)", group.name)
+            self._rebuild(group, ticket)
+
+    def out_of_memory_message(self, group: WorkerGroup, request: dict, oom: BaseException) -> str:
+        """What a user reads when ``request`` ran out of memory on ``group``."""
+        described = group.describe()
+        ranks = described.get("ranks", 1)
+        layout = described.get("layout") or "single"
+        message = (f"{oom}. The request asked for {request.get('width')}x{request.get('height')}, "
+                   f"{request.get('frames')} frames, on group {group.name} (layout {layout}, {ranks} "
+                   f"rank{'s' if ranks != 1 else ''}); it was not retried: the same layout would run "
+                   f"out of memory again.")
+        advice = None
+        if self.advise is not None:
+            try:
+                advice = self.advise(request, described, oom)
+            except Exception:  # noqa: BLE001 - advice is optional
+                log.exception("out-of-memory advice failed")
+        return f"{message} {advice or GENERIC_ADVICE}"
 
     def _timed(self, group: WorkerGroup, ticket: Ticket, kind: str, stage: str):
         return _Timed(self, group.name, ticket, kind, stage)
@@ -420,6 +530,11 @@ class StageScheduler:
                 ticket.on_event(kind, data)
             except Exception:  # noqa: BLE001 - a consumer's bug must not break scheduling
                 log.exception("event callback of request %s failed", ticket.request_id)
+
+
+#: What may fit instead, when the executor gives no figures.
+GENERIC_ADVICE = ("What may fit: a smaller size or fewer frames; --fsdp N to shard the experts over "
+                  "N ranks; --offload; more ranks (--ulysses/--ring); --text-encoder cpu.")
 
 
 class _Timed:

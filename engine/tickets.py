@@ -18,6 +18,22 @@ class GroupFailure(RuntimeError):
     """A worker group can no longer be used (a worker died or a call exceeded the watchdog)."""
 
 
+class GroupOutOfMemory(GroupFailure):
+    """A rank of the group ran out of memory. The request cannot run on this layout (the same
+    request would fail the same way): the scheduler fails it at once, without a retry.
+
+    Attributes:
+        oom: The rank's :class:`~engine.errors.OutOfMemory`.
+        keep: Whether the group can serve the next request as it is (a one-rank group whose
+            rank freed its memory); otherwise peers may be blocked in a collective and the
+            group is rebuilt.
+    """
+
+    def __init__(self, message: str, *, oom, keep: bool) -> None:
+        super().__init__(message)
+        self.oom, self.keep = oom, keep
+
+
 class RequestFailed(RuntimeError):
     """A request could not be completed; the message says why."""
 
@@ -49,6 +65,8 @@ class WorkerGroup(Protocol):
         took part)``."""
     def memory(self, *, timeout_s: float) -> list[dict]:
         """Each rank's peak memory since the previous call (see :mod:`engine.stats`)."""
+    def ping(self, *, timeout_s: float) -> list:
+        """Proves every rank answers (each rank's pid); the idle-group health check."""
     def restart(self) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -67,6 +85,10 @@ class SchedulerConfig:
         max_group_restarts: Rebuilds of one group before it is retired.
         overlap: Whether a new request may enter the pipeline while others are in flight
             (``False`` is the no-overlap baseline: request i+1 waits for request i).
+        health_period_s: A group idle this long is pinged (0: never); a group whose ranks do
+            not all answer within ``health_timeout_s`` is rebuilt before a request finds it.
+            Groups with ``health_checked = False`` (in-process, torchrun) are not pinged.
+        health_timeout_s: Seconds every rank has to answer a health check.
     """
 
     max_queue: int = 64
@@ -76,6 +98,8 @@ class SchedulerConfig:
     max_request_retries: int = 2
     max_group_restarts: int = 10
     overlap: bool = True
+    health_period_s: float = 30.0
+    health_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:
@@ -84,11 +108,15 @@ class SchedulerConfig:
             raise ValueError("max_queue, max_request_retries and max_group_restarts must be >= 0")
         if self.step_timeout_s <= 0:
             raise ValueError(f"step_timeout_s must be positive, got {self.step_timeout_s}")
+        if self.health_period_s < 0 or self.health_timeout_s <= 0:
+            raise ValueError(f"health_period_s must be >= 0 and health_timeout_s positive, got "
+                             f"{self.health_period_s} and {self.health_timeout_s}")
 
 
 @dataclass(frozen=True)
 class TraceEntry:
-    """One group call, for overlap analysis: ``kind`` is prepare, step, decode or restart."""
+    """One group call, for overlap analysis: ``kind`` is prepare, step, decode, restart or
+    health (an idle group's ping)."""
 
     group: str
     request: int
@@ -159,6 +187,7 @@ class Ticket:
 
 def busy_overlap(trace: Sequence[TraceEntry], a: str, b: str) -> float:
     """Seconds during which groups ``a`` and ``b`` were both inside a call."""
-    spans_a = [(e.start, e.end) for e in trace if e.group == a and e.kind != "restart"]
-    spans_b = [(e.start, e.end) for e in trace if e.group == b and e.kind != "restart"]
+    busy = ("restart", "health")
+    spans_a = [(e.start, e.end) for e in trace if e.group == a and e.kind not in busy]
+    spans_b = [(e.start, e.end) for e in trace if e.group == b and e.kind not in busy]
     return sum(max(0.0, min(ea, eb) - max(sa, sb)) for sa, ea in spans_a for sb, eb in spans_b)

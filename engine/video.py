@@ -29,9 +29,16 @@ def encode_mp4(frames: np.ndarray, *, fps: int, crf: int = 16) -> bytes:
 
     Uses PyAV (FFmpeg linked in-process), so a threaded server never forks an encoder process.
     RGB -> YUV conversion is explicit (BT.709 matrix, exact rounding, one thread) instead of the
-    encoder's implicit default (BT.601, threaded).
+    encoder's implicit default (BT.601, threaded); every frame carries its timestamp (frame
+    ``i`` at ``i / fps``).
+
+    Known limit: the bytes are the same from process to process, but within one process x264
+    can choose differently while other threads of that process are busy (other encodes, a
+    model running) -- a few packets differ in size; found, not yet explained (padding and
+    thread counts ruled out).
     """
     import tempfile
+    from fractions import Fraction
 
     import av
     from av.video.reformatter import ColorRange, Colorspace, Interpolation
@@ -49,11 +56,12 @@ def encode_mp4(frames: np.ndarray, *, fps: int, crf: int = 16) -> bytes:
             codec.color_primaries = codec.color_trc = codec.colorspace = BT709
             codec.color_range = ColorRange.MPEG
             stream.options = {"crf": str(crf), "threads": str(X264_THREADS)}
-            for frame in pixels:
+            for index, frame in enumerate(pixels):
                 rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
                 yuv = rgb.reformat(format="yuv420p", src_colorspace=Colorspace.ITU709,
                                    dst_colorspace=Colorspace.ITU709, src_color_range=ColorRange.JPEG,
                                    dst_color_range=ColorRange.MPEG, interpolation=exact, threads=1)
+                yuv.pts, yuv.time_base = index, Fraction(1, fps)
                 for packet in stream.encode(yuv):
                     container.mux(packet)
             for packet in stream.encode():

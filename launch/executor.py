@@ -130,15 +130,26 @@ class Executor:
         return executor
 
     def _build(self, groups: list) -> None:
+        from relay.engine.tickets import GroupOutOfMemory
+
         if len(groups) == 1:
-            groups[0].build()
+            failures = [_built(groups[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=len(groups)) as pool:  # groups load in parallel
+                failures = list(pool.map(_built, groups))
+        if not any(failures):
             return
-        with ThreadPoolExecutor(max_workers=len(groups)) as pool:  # groups load in parallel
-            failures = [f.exception() for f in [pool.submit(g.build) for g in groups]]
-        if any(failures):
-            for group in groups:
-                group.teardown()
-            raise next(f for f in failures if f)
+        for group in groups:
+            group.teardown()
+        failure, group = next((f, g) for f, g in zip(failures, groups, strict=True) if f)
+        if isinstance(failure, GroupOutOfMemory):
+            from relay.launch.memory import load_advice
+
+            spec = group.spec
+            advice = load_advice(spec.model, group.roles, spec.layout, failure.oom, offload=spec.offload,
+                                 text_encoder=spec.text_encoder)
+            raise GroupOutOfMemory(f"{failure} {advice}", oom=failure.oom, keep=False) from failure
+        raise failure
 
     def _start(self, groups: list, config) -> None:
         from relay.engine.scheduler import SchedulerConfig, StageScheduler
@@ -146,7 +157,14 @@ class Executor:
         self.groups = groups
         layout = {"executor": self.backend, "placement": self.placement.kind,
                   "groups": [g.describe() for g in groups]}
-        self.scheduler = StageScheduler(groups, config or SchedulerConfig(), layout=layout)
+        self.scheduler = StageScheduler(groups, config or SchedulerConfig(), layout=layout,
+                                        advise=self._advise)
+
+    def _advise(self, request: dict, group: dict, oom) -> str:
+        """The scheduler's out-of-memory hook: the planner's figures (:mod:`launch.memory`)."""
+        from relay.launch.memory import request_advice
+
+        return request_advice(self.groups[0].spec.model, request, group, oom)
 
     def group(self, name: str):
         """The group called ``name``."""
@@ -168,3 +186,12 @@ class Executor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _built(group) -> BaseException | None:
+    """Builds ``group``; its error, or ``None``."""
+    try:
+        group.build()
+    except Exception as exc:  # noqa: BLE001 - the caller tears every group down and raises it
+        return exc
+    return None

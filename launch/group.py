@@ -17,6 +17,7 @@ Calls on a group are issued by one thread at a time (the scheduler's thread for 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import replace
@@ -38,6 +39,9 @@ class CallGroup:
 
     #: Backend name for run stats and logs (``inprocess``, ``mp``, ``torchrun``, ``ray``).
     backend = "base"
+    #: Whether the scheduler pings the group when idle (its ranks are processes that can freeze
+    #: and that it can rebuild).
+    health_checked = True
 
     def __init__(self, *, name: str, roles: tuple[str, ...], spec: WorkerSpec) -> None:
         self.name = name
@@ -49,6 +53,9 @@ class CallGroup:
         self._unsent: set[int] = set()  # ranks whose fault update has not been sent yet
         self._broken: str | None = None  # set when a call could not be completed cleanly
         self._discard_timeout_s = 60.0
+        # build, restart and teardown exclude each other: an executor closing while the
+        # scheduler rebuilds the group waits for the build, then tears the new ranks down.
+        self._lifecycle = threading.RLock()
 
     @property
     def size(self) -> int:
@@ -89,25 +96,28 @@ class CallGroup:
             ModelError: the model folder cannot be loaded (not the group's fault: no retry helps).
             GroupFailure: a rank failed to start or load within the backend's timeout.
         """
-        self._broken = None
-        self._unsent = set(self._faults)
-        began = time.monotonic()
-        self._build()
-        self.builds += 1
-        # Which process is which rank: what an operator (or a fault test) needs to find them.
-        log.info("group %s built (%s, build %d) in %.1fs: %d rank(s), pids %s", self.name, self.backend,
-                 self.builds, time.monotonic() - began, self.size, self.ping(timeout_s=60.0))
+        with self._lifecycle:
+            self._broken = None
+            self._unsent = set(self._faults)
+            began = time.monotonic()
+            self._build()
+            self.builds += 1
+            # Which process is which rank: what an operator (or a fault test) needs to find them.
+            log.info("group %s built (%s, build %d) in %.1fs: %d rank(s), pids %s", self.name, self.backend,
+                     self.builds, time.monotonic() - began, self.size, self.ping(timeout_s=60.0))
 
     def restart(self) -> None:
         """Tears the whole group down and builds it again (process groups cannot be patched);
         faults armed without ``persistent`` are dropped."""
-        self.teardown()
-        self._faults = {rank: f for rank, f in self._faults.items() if rank in self._persistent}
-        self.build()
+        with self._lifecycle:
+            self.teardown()
+            self._faults = {rank: f for rank, f in self._faults.items() if rank in self._persistent}
+            self.build()
 
     def teardown(self) -> None:
-        """Ends every rank (idempotent)."""
-        self._teardown()
+        """Ends every rank (idempotent; waits for a build in progress on another thread)."""
+        with self._lifecycle:
+            self._teardown()
 
     def shutdown(self) -> None:
         """Ends the group for good (same as :meth:`teardown`)."""
@@ -175,6 +185,11 @@ class CallGroup:
                 result = self._receive(pending.popleft(), timeout_s)[0]
                 submit()
                 yield result
+        except GroupFailure as exc:
+            if not getattr(exc, "keep", False):  # the group is done for: nothing to collect
+                self._broken = str(exc)
+                pending.clear()
+            raise
         finally:
             self._discard_timeout_s = timeout_s
             while pending:  # a call left in flight must be collected before the next one

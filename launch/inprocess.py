@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 
-from relay.engine.errors import ModelError
-from relay.engine.tickets import GroupFailure
+from relay.engine.errors import ModelError, OutOfMemory
+from relay.engine.tickets import GroupFailure, GroupOutOfMemory
 from relay.launch.group import CallGroup
 from relay.launch.worker import StageWorker, WorkerSpec
 from relay.parallel.groups import RankInfo
@@ -32,6 +32,8 @@ class InProcessGroup(CallGroup):
     """
 
     backend = "inprocess"
+    #: No process of its own to freeze: the driver's own thread runs its calls.
+    health_checked = False
 
     def __init__(self, *, name: str, roles: tuple[str, ...], spec: WorkerSpec, device_index: int = 0) -> None:
         super().__init__(name=name, roles=roles, spec=spec)
@@ -45,6 +47,8 @@ class InProcessGroup(CallGroup):
             self.worker = StageWorker(RankInfo(rank=0, local_rank=self.device_index, world_size=1), self.spec)
         except ModelError:
             raise  # the folder cannot be loaded: the caller's error, not the group's
+        except OutOfMemory as exc:
+            raise GroupOutOfMemory(f"group {self.name}: {exc}", oom=exc, keep=False) from exc
         except Exception as exc:  # noqa: BLE001 - reported as the group's failure
             raise GroupFailure(f"group {self.name}: loading failed: {type(exc).__name__}: {exc}") from exc
 
@@ -54,9 +58,10 @@ class InProcessGroup(CallGroup):
             self.worker = None
 
     def arm_fault(self, fault: dict | None, *, rank: int = 0, persistent: bool = False) -> None:
-        """Only ``raise`` faults: an in-process rank cannot exit or hang without its driver."""
-        if fault is not None and fault.get("action") != "raise":
-            raise ValueError("an in-process group takes only 'raise' faults (its rank is the driver)")
+        """Only ``raise`` and ``oom`` faults: an in-process rank cannot exit or hang without its
+        driver."""
+        if fault is not None and fault.get("action") not in ("raise", "oom"):
+            raise ValueError("an in-process group takes only 'raise' and 'oom' faults (its rank is the driver)")
         super().arm_fault(fault, rank=rank, persistent=persistent)
 
     def _send(self, method: str, args: tuple, faults: list):
@@ -68,6 +73,8 @@ class InProcessGroup(CallGroup):
         method, args, fault = handle
         try:
             return [self.worker.execute(method, args, fault)]
+        except OutOfMemory as exc:  # the worker freed what it held: the group stays usable
+            raise GroupOutOfMemory(f"group {self.name}: {exc}", oom=exc, keep=True) from exc
         except Exception as exc:  # noqa: BLE001 - the scheduler rebuilds and retries
             log.exception("group %s: %s failed", self.name, method)
             raise GroupFailure(f"group {self.name}: {method} raised {type(exc).__name__}: {exc}") from exc

@@ -7,9 +7,12 @@ to the driver: a control message (method, arguments) goes down, the result comes
 in a message (a hand-off state, a checkpoint) are not copied through the pipe: torch's
 multiprocessing pickler moves their storage to shared memory and sends a handle.
 
-A rank that dies is seen at once (its process sentinel) and a call past its deadline is the
-watchdog: either raises :class:`~engine.tickets.GroupFailure`, and the scheduler rebuilds the
-whole group (every process is terminated and spawned again).
+A rank that dies is seen at once (its process sentinel), a rank whose call raised is seen as
+soon as it answers (its peers may be blocked in a collective: they are not waited for), and a
+call past its deadline is the watchdog: each raises :class:`~engine.tickets.GroupFailure`, and
+the scheduler rebuilds the whole group (every process is terminated and spawned again). An
+out-of-memory error on a rank is a :class:`~engine.tickets.GroupOutOfMemory` (the group is kept
+when it has one rank).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import socket
 import time
 import traceback
 
-from relay.engine.errors import ModelError
-from relay.engine.tickets import GroupFailure
+from relay.engine.errors import ModelError, OutOfMemory
+from relay.engine.tickets import GroupFailure, GroupOutOfMemory
 from relay.launch.group import CallGroup
 from relay.launch.worker import WorkerSpec
 from relay.parallel.groups import RankInfo
@@ -42,10 +45,15 @@ _MODEL_ERROR = f"{ModelError.__module__}.{ModelError.__name__}:"
 
 
 class _RankError:
-    """A rank's answer when its call raised: the traceback, as text."""
+    """A rank's answer when its call raised: the traceback, as text (and the
+    :class:`~engine.errors.OutOfMemory` itself when that is what it was)."""
 
-    def __init__(self, method: str, text: str) -> None:
-        self.method, self.text = method, text
+    def __init__(self, method: str, text: str, oom: OutOfMemory | None = None) -> None:
+        self.method, self.text, self.oom = method, text, oom
+
+
+def _error(method: str, exc: BaseException) -> _RankError:
+    return _RankError(method, traceback.format_exc(), exc if isinstance(exc, OutOfMemory) else None)
 
 
 def _rank_main(info: RankInfo, spec: WorkerSpec, conn) -> None:
@@ -54,8 +62,8 @@ def _rank_main(info: RankInfo, spec: WorkerSpec, conn) -> None:
 
     try:
         worker = StageWorker(info, spec)
-    except BaseException:  # noqa: BLE001 - reported to the driver, then this rank ends
-        conn.send(_RankError("setup", traceback.format_exc()))
+    except BaseException as exc:  # noqa: BLE001 - reported to the driver, then this rank ends
+        conn.send(_error("setup", exc))
         return
     conn.send(os.getpid())
     try:
@@ -69,8 +77,8 @@ def _rank_main(info: RankInfo, spec: WorkerSpec, conn) -> None:
             method, args, fault = message
             try:
                 result = worker.execute(method, args, fault)
-            except Exception:  # noqa: BLE001 - the driver decides (it fails the group)
-                result = _RankError(method, traceback.format_exc())
+            except Exception as exc:  # noqa: BLE001 - the driver decides (it fails the group)
+                result = _error(method, exc)
             conn.send(result)
     finally:
         worker.close()
@@ -116,7 +124,7 @@ class ProcessGroup(CallGroup):
             self.conns.append(parent)
         try:
             self.pids = self._gather("setup", self.build_timeout_s)
-        except (GroupFailure, ModelError):
+        except (GroupFailure, ModelError):  # GroupOutOfMemory too: a half-loaded group is useless
             self._failed = True
             self._teardown()
             raise
@@ -161,12 +169,16 @@ class ProcessGroup(CallGroup):
     def _receive(self, handle, timeout_s: float) -> list:
         try:
             return self._gather(handle, timeout_s)
+        except GroupOutOfMemory as exc:
+            self._failed = not exc.keep
+            raise
         except GroupFailure:
             self._failed = True
             raise
 
     def _gather(self, what: str, timeout_s: float) -> list:
-        """Each rank's next answer; a dead rank, a rank error or the deadline fails the group."""
+        """Each rank's next answer; a dead rank, a rank error (at once: its peers may be blocked
+        in a collective) or the deadline fails the group."""
         deadline = time.monotonic() + timeout_s
         results: dict[int, object] = {}
         waiting = dict(enumerate(self.conns))
@@ -181,17 +193,29 @@ class ProcessGroup(CallGroup):
                 if rank is None:
                     rank = next(r for r, c in waiting.items() if c is item)
                     try:
-                        results[rank] = waiting.pop(rank).recv()
+                        results[rank] = result = waiting.pop(rank).recv()
                     except (EOFError, OSError):
-                        raise GroupFailure(f"group {self.name}: rank {rank} died during {what}") from None
+                        self.procs[rank].join(timeout=1.0)
+                        raise GroupFailure(f"group {self.name}: rank {rank} died during {what} (exit code "
+                                           f"{self.procs[rank].exitcode})") from None
+                    if isinstance(result, _RankError):
+                        self._raise(rank, result)
                 elif rank in waiting and not waiting[rank].poll():
                     code = self.procs[rank].exitcode
-                    raise GroupFailure(f"group {self.name}: rank {rank} died during {what} (exit code {code})")
-        for rank, result in sorted(results.items()):
-            if isinstance(result, _RankError):
-                log.error("group %s rank %d: %s failed:\n%s", self.name, rank, result.method, result.text)
-                last = result.text.strip().splitlines()[-1]
-                if result.method == "setup" and last.startswith(_MODEL_ERROR):
-                    raise ModelError(last[len(_MODEL_ERROR):].strip())  # the folder, not the group
-                raise GroupFailure(f"group {self.name}: {result.method} raised on rank {rank}: {last}")
+                    hint = ""
+                    if what == "setup" and code == -signal.SIGKILL:
+                        hint = " (SIGKILL while loading: most often the kernel's out-of-memory killer)"
+                    raise GroupFailure(f"group {self.name}: rank {rank} died during {what} (exit code {code})"
+                                       f"{hint}")
         return [results[rank] for rank in range(self.size)]
+
+    def _raise(self, rank: int, result: _RankError):
+        """The group's error for a rank's failed call."""
+        log.error("group %s rank %d: %s failed:\n%s", self.name, rank, result.method, result.text)
+        if result.oom is not None:
+            keep = self.size == 1 and result.method != "setup"
+            raise GroupOutOfMemory(f"group {self.name}: {result.oom}", oom=result.oom, keep=keep)
+        last = result.text.strip().splitlines()[-1]
+        if result.method == "setup" and last.startswith(_MODEL_ERROR):
+            raise ModelError(last[len(_MODEL_ERROR):].strip())  # the folder, not the group
+        raise GroupFailure(f"group {self.name}: {result.method} raised on rank {rank}: {last}")

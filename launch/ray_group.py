@@ -21,8 +21,8 @@ import socket
 import time
 import uuid
 
-from relay.engine.errors import ModelError
-from relay.engine.tickets import GroupFailure
+from relay.engine.errors import ModelError, OutOfMemory
+from relay.engine.tickets import GroupFailure, GroupOutOfMemory
 from relay.launch.group import CallGroup
 from relay.launch.worker import StageWorker, WorkerSpec
 from relay.parallel.groups import RankInfo
@@ -202,6 +202,9 @@ class RayWorkerGroup(CallGroup):
             except ray.exceptions.RayTaskError as exc:
                 if what == "setup" and isinstance(exc.cause, ModelError):
                     raise ModelError(str(exc.cause)) from None  # the folder, not the group
+                if isinstance(exc.cause, OutOfMemory):
+                    keep = self.size == 1 and what != "setup"
+                    raise GroupOutOfMemory(f"group {self.name}: {exc.cause}", oom=exc.cause, keep=keep) from None
                 raise GroupFailure(f"group {self.name}: {what} raised {exc.cause!r}") from None
         return ray.get(refs)
 

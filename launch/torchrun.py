@@ -26,7 +26,8 @@ import sys
 import traceback
 from dataclasses import dataclass
 
-from relay.engine.tickets import GroupFailure
+from relay.engine.errors import OutOfMemory
+from relay.engine.tickets import GroupFailure, GroupOutOfMemory
 from relay.launch.group import CallGroup
 from relay.launch.worker import StageWorker, WorkerSpec
 from relay.parallel.groups import RankInfo
@@ -81,8 +82,8 @@ def rank_info_from_env() -> RankInfo:
 
 
 class _RankError:
-    def __init__(self, text: str) -> None:
-        self.text = text
+    def __init__(self, text: str, oom=None) -> None:
+        self.text, self.oom = text, oom
 
 
 class TorchrunGroup(CallGroup):
@@ -97,6 +98,8 @@ class TorchrunGroup(CallGroup):
     """
 
     backend = "torchrun"
+    #: torchrun owns the ranks: an idle group that froze could not be rebuilt anyway.
+    health_checked = False
 
     def __init__(self, *, name: str, roles: tuple[str, ...], spec: WorkerSpec, worker: StageWorker, control) -> None:
         super().__init__(name=name, roles=roles, spec=spec)
@@ -128,8 +131,8 @@ class TorchrunGroup(CallGroup):
         dist.broadcast_object_list([(method, args, faults)], src=0, group=self.control)
         try:
             mine = self.worker.execute(method, args, faults[0])
-        except Exception:  # noqa: BLE001 - the others still answer; then the group fails
-            mine = _RankError(traceback.format_exc())
+        except Exception as exc:  # noqa: BLE001 - the others still answer; then the group fails
+            mine = _RankError(traceback.format_exc(), exc if isinstance(exc, OutOfMemory) else None)
         results = [None] * self.size
         dist.gather_object(mine, results, dst=0, group=self.control)
         return method, results
@@ -139,6 +142,9 @@ class TorchrunGroup(CallGroup):
         for rank, result in enumerate(results):
             if isinstance(result, _RankError):
                 log.error("group %s rank %d: %s failed:\n%s", self.name, rank, method, result.text)
+                if result.oom is not None:  # one rank: it freed its memory; more: peers may be lost
+                    raise GroupOutOfMemory(f"group {self.name}: {result.oom}", oom=result.oom,
+                                           keep=self.size == 1)
                 last = result.text.strip().splitlines()[-1]
                 raise GroupFailure(f"group {self.name}: {method} raised on rank {rank}: {last}")
         return results
@@ -157,8 +163,8 @@ def follow(worker: StageWorker, control) -> None:
         method, args, faults = box[0]
         try:
             result = worker.execute(method, args, faults[rank])
-        except Exception:  # noqa: BLE001 - reported to rank 0, which fails the group
-            result = _RankError(traceback.format_exc())
+        except Exception as exc:  # noqa: BLE001 - reported to rank 0, which fails the group
+            result = _RankError(traceback.format_exc(), exc if isinstance(exc, OutOfMemory) else None)
         dist.gather_object(result, None, dst=0, group=control)
 
 

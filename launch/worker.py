@@ -10,12 +10,14 @@ output rank (global rank 0) returns states, previews and frames. Control message
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass
 
 import torch
 
+from relay.engine.errors import OutOfMemory
 from relay.parallel.groups import RankInfo
 from relay.parallel.layout import ParallelLayout
 
@@ -23,7 +25,43 @@ TEXT_ENCODER_PLACEMENTS = ("device", "cpu", "fsdp")
 #: The methods a driver may call through :meth:`StageWorker.execute`.
 METHODS = ("prepare", "begin", "advance", "decode", "memory", "ping", "parameter_bytes")
 #: Fault actions for resilience tests (see :meth:`StageWorker.execute`).
-FAULT_ACTIONS = ("exit", "hang", "raise")
+FAULT_ACTIONS = ("exit", "hang", "raise", "oom")
+#: What the ``oom`` fault asks the rank's allocator for: more than any device or host has.
+OOM_FAULT_BYTES = 1 << 60
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator running out of memory: CUDA's ``torch.OutOfMemoryError``,
+    Python's ``MemoryError``, or the CPU allocator's "can't allocate memory"."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def memory_in_use(device: torch.device) -> tuple[int | None, int | None]:
+    """``(bytes in use, total bytes)`` of ``device`` (the host for a CPU), ``None`` if unknown."""
+    try:
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            return total - free, total
+        fields = {}
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                name, _, value = line.partition(":")
+                fields[name] = int(value.split()[0]) * 1024
+        return fields["MemTotal"] - fields["MemAvailable"], fields["MemTotal"]
+    except Exception:  # noqa: BLE001 - a figure for a message, never a failure
+        return None, None
+
+
+def _out_of_memory(exc: BaseException, *, rank: int, device: torch.device, method: str) -> OutOfMemory:
+    lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    detail = lines[0]
+    if "enforce fail" in detail and "DefaultCPUAllocator" in detail:  # drop the C++ assertion prefix
+        detail = detail[detail.index("DefaultCPUAllocator"):]
+    in_use, total = memory_in_use(device)
+    return OutOfMemory(rank, str(device), method, detail[:300], in_use, total)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +82,8 @@ class WorkerSpec:
         timeout_s: Collective timeout of the group.
         threads: CPU threads per rank (default: the cores divided among the group's ranks;
             an executor running several groups at once divides them among all its ranks).
+        setup_fault: Resilience tests only (``None`` in use): ``{"action": "oom", "rank": R}``
+            makes rank R's allocator fail while it loads.
     """
 
     model: str
@@ -55,6 +95,7 @@ class WorkerSpec:
     offload: bool = False
     timeout_s: float = 600.0
     threads: int | None = None
+    setup_fault: dict | None = None
 
 
 class StageWorker:
@@ -79,7 +120,17 @@ class StageWorker:
         self.info, self.spec = info, spec
         self.model_info = read_model_info(spec.model)
         self.groups = init_groups(spec.layout, info, device_type=spec.device_type, timeout_s=spec.timeout_s)
-        self.model = _load(spec, self.groups, self.model_info)
+        try:
+            fault = spec.setup_fault
+            if fault and fault.get("action") == "oom" and fault.get("rank", 0) == info.rank:
+                torch.empty(OOM_FAULT_BYTES, dtype=torch.uint8, device=self.groups.device)
+            self.model = _load(spec, self.groups, self.model_info)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self.model = None
+            gc.collect()
+            raise _out_of_memory(exc, rank=info.rank, device=self.groups.device, method="setup") from None
         plan = self.model_info.spec.sequence_parallel() if self.groups.sp_group is not None else None
         self._handles = [parallelize(expert, self.groups, plan) for expert in self.model.experts.values()]
         self.engine = Engine(self.model)
@@ -88,6 +139,7 @@ class StageWorker:
         self._previewer = None
         self._prepared = None
         self._fault: dict | None = None
+        self._released = False  # set by an out-of-memory error until the next prepare/begin
         self.run = None
 
     @property
@@ -103,16 +155,41 @@ class StageWorker:
             method: One of :data:`METHODS`.
             args: Its arguments.
             fault: Fault injection for resilience tests (``None``: keep the current one):
-                ``{"action": "exit" | "hang" | "raise", "method": ..., "at_step": N (advance
-                only), "seed": S (only that request)}``, or ``{}`` to disarm. ``exit`` really
-                ends the process (``os._exit``), ``hang`` really blocks.
+                ``{"action": "exit" | "hang" | "raise" | "oom", "method": ..., "at_step": N
+                (advance only), "seed": S (only that request)}``, or ``{}`` to disarm. ``exit``
+                really ends the process (``os._exit``), ``hang`` really blocks, ``oom`` really
+                asks the device's allocator for more than it has.
+
+        Raises:
+            OutOfMemory: the allocator ran out of memory; the worker has dropped its run and
+                its prepared state and freed the cache first, and answers the calls already
+                queued behind this one (``advance``) with nothing until the next request.
         """
         if method not in METHODS:
             raise ValueError(f"unknown worker method {method!r}")
         if fault is not None:
             self._fault = fault or None
-        self._maybe_fail(method, args)
-        return getattr(self, method)(*args)
+        if method in ("prepare", "begin"):
+            self._released = False
+        elif method == "advance" and self._released:
+            return [], None, None  # a chunk queued behind the failed one: nothing to run
+        try:
+            self._maybe_fail(method, args)
+            return getattr(self, method)(*args)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            oom = _out_of_memory(exc, rank=self.info.rank, device=self.groups.device, method=method)
+            self.release()
+            raise oom from None
+
+    def release(self) -> None:
+        """Drops the run and the prepared state and returns cached memory to the device (after
+        an out-of-memory error; the weights stay loaded)."""
+        self.run, self._prepared, self._released = None, None, True
+        gc.collect()
+        if self.groups.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _maybe_fail(self, method: str, args: tuple) -> None:
         fault = self._fault
@@ -139,6 +216,8 @@ class StageWorker:
             time.sleep(10**6)
         if fault["action"] == "raise":
             raise RuntimeError(f"injected fault in {method}")
+        if fault["action"] == "oom":
+            torch.empty(OOM_FAULT_BYTES, dtype=torch.uint8, device=self.groups.device)
         os._exit(17)
 
     # --- stages ---------------------------------------------------------------------------------

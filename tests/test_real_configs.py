@@ -121,3 +121,27 @@ def test_flop_count_matches_the_wan22_reference_figures():
     flops = transformer_flops(A14B, tokens)
     assert abs(flops["total"] / 6.5e15 - 1) < 0.02
     assert abs(flops["self_attention"] / flops["total"] - 0.72) < 0.01
+
+
+def test_out_of_memory_advice_prices_the_layout_and_what_fits(tmp_path):
+    """A full-size A14B folder matches the catalog: the advice gives the planner's peak for the
+    layout that failed and layouts that fit the GPU it failed on (an 80 GB card: the H100)."""
+    from relay.engine.errors import OutOfMemory
+    from relay.launch.memory import catalog_model, request_advice
+    from relay.engine.model_info import read_model_info
+
+    folder = _write(tmp_path / "t2v", "t2v")
+    assert catalog_model(read_model_info(folder)).name == "t2v-a14b"
+    request = {"width": 1280, "height": 720, "frames": 81, "steps": 40}
+    group = {"roles": ["encode", "high_noise", "low_noise", "decode"], "ranks": 1,
+             "layout": "cfg=1,ulysses=1,ring=1,fsdp=1"}
+    oom = OutOfMemory(0, "cuda:0", "advance", "CUDA out of memory.", 79 * 10**9, 80 * 10**9)
+    advice = request_advice(str(folder), request, group, oom)
+    assert "The planner puts this layout at" in advice and "h100" in advice.lower()
+    peak = float(advice.split("at ", 1)[1].split(" GiB")[0])
+    assert peak > 72  # two bf16 14B experts alone are 53 GiB, plus the text encoder and work
+    assert "What fits:" in advice and "--offload (" in advice and "ranks as" in advice
+    assert "relay plan --gpu" in advice and "--size 1280x720 --frames 81" in advice
+    # On the host (or a model the catalog does not know) the general advice, said as such.
+    host = OutOfMemory(0, "cpu", "advance", "DefaultCPUAllocator: can't allocate memory")
+    assert "No planner figures: this rank ran on the host" in request_advice(str(folder), request, group, host)

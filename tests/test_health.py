@@ -1,0 +1,182 @@
+"""Worker health between requests and out-of-memory errors (issue 18).
+
+* A worker of an idle group frozen from outside (SIGSTOP) is found by the idle-group health
+  check and its group rebuilt within the health period plus timeout; no stopped process is left
+  and the next request completes, equal to an undisturbed run, without a watchdog wait.
+* A rank whose allocator fails mid-step (the ``oom`` fault really asks it for more memory than
+  the machine has) fails its request at once with a message naming size, frames and layout and
+  what may fit; nothing is retried; a 2-rank group is rebuilt once (its peer sits in a
+  collective), a 1-rank group is kept; the next request completes.
+* A rank that runs out of memory while loading fails the build with the load advice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from test_faults import _alive, _stopped
+
+SETTINGS = dict(prompt="a lantern in the fog", height=32, width=32, frames=5, steps=6, seed=11,
+                guidance=4.0, guidance_low=3.0, shift=5.0)
+PERIOD, TIMEOUT = 1.0, 1.0
+
+
+@pytest.fixture(scope="module")
+def t2v(tiny_models):
+    from relay.engine.model_info import read_model_info
+
+    return read_model_info(tiny_models["t2v"])
+
+
+def _executor(t2v, backend, *, ranks=2, health_period_s=0.0, setup_fault=None):
+    from relay.engine.tickets import SchedulerConfig
+    from relay.launch.executor import Executor
+    from relay.launch.placement import plan_groups
+    from relay.launch.worker import WorkerSpec
+    from relay.parallel.layout import ParallelLayout
+
+    layout = ParallelLayout(ulysses_degree=ranks)
+    # A step watchdog far longer than any test: a test that passes never waited for it.
+    config = SchedulerConfig(step_timeout_s=300.0, load_timeout_s=300.0, health_period_s=health_period_s,
+                             health_timeout_s=TIMEOUT)
+    spec = WorkerSpec(model=str(t2v.path), layout=layout, dtype="fp32", device_type="cpu", timeout_s=300.0,
+                      setup_fault=setup_fault)
+    return Executor(plan_groups(t2v, None, layout=layout), spec, backend=backend, config=config)
+
+
+def _submit(executor, t2v, **overrides):
+    from relay.engine.request import GenerationRequest, resolve_request
+    from relay.engine.stages import request_experts
+
+    resolved = resolve_request(GenerationRequest(**dict(SETTINGS, **overrides)), t2v)
+    events = []
+    ticket = executor.scheduler.submit(resolved.to_dict(with_image=True), experts=request_experts(t2v, resolved),
+                                       on_event=lambda kind, data: events.append((time.monotonic(), kind, data)))
+    return ticket, events
+
+
+def test_a_frozen_worker_of_an_idle_group_is_replaced_before_the_next_request(t2v):
+    with _executor(t2v, "mp", health_period_s=PERIOD) as executor:
+        group = executor.groups[0]
+        ticket, _ = _submit(executor, t2v)
+        undisturbed = ticket.result(timeout=300)
+        victim = group.pids[1]
+        os.kill(victim, signal.SIGSTOP)
+        frozen = time.perf_counter() - executor.scheduler._epoch
+        deadline = time.monotonic() + 120  # found, then rebuilt: the trace entry ends the rebuild
+        while not any(e.kind == "restart" for e in executor.scheduler.trace) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        restarts = [e for e in executor.scheduler.trace if e.kind == "restart"]
+        assert len(restarts) == 1 and executor.scheduler.health[group.name]["failures"] == 1
+        # Found within one period plus the timeout (and scheduling slack), then rebuilt.
+        assert restarts[0].start - frozen < PERIOD + TIMEOUT + 1.0, restarts[0].start - frozen
+        assert group.builds == 2 and victim not in group.pids
+        assert not _alive(victim) and not _stopped(victim), "the frozen rank outlived the rebuild"
+        started = time.monotonic()
+        ticket, events = _submit(executor, t2v)
+        frames = ticket.result(timeout=300)
+        assert np.array_equal(frames, undisturbed)
+        assert ticket.attempts == 0 and not [e for e in events if e[1] == "retry"]
+        assert time.monotonic() - started < 60  # no 300 s watchdog was waited out
+        assert executor.scheduler.health[group.name]["checks"] >= 1
+
+
+def test_health_checks_leave_a_healthy_idle_group_alone(t2v):
+    with _executor(t2v, "mp", ranks=1, health_period_s=0.2) as executor:
+        group = executor.groups[0]
+        pids = list(group.pids)
+        deadline = time.monotonic() + 30
+        while executor.scheduler.health[group.name]["checks"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = dict(executor.scheduler.health[group.name])
+        assert health["checks"] >= 3 and health["failures"] == 0
+        assert group.pids == pids and executor.scheduler.restarts[group.name] == 0
+        ticket, _ = _submit(executor, t2v)
+        assert ticket.result(timeout=300).shape == (5, 32, 32, 3)
+
+
+def _fails_fast_with_the_message(executor, t2v, *, rank, layout_words):
+    from relay.engine.tickets import RequestFailed
+
+    group = executor.groups[0]
+    group.arm_fault({"action": "oom", "method": "advance", "at_step": 3}, rank=rank)
+    ticket, events = _submit(executor, t2v)
+    with pytest.raises(RequestFailed) as caught:
+        ticket.result(timeout=120)
+    message = str(caught.value)
+    third = next(t for t, kind, data in events if kind == "progress" and data["step"] == 3)
+    failed = next(t for t, kind, _ in events if kind == "failed")
+    assert failed - third < 2.0, f"the failure took {failed - third:.1f}s after the last good step"
+    assert f"out of memory on rank {rank} (cpu" in message and "while denoising" in message
+    assert "can't allocate memory" in message
+    assert "32x32, 5 frames" in message and layout_words in message
+    assert "not retried" in message and "--fsdp" in message and "--offload" in message
+    assert ticket.attempts == 0 and not [e for e in events if e[1] == "retry"]
+    return ticket
+
+
+def test_out_of_memory_on_one_rank_of_two_fails_at_once_and_rebuilds_the_group_once(t2v):
+    with _executor(t2v, "mp") as executor:
+        group = executor.groups[0]
+        ticket, _ = _submit(executor, t2v)
+        undisturbed = ticket.result(timeout=300)
+        old = list(group.pids)
+        _fails_fast_with_the_message(executor, t2v, rank=1, layout_words="ulysses=2")
+        deadline = time.monotonic() + 60  # the rebuild follows the failure on the group's thread
+        while not any(e.kind == "restart" for e in executor.scheduler.trace) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert executor.scheduler.restarts[group.name] == 1 and group.builds == 2
+        assert not any(_alive(pid) for pid in old)
+        ticket, events = _submit(executor, t2v)
+        assert np.array_equal(ticket.result(timeout=300), undisturbed)
+        assert executor.scheduler.restarts[group.name] == 1 and ticket.attempts == 0
+
+
+@pytest.mark.parametrize("backend", ["inprocess", "mp"])
+def test_out_of_memory_on_a_one_rank_group_keeps_the_group(t2v, backend):
+    with _executor(t2v, backend, ranks=1) as executor:
+        group = executor.groups[0]
+        ticket, _ = _submit(executor, t2v)
+        undisturbed = ticket.result(timeout=300)
+        _fails_fast_with_the_message(executor, t2v, rank=0, layout_words="1 rank)")
+        group.arm_fault(None)
+        ticket, _ = _submit(executor, t2v)
+        assert np.array_equal(ticket.result(timeout=300), undisturbed)
+        assert executor.scheduler.restarts[group.name] == 0 and group.builds == 1
+
+
+@pytest.mark.parametrize("backend, rank", [("inprocess", 0), ("mp", 1)])
+def test_out_of_memory_while_loading_fails_the_build_with_the_load_advice(t2v, backend, rank):
+    from relay.engine.tickets import GroupOutOfMemory
+
+    began = time.monotonic()
+    with pytest.raises(GroupOutOfMemory) as caught:
+        _executor(t2v, backend, ranks=1 if backend == "inprocess" else 2,
+                  setup_fault={"action": "oom", "rank": rank})
+    message = str(caught.value)
+    assert f"out of memory on rank {rank} (cpu" in message and "while loading the model" in message
+    assert "Out of host memory while loading" in message and "--offload" in message
+    assert "--text-encoder cpu" in message
+    assert time.monotonic() - began < 120
+
+
+def test_the_oom_fault_is_off_unless_armed(t2v):
+    """Without an armed fault the same settings run (the fault hook costs nothing)."""
+    from relay.launch.worker import FAULT_ACTIONS
+
+    assert "oom" in FAULT_ACTIONS
+    with _executor(t2v, "inprocess", ranks=1) as executor:
+        ticket, events = _submit(executor, t2v)
+        assert ticket.result(timeout=300).shape == (5, 32, 32, 3)
+        assert not [e for e in events if e[1] in ("retry", "failed")]
+
+
+def test_health_flags_are_checked_before_torch(relay):
+    for flag, value in (("--health-period", "-1"), ("--health-timeout", "0"), ("--health-period", "inf")):
+        result = relay("generate", "--prompt", "x", "--output", "x.npy", flag, value)
+        assert result.code == 2 and f"error: {flag}:" in result.err, result.err
