@@ -49,6 +49,7 @@ from relay.engine.tickets import (
     GroupOutOfMemory,
     RequestCancelled,
     RequestFailed,
+    RequestOutOfMemory,
     SchedulerConfig,
     Ticket,
     TraceEntry,
@@ -56,7 +57,7 @@ from relay.engine.tickets import (
     busy_overlap,
 )
 
-__all__ = ["GroupFailure", "GroupOutOfMemory", "RequestCancelled", "RequestFailed", "SchedulerConfig", "StageScheduler",
+__all__ = ["GroupFailure", "GroupOutOfMemory", "RequestCancelled", "RequestFailed", "RequestOutOfMemory", "SchedulerConfig", "StageScheduler",
            "Ticket", "TraceEntry", "WorkerGroup", "busy_overlap"]
 
 log = logging.getLogger(__name__)
@@ -493,7 +494,7 @@ class StageScheduler:
         log.error("request %s: %s", ticket.request_id, message)
         with self._lock:
             self._leave(ticket)
-            self._finish(ticket, error=RequestFailed(f"request {ticket.request_id}: {message}"))
+            self._finish(ticket, error=RequestOutOfMemory(f"request {ticket.request_id}: {message}"))
             self._lock.notify_all()
         if self._closed:
             return

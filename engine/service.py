@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from relay.engine.errors import ValidationError
+from relay.engine.tickets import RequestOutOfMemory
 from relay.engine.request import GenerationRequest, ResolvedRequest
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ class AsyncEngine:
         for _, _, job in self._queue:
             self._emit(job, self._queued_event(job))
 
-    def _finish(self, job: Job, state: JobState, *, error: str = "") -> None:
+    def _finish(self, job: Job, state: JobState, *, error: str = "", reason: str = "") -> None:
         started = job.state != JobState.QUEUED
         job.state = state
         job.error = error
@@ -281,7 +282,7 @@ class AsyncEngine:
         log.info("job %s %s after %.2fs (%s)%s", job.job_id, state.value, time.monotonic() - job.submitted,
                  "ran" if started else "never ran", f": {error}" if error else "")
         kind = {JobState.SUCCEEDED: "done", JobState.FAILED: "failed", JobState.CANCELLED: "cancelled"}[state]
-        self._emit(job, Event(kind, {"error": error}))
+        self._emit(job, Event(kind, {"error": error, "reason": reason}))
         self._finished.append(job.job_id)
         while len(self._finished) > self.keep_finished:
             self.jobs.pop(self._finished.popleft(), None)
@@ -341,6 +342,9 @@ class AsyncEngine:
                 runner.run, job, emit, lambda: job.cancel_requested)
         except _Cancelled:
             self._finish(job, JobState.CANCELLED, error="cancelled")
+            return
+        except RequestOutOfMemory as exc:  # the user's to act on: what ran out, and what fits
+            self._finish(job, JobState.FAILED, error=str(exc), reason="out_of_memory")
             return
         except Exception:  # noqa: BLE001 - reported to the client as an id, logged in full here
             error_id = uuid.uuid4().hex[:8]

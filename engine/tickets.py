@@ -38,6 +38,10 @@ class RequestFailed(RuntimeError):
     """A request could not be completed; the message says why."""
 
 
+class RequestOutOfMemory(RequestFailed):
+    """A request ran out of memory on its layout (not retried); the message says what may fit."""
+
+
 class RequestCancelled(RuntimeError):
     """A request was cancelled before it completed."""
 

@@ -67,7 +67,9 @@ class RelayServicer(pb_grpc.RelayServicer):
                         yield message
                     return
                 if event.kind == "failed":
-                    await context.abort(grpc.StatusCode.INTERNAL, event.data["error"])
+                    code = (grpc.StatusCode.RESOURCE_EXHAUSTED if event.data.get("reason") == "out_of_memory"
+                            else grpc.StatusCode.INTERNAL)
+                    await context.abort(code, event.data["error"])
                 if event.kind == "cancelled":
                     await context.abort(grpc.StatusCode.CANCELLED, event.data["error"] or "cancelled")
                 message = convert.event_message(job, event)

@@ -319,6 +319,28 @@ def test_a_stream_closed_at_a_yield_cancels_its_job(live):
     assert job.state.name == "CANCELLED" and job.step < LONG["steps"]
 
 
+def test_a_job_out_of_memory_is_resource_exhausted_and_the_server_keeps_serving(live, client):
+    """The worker's allocator fails mid-step (the ``oom`` fault, armed for one seed): the call
+    ends RESOURCE_EXHAUSTED with the message a user acts on, the job is FAILED with it, health
+    stays SERVING, and the next job on the same group completes."""
+    group = live.executor.groups[0]
+    group.arm_fault({"action": "oom", "method": "advance", "at_step": 2, "seed": 4242})
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            list(client.stub.Generate(_request(**dict(FAST, seed=4242)), timeout=60))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = caught.value.details()
+        assert "out of memory on rank 0" in details and "32x32, 5 frames" in details
+        assert "not retried" in details and "--offload" in details
+        assert _health(live.target) == 1
+        assert live.wait_idle()
+        assert live.executor.scheduler.restarts[group.name] == 0  # one rank: the group was kept
+        events = list(client.stub.Generate(_request(**FAST), timeout=60))
+        assert events[-1].WhichOneof("event") == "done"
+    finally:
+        group.arm_fault(None)
+
+
 def test_overload_refuses_exactly_the_excess(tiny_models):
     server = LiveServer(tiny_models["t2v"], max_queue=2)
     try:
