@@ -14,10 +14,10 @@ nowhere else:
   When that name is missing, that one unused NPU module is replaced by a stub that refuses
   to run.
 
-The attention kernel is chosen per device: on CUDA yunchang's flash-attention path (or torch's
-flash SDPA when flash-attn is absent); on CPU torch's CPU flash SDPA op, which returns the
-log-sum-exp that ring attention needs (yunchang's TORCH_MATH path returns a zero LSE, which is
-silently wrong for ring > 1).
+The attention kernel is Relay's on every device (:mod:`parallel.kernels`: exact attention that
+returns an fp32 log-sum-exp, chosen by device and dtype); yunchang's own kernels are not used
+(its TORCH_MATH path returns a zero LSE, silently wrong for ring > 1, and its TORCH_FLASH path a
+bf16 one).
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import logging
 import sys
 import types
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _ATTN_MODULE = "xfuser.core.long_ctx_attention.hybrid.attn_layer"
 _RING_MODULE = "xfuser.core.long_ctx_attention.ring.ring_flash_attn"
@@ -127,68 +130,39 @@ class _CustomKernel:
 RELAY_KERNEL = _CustomKernel()
 
 
-def cpu_flash_kernel(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_unused):
-    """Flash-style attention on CPU returning ``(out, lse)`` in yunchang's layout.
+class KernelChoice:
+    """The attention processor yunchang calls: the :mod:`parallel.kernels` kernel for the
+    inputs' device, dtype and head size (chosen at the first call of each, and logged), wrapped
+    to drop padded keys when the sequence was padded."""
 
-    Args:
-        q, k, v: ``(batch, seq, heads, head_dim)``.
+    def __init__(self, device: torch.device, *, padded: bool) -> None:
+        self.device, self.padded = device, padded
+        self.chosen: dict[tuple, tuple[str, object]] = {}  # (dtype, head_dim) -> (name, kernel)
 
-    Returns:
-        ``out`` as ``(batch, seq, heads, head_dim)`` and ``lse`` as ``(batch, heads, seq)``.
-    """
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, causal,
-        scale=softmax_scale,
-    )[:2]
-    return out.transpose(1, 2), lse
+    def kernel_for(self, q):
+        """The kernel ``q``'s dtype and head size get on this device (chosen once)."""
+        from relay.parallel import kernels
 
+        key = (q.dtype, q.shape[-1])
+        if key not in self.chosen:
+            kernel = kernels.select(self.device.type, q.dtype, q.shape[-1])
+            log.info("sequence-parallel attention on %s, %s, head_dim %d: %s", self.device.type,
+                     str(q.dtype).removeprefix("torch."), q.shape[-1], kernel.name)
+            self.chosen[key] = (kernel.name, kernels.masked(kernel) if self.padded else kernel)
+        return self.chosen[key][1]
 
-def masked_kernel(base):
-    """Wraps ``base`` so that keys marked as padding (NaN in the first feature) are dropped.
-
-    The mark travels inside the key tensor through yunchang's all-to-all and ring exchanges, so
-    every ring step knows which of the keys it received are padding. Used only when the token
-    count does not divide the sequence-parallel degree (a host sync per call is acceptable
-    there); a block made only of padding yields zero output and ``-inf`` log-sum-exp, which
-    the ring merge ignores.
-    """
-
-    def kernel(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **kwargs):
-        keep = ~torch.isnan(k[0, :, 0, 0])
-        if not bool(keep.all()):
-            if not bool(keep.any()):
-                batch, seq, heads, _ = q.shape
-                lse = torch.full((batch, heads, seq), float("-inf"), dtype=torch.float32, device=q.device)
-                return torch.zeros_like(q), lse
-            k, v = k[:, keep], v[:, keep]
-        return base(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, **kwargs)
-
-    return kernel
+    def __call__(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **kwargs):
+        return self.kernel_for(q)(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, **kwargs)
 
 
 def make_attention(device: torch.device, *, padded: bool):
     """An xfuser ``xFuserLongContextAttention`` for ``device``; call after the groups exist.
 
     Args:
-        device: Where attention runs (selects the kernel).
+        device: Where attention runs (selects the kernel family, :mod:`parallel.kernels`).
         padded: Whether the sequence was padded to a multiple of the degree (selects the
             padding-aware kernel wrapper).
     """
     x = load()
-    if device.type == "cuda" and not padded:
-        from yunchang.globals import HAS_FLASH_ATTN
-
-        kind = x.AttnType.FA if HAS_FLASH_ATTN else x.AttnType.TORCH_FLASH
-        return x.LongContextAttention(ring_impl_type="basic", attn_type=kind)
-    if device.type == "cuda":
-        from functools import partial
-
-        from yunchang.globals import HAS_FLASH_ATTN
-        from yunchang.kernels import select_flash_attn_impl
-
-        kind = x.AttnType.FA if HAS_FLASH_ATTN else x.AttnType.TORCH_FLASH
-        base = select_flash_attn_impl(kind, stage="fwd-only")
-        return x.LongContextAttention(ring_impl_type="basic", attn_type=RELAY_KERNEL,
-                                      attn_processor=masked_kernel(partial(base)))
-    base = masked_kernel(cpu_flash_kernel) if padded else cpu_flash_kernel
-    return x.LongContextAttention(ring_impl_type="basic", attn_type=RELAY_KERNEL, attn_processor=base)
+    return x.LongContextAttention(ring_impl_type="basic", attn_type=RELAY_KERNEL,
+                                  attn_processor=KernelChoice(device, padded=padded))

@@ -59,11 +59,39 @@ def test_xfuser_attention_imports_and_runs_on_cuda(tmp_path):
         from yunchang.globals import PROCESS_GROUP
 
         PROCESS_GROUP.ULYSSES_PG = PROCESS_GROUP.RING_PG = dist.group.WORLD
-        q, k, v = (torch.randn(1, 256, 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        for padded in (False, True):
-            out = xdit.make_attention(torch.device("cuda"), padded=padded)(None, q, k, v)
-            ref = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-            assert (out.float() - ref.float()).abs().max() < 2e-2
+        for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):  # fp32: the efficient kernel
+            q, k, v = (torch.randn(1, 256, 8, 64, device="cuda", dtype=dtype) for _ in range(3))
+            for padded in (False, True):
+                out = xdit.make_attention(torch.device("cuda"), padded=padded)(None, q, k, v)
+                ref = torch.nn.functional.scaled_dot_product_attention(
+                    q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2)).transpose(1, 2)
+                assert out.dtype == dtype and (out.float() - ref).abs().max() < tol
     finally:
         destroy_groups()
+
+
+def test_every_cuda_kernel_equals_sdpa_and_returns_an_fp32_lse():
+    """Each kernel of :mod:`parallel.kernels` this GPU runs, in each dtype it takes, against fp32
+    attention and the exact log-sum-exp (S = 1000: not a multiple of any kernel's block)."""
+    from relay.parallel.kernels import KERNELS, _installed
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1000, 4, 128, device="cuda") for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    ref_lse = torch.logsumexp(torch.einsum("bshd,bthd->bhst", q, k) / 128 ** 0.5, dim=-1)
+    ran = set()
+    for kernel in (k for k in KERNELS.values() if k.device == "cuda" and _installed(k.name)):
+        for dtype in kernel.dtypes:
+            try:
+                out, lse = kernel(q.to(dtype), k.to(dtype), v.to(dtype))
+            except RuntimeError:
+                if kernel.name == "cuda-cudnn":  # cuDNN attention needs a recent GPU and cuDNN
+                    continue
+                raise
+            ran.add(kernel.name)
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            assert lse.dtype == torch.float32 and lse.shape == (1, 4, 1000), kernel.name
+            assert (out.float() - ref).abs().max() < tol, (kernel.name, dtype)
+            assert (lse - ref_lse).abs().max() < tol * 10, (kernel.name, dtype)
+    assert {"cuda-flash", "cuda-efficient"} <= ran

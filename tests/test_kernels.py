@@ -1,0 +1,186 @@
+"""The attention kernels of sequence parallelism (issue 12): the CUDA side's rules proven on a CPU.
+
+* Every CUDA kernel returns its log-sum-exp in fp32, run through the real aten ops on the meta
+  device (their shape and dtype functions; no GPU needed).
+* Selection follows the ops' dtype rules: fp32 sequence parallelism gets a kernel that takes
+  fp32 (the flash op takes only half precision); an override that cannot take the dtype is
+  refused with the ones that can.
+* The ring merge in bf16: a real 2-rank ring on gloo, bf16 inputs, stays within bf16-level error
+  of the single-process attention; the same merge fed a bf16 LSE (yunchang's torch-flash path)
+  does not.
+* A ring rank whose own key block is all padding: the merge stays finite.
+* The SP forward with the CUDA kernel choice on meta tensors: no CPU tensor enters it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from relay.parallel import kernels
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+@pytest.mark.parametrize("name", [n for n, k in kernels.KERNELS.items() if k.device == "cuda" and n != "flash-attn"])
+def test_every_cuda_kernel_returns_an_fp32_lse(name):
+    kernel = kernels.KERNELS[name]
+    for dtype in kernel.dtypes:
+        q = torch.randn(2, 100, 4, 64, device="meta", dtype=dtype)  # 100: not a multiple of 32
+        out, lse = kernel(q, q, q)
+        assert out.dtype == dtype and out.shape == q.shape
+        assert lse.dtype == torch.float32 and lse.shape == (2, 4, 100)
+
+
+def test_selection_follows_the_ops_dtype_rules(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert kernels.select("cuda", torch.bfloat16, 128).name == "cuda-flash"
+    assert kernels.select("cuda", torch.float16, 128).name == "cuda-flash"
+    fp32 = kernels.select("cuda", torch.float32, 128)
+    assert fp32.name == "cuda-efficient" and fp32.accepts(torch.float32)
+    assert not kernels.KERNELS["cuda-flash"].accepts(torch.float32)  # the flash op's own rule
+    assert kernels.select("cuda", torch.bfloat16, 264).name == "cuda-efficient"  # flash: head_dim <= 256
+    assert kernels.select("meta", torch.float32).name == "cuda-efficient"  # meta follows CUDA
+    assert kernels.select("cpu", torch.bfloat16).name == "cpu-flash"
+    assert kernels.select("cuda", torch.bfloat16, 128, prefer="cuda-cudnn").name == "cuda-cudnn"
+    with pytest.raises(ValueError, match="RELAY_ATTENTION=cuda-flash: not a cuda kernel for float32.*cuda-efficient"):
+        kernels.select("cuda", torch.float32, 128, prefer="cuda-flash")
+    monkeypatch.setenv(kernels.ENV, "no-such")
+    with pytest.raises(ValueError, match="no-such"):
+        kernels.select("cuda", torch.bfloat16)
+
+
+def test_the_cpu_kernel_equals_sdpa_and_its_lse_is_fp32():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 40, 2, 16) for _ in range(3))
+    for dtype in (torch.float32, torch.bfloat16):
+        out, lse = kernels.KERNELS["cpu-flash"](q.to(dtype), k.to(dtype), v.to(dtype))
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        scores = torch.einsum("bshd,bthd->bhst", q, k) / 4.0
+        assert lse.dtype == torch.float32
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert (out.float() - ref).abs().max() < tol
+        assert (lse - torch.logsumexp(scores, dim=-1)).abs().max() < (1e-4 if dtype == torch.float32 else 5e-2)
+
+
+def _merge(blocks, q, kernel, lse_dtype=torch.float32):
+    """yunchang's ring merge over key/value blocks, as each ring step runs it."""
+    from yunchang.ring.utils import update_out_and_lse
+
+    out = lse = None
+    for k, v in blocks:
+        block_out, block_lse = kernel(q, k, v)
+        out, lse = update_out_and_lse(out, lse, block_out, block_lse.to(lse_dtype).float())
+    return out
+
+
+def test_an_all_padding_first_block_keeps_the_ring_merge_finite():
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 2, 16)
+    padding = (torch.full((1, 8, 2, 16), float("nan")), torch.zeros(1, 8, 2, 16))
+    real = [(torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)) for _ in range(2)]
+    kernel = kernels.masked(kernels.KERNELS["cpu-flash"])
+    first = _merge([padding, *real], q, kernel)
+    assert torch.isfinite(first).all()  # was NaN from the second merge on with a -inf LSE
+    # Merged after a real block, an all-padding block weighs nothing: exact.
+    ref = _merge(real, q, kernels.KERNELS["cpu-flash"])
+    assert (_merge([real[0], padding, real[1]], q, kernel) - ref).abs().max() < 1e-6
+    # First, it leaves the LSE at -1e4 + x (fp32 keeps x to ~1e-3 there): close, and only ever
+    # for a rank whose own chunk is all padding -- whose query rows are all dropped at the gather.
+    assert (first - ref).abs().max() < 1e-3
+
+
+def _ring_rank(rank, world, init, q, k, v, queue):
+    from relay.parallel.groups import RankInfo, destroy_groups, init_groups
+    from relay.parallel.layout import ParallelLayout
+    from relay.parallel.xdit import make_attention
+
+    torch.set_num_threads(1)
+    groups = init_groups(ParallelLayout(ring_degree=world), RankInfo(rank=rank, local_rank=rank, world_size=world,
+                                                                     init_method=init), device_type="cpu")
+    try:
+        size = q.shape[1] // world
+        part = slice(rank * size, (rank + 1) * size)
+        attention = make_attention(torch.device("cpu"), padded=False)
+        out = attention(None, q[:, part].contiguous(), k[:, part].contiguous(), v[:, part].contiguous())
+        # numpy, not a tensor: a tensor travels as a shared fd this process must outlive
+        queue.put((rank, out.float().numpy(), attention.attn_processor.chosen[(q.dtype, q.shape[-1])][0]))
+    finally:
+        destroy_groups(groups)
+
+
+def test_ring_attention_in_bf16_on_gloo_stays_within_bf16_error(tmp_path):
+    """4 ranks of ring attention on bf16 inputs against the fp32 attention of the whole sequence.
+
+    The bound: one-process bf16 attention (the CPU flash kernel) already differs from fp32 by
+    its bf16 rounding; the ring adds only the rounding of each block's output to bf16 before
+    the merge (the merge itself and the LSE stay fp32): at most half a bf16 ulp of the output's
+    scale more, 2^-8 of it. So the ring's largest error may exceed the one-process one by
+    2^-8 * max|out|, and its mean error by a quarter. A merge fed bf16 LSEs (yunchang's
+    torch-flash path) breaks both."""
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    batch, seq, heads, dim, world = 1, 1024, 2, 64, 4
+
+    def rms(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    q, k = (rms(torch.randn(batch, seq, heads, dim)) * 3.0 for _ in range(2))  # peaked, like Wan's qk-norm
+    v = torch.randn(batch, seq, heads, dim)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    single = (kernels.KERNELS["cpu-flash"](qb, kb, vb)[0].float() - ref).abs()
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    init = f"file://{tmp_path}/rendezvous"
+    procs = [context.Process(target=_ring_rank, args=(r, world, init, qb, kb, vb, queue), daemon=True)
+             for r in range(world)]
+    for proc in procs:
+        proc.start()
+    try:
+        results = sorted((queue.get(timeout=240) for _ in range(world)), key=lambda r: r[0])
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    assert {name for _, _, name in results} == {"cpu-flash"}
+    ring = (torch.cat([torch.from_numpy(out) for _, out, _ in results], dim=1) - ref).abs()
+    worst, mean = single.max().item() + 2**-8 * ref.abs().max().item(), 1.25 * single.mean().item()
+    assert ring.max() <= worst and ring.mean() <= mean, (ring.max(), ring.mean(), worst, mean)
+    blocks = list(zip(kb.chunk(world, dim=1), vb.chunk(world, dim=1), strict=True))
+    bf16_lse = (_merge(blocks, qb, kernels.KERNELS["cpu-flash"], lse_dtype=torch.bfloat16) - ref).abs()
+    assert bf16_lse.max() > worst and bf16_lse.mean() > mean  # the defect an fp32 LSE removes
+
+
+def test_the_attention_path_with_the_cuda_kernel_choice_takes_no_cpu_tensor(tiny_models):
+    """A Wan transformer on the meta device whose self-attention runs the way a CUDA rank's does
+    (the family's processor, the kernel chosen by CUDA's rules): any CPU tensor made inside the
+    forward -- a mask, RoPE tables, an LSE -- meets a meta tensor and raises. (The collectives
+    around it need a real device; the device check runs them.)"""
+    from diffusers import WanTransformer3DModel
+
+    from relay.engine.models import get_spec
+    from relay.parallel.xdit import KernelChoice
+
+    model = WanTransformer3DModel.from_pretrained(tiny_models["t2v"], subfolder="transformer",
+                                                  torch_dtype=torch.bfloat16).to("meta").eval()
+    config = model.config
+    inputs = {"hidden_states": torch.randn(1, config.in_channels, 2, 8, 8, device="meta", dtype=torch.bfloat16),
+              "timestep": torch.tensor([500], device="meta"),
+              "encoder_hidden_states": torch.randn(1, 16, config.text_dim, device="meta", dtype=torch.bfloat16),
+              "return_dict": False}
+    plan = get_spec("wan2.2").sequence_parallel()
+    choice = KernelChoice(torch.device("meta"), padded=False)
+    for attn in plan.self_attention(model):
+        attn.set_processor(plan.processor(lambda q, k, v: choice(q, k, v)[0]))
+    with torch.no_grad():
+        assert model(**inputs)[0].shape == inputs["hidden_states"].shape
+        assert [name for name, _ in choice.chosen.values()] == ["cuda-flash"]
+        leaked = dict(inputs, timestep=torch.tensor([500]))  # the check can fail: a CPU tensor raises
+        with pytest.raises((RuntimeError, ValueError, NotImplementedError)):
+            model(**leaked)
