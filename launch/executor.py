@@ -89,8 +89,9 @@ class Executor:
         if backend == "ray":
             self._connect_ray(ray_address, spec, placement)
         local = backend in ("inprocess", "mp") or (backend == "ray" and ray_address is None)
-        if spec.device_type == "cpu" and spec.threads is None and local and placement.devices > 1:
-            # Groups run at the same time: share this machine's cores among all their ranks.
+        if spec.threads is None and local and placement.devices > 1:
+            # Groups run at the same time: share this machine's cores among all their ranks
+            # (a GPU rank's host threads too: eight of them must not take every core each).
             spec = replace(spec, threads=max(1, (os.cpu_count() or 1) // placement.devices))
         groups, offset = [], device_offset
         for plan in placement.groups:

@@ -79,11 +79,15 @@ class WorkerSpec:
             (sharded over every rank).
         offload: FSDP2 CPU offload of the shards (or, on one rank, model offload: the text
             encoder and the idle expert rest in host memory).
-        timeout_s: Collective timeout of the group.
+        timeout_s: Collective timeout of the group's steps.
+        load_timeout_s: Collective timeout while the ranks load (a rank that loads slower than
+            its peers must not abort them at their first collective); the step timeout
+            applies once every rank has loaded.
         threads: CPU threads per rank (default: the cores divided among the group's ranks;
             an executor running several groups at once divides them among all its ranks).
         setup_fault: Resilience tests only (``None`` in use): ``{"action": "oom", "rank": R}``
-            makes rank R's allocator fail while it loads.
+            makes rank R's allocator fail while it loads; ``{"action": "slow", "rank": R,
+            "seconds": S}`` makes it load S seconds later than its peers.
     """
 
     model: str
@@ -94,6 +98,7 @@ class WorkerSpec:
     text_encoder: str = "device"
     offload: bool = False
     timeout_s: float = 600.0
+    load_timeout_s: float = 1800.0
     threads: int | None = None
     setup_fault: dict | None = None
 
@@ -115,15 +120,19 @@ class StageWorker:
         from relay.parallel.groups import init_groups
 
         quiet_libraries()
-        if spec.device_type == "cpu":
-            torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // info.world_size))
+        # One GPU's worker needs few host threads (the GPU computes); eight of them taking every
+        # core each would oversubscribe the host. A CPU rank computes with its share.
+        torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // info.world_size))
         self.info, self.spec = info, spec
         self.model_info = read_model_info(spec.model)
-        self.groups = init_groups(spec.layout, info, device_type=spec.device_type, timeout_s=spec.timeout_s)
+        self.groups = init_groups(spec.layout, info, device_type=spec.device_type, timeout_s=spec.timeout_s,
+                                  load_timeout_s=spec.load_timeout_s)
         try:
-            fault = spec.setup_fault
-            if fault and fault.get("action") == "oom" and fault.get("rank", 0) == info.rank:
+            fault = spec.setup_fault if (spec.setup_fault or {}).get("rank", 0) == info.rank else None
+            if fault and fault.get("action") == "oom":
                 torch.empty(OOM_FAULT_BYTES, dtype=torch.uint8, device=self.groups.device)
+            if fault and fault.get("action") == "slow":
+                time.sleep(float(fault["seconds"]))
             self.model = _load(spec, self.groups, self.model_info)
         except Exception as exc:
             if not is_out_of_memory(exc):
@@ -133,6 +142,7 @@ class StageWorker:
             raise _out_of_memory(exc, rank=info.rank, device=self.groups.device, method="setup") from None
         plan = self.model_info.spec.sequence_parallel() if self.groups.sp_group is not None else None
         self._handles = [parallelize(expert, self.groups, plan) for expert in self.model.experts.values()]
+        self.groups.ready()  # every rank has loaded: the step timeout from here on
         self.engine = Engine(self.model)
         groups = self.groups
         self._predict = CfgParallelPredictor(groups.cfg_group, groups.cfg_rank) if groups.cfg_group else None

@@ -57,6 +57,21 @@ class ParallelGroups:
     sp_rank: int = 0
     fsdp_mesh: object | None = None
     world_mesh: object | None = None
+    timeout_s: float = 600.0
+
+    def ready(self) -> None:
+        """Ends the load phase: waits until every rank has loaded (under the load timeout the
+        groups were made with), then gives every process group of this rank the step timeout.
+        No-op on one rank."""
+        if self.mesh is None:
+            return
+        dist.barrier()
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        for group in _process_groups():
+            try:
+                dist.distributed_c10d._set_pg_timeout(timeout, group)
+            except (AttributeError, RuntimeError, ValueError):  # an older torch: the load timeout stays
+                pass
 
     @property
     def is_output_rank(self) -> bool:
@@ -75,15 +90,18 @@ def rank_device(device_type: str, local_rank: int) -> torch.device:
 
 
 def init_groups(layout: ParallelLayout, info: RankInfo, *, device_type: str | None = None,
-                timeout_s: float = 600.0) -> ParallelGroups:
+                timeout_s: float = 600.0, load_timeout_s: float | None = None) -> ParallelGroups:
     """Joins the process group and builds the mesh and sub-groups for ``layout``.
 
     Args:
         layout: The parallel layout; must fill ``info.world_size`` ranks.
         info: Rank information from the launcher.
         device_type: ``cuda`` or ``cpu`` (default: cuda when available).
-        timeout_s: Collective timeout; a hung peer is detected after this long.
+        timeout_s: Collective timeout of the steps; a hung peer is detected after this long.
+        load_timeout_s: Collective timeout until :meth:`ParallelGroups.ready` (loading: a rank
+            that loads slower than the others must not abort the group); default ``timeout_s``.
     """
+    load_timeout_s = max(timeout_s, load_timeout_s or 0.0)
     layout.check_world(info.world_size)
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     device = rank_device(device_type, info.local_rank)
@@ -94,7 +112,7 @@ def init_groups(layout: ParallelLayout, info: RankInfo, *, device_type: str | No
     if not dist.is_initialized():
         dist.init_process_group(
             backend_for(device_type), init_method=info.init_method, rank=info.rank,
-            world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s),
+            world_size=info.world_size, timeout=datetime.timedelta(seconds=load_timeout_s),
             device_id=device if device_type == "cuda" else None,
         )
     from torch.distributed.device_mesh import init_device_mesh
@@ -114,8 +132,14 @@ def init_groups(layout: ParallelLayout, info: RankInfo, *, device_type: str | No
         layout=layout, rank=info.rank, device=device, mesh=mesh, cfg_group=cfg_group,
         cfg_rank=mesh.get_local_rank("cfg"),
         sp_group=sp_mesh.get_group() if layout.sp_degree > 1 else None,
-        sp_rank=sp_mesh.get_local_rank(), fsdp_mesh=fsdp_mesh, world_mesh=world_mesh,
+        sp_rank=sp_mesh.get_local_rank(), fsdp_mesh=fsdp_mesh, world_mesh=world_mesh, timeout_s=timeout_s,
     )
+
+
+def _process_groups() -> list:
+    """Every process group of this process: the world and the mesh's sub-groups."""
+    world = dist.distributed_c10d._world
+    return [group for group in getattr(world, "pg_map", {}) if group is not None]
 
 
 def _register_sequence_groups(ulysses_group, ring_group) -> None:

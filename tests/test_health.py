@@ -180,3 +180,34 @@ def test_health_flags_are_checked_before_torch(relay):
     for flag, value in (("--health-period", "-1"), ("--health-timeout", "0"), ("--health-period", "inf")):
         result = relay("generate", "--prompt", "x", "--output", "x.npy", flag, value)
         assert result.code == 2 and f"error: {flag}:" in result.err, result.err
+
+
+@pytest.mark.parametrize("load_timeout_s, builds", [(60.0, True), (2.0, False)])
+def test_a_slow_loading_rank_is_waited_for_under_the_load_timeout_not_the_step_timeout(t2v, load_timeout_s, builds):
+    """Rank 1 loads 6 s after rank 0; the step collectives time out after 2 s. With a load
+    timeout of 60 s the group builds and serves (the step timeout applies once all have loaded);
+    with the load timeout as short as the step one, the first collective aborts the group."""
+    from dataclasses import replace
+
+    from relay.engine.tickets import GroupFailure, SchedulerConfig
+    from relay.launch.executor import Executor
+    from relay.launch.placement import plan_groups
+    from relay.launch.worker import WorkerSpec
+    from relay.parallel.layout import ParallelLayout
+
+    layout = ParallelLayout(ulysses_degree=2)
+    spec = WorkerSpec(model=str(t2v.path), layout=layout, dtype="fp32", device_type="cpu", timeout_s=2.0,
+                      load_timeout_s=load_timeout_s, setup_fault={"action": "slow", "rank": 1, "seconds": 6})
+    config = SchedulerConfig(step_timeout_s=300.0, load_timeout_s=300.0, health_period_s=0.0)
+
+    def build():
+        return Executor(plan_groups(t2v, None, layout=layout), replace(spec), backend="mp", config=config,
+                        build_timeout_s=120.0)
+
+    if not builds:
+        with pytest.raises(GroupFailure, match="setup raised on rank 0: .*Timed out waiting 2000ms"):
+            build().close()
+        return
+    with build() as executor:
+        ticket, _ = _submit(executor, t2v)
+        assert ticket.result(timeout=300).shape == (5, 32, 32, 3)
