@@ -54,7 +54,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--attention", default="native",
                         help="comma-separated diffusers attention backends to compare (native = torch "
                              "SDPA; _native_cudnn, _native_flash, flash, _flash_3, sage, ...), or auto")
-    parser.add_argument("--compile", action="store_true", help="also measure a torch.compile'd transformer")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure with regional compilation (each block torch.compile'd): speed-up and output difference")
     parser.add_argument("--matmul-size", type=int, help="n of the n x n peak matmul (a14b 8192, tiny 512)")
 
 
@@ -81,8 +82,34 @@ def utilisation(flops: float, seconds: float, peak_tflops: float) -> dict:
     return {"tflops": achieved, "mfu": achieved / peak_tflops}
 
 
-def matmul_peak_tflops(device, dtype, n: int, repeats: int = 20) -> float:
-    """Dense ``n x n`` matmul throughput of ``device`` in ``dtype`` (the MFU denominator)."""
+#: Seconds of full-load matmuls before the peak is timed: a GPU idling at low clocks takes a
+#: while to reach its boost clock (30 ms of warm-up overstated MFU), and timing then is fair.
+PEAK_WARMUP_S = 2.0
+
+
+def sm_clock_mhz(device) -> int | None:
+    """The GPU's current SM clock in MHz (``None`` on a CPU or without NVML)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    try:
+        return int(torch.cuda.clock_rate(device))
+    except Exception:  # noqa: BLE001 - NVML (pynvml) is optional
+        return None
+
+
+def matmul_peak_tflops(device, dtype, n: int, repeats: int = 20, *, warmup_s: float = PEAK_WARMUP_S) -> dict:
+    """Dense ``n x n`` matmul throughput of ``device`` in ``dtype`` (the MFU denominator).
+
+    Runs matmuls at full load for ``warmup_s`` first (clocks up), then times three rounds of
+    ``repeats`` and keeps the fastest; reports the SM clock before the warm-up and after.
+
+    Returns:
+        ``{"tflops", "rounds_tflops", "warmup_s", "clock_mhz_idle", "clock_mhz_loaded"}``.
+    """
+    import time
+
     import torch
 
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -93,9 +120,15 @@ def matmul_peak_tflops(device, dtype, n: int, repeats: int = 20) -> float:
         for _ in range(count):
             torch.matmul(a, b, out=out)
 
-    matmuls(3)  # warm-up: kernel selection
-    seconds, _ = common.timed(lambda: matmuls(repeats), device)
-    return 2 * n**3 * repeats / seconds / 1e12
+    idle = sm_clock_mhz(device)
+    began = time.perf_counter()
+    matmuls(3)  # kernel selection
+    while time.perf_counter() - began < warmup_s:
+        common.timed(lambda: matmuls(repeats), device)
+    loaded = sm_clock_mhz(device)
+    rounds = [2 * n**3 * repeats / common.timed(lambda: matmuls(repeats), device)[0] / 1e12 for _ in range(3)]
+    return {"tflops": max(rounds), "rounds_tflops": rounds, "warmup_s": time.perf_counter() - began,
+            "clock_mhz_idle": idle, "clock_mhz_loaded": loaded}
 
 
 def backend_problem(name: str, device) -> str | None:
@@ -180,25 +213,51 @@ def model_inputs(config: dict, height: int, width: int, frames: int, device, dty
             "return_dict": False}
 
 
-def measure(model, inputs: dict, *, device, backend: str, compiled: bool, repeats: int) -> dict:
-    """Seconds per forward of one variant (after a warm-up that also finds the attention ops)."""
+def compile_blocks(model) -> None:
+    """Regional compilation: each transformer block is compiled (one graph serves all of them,
+    as they share their code), the rest of the model stays eager -- seconds to compile instead
+    of minutes for the whole model."""
+    for block in model.blocks:
+        block.compile(dynamic=False)
+
+
+def uncompile_blocks(model) -> None:
+    """Undoes :func:`compile_blocks`."""
+    import torch
+
+    for block in model.blocks:
+        block._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def measure(model, inputs: dict, *, device, backend: str, compiled: bool, repeats: int,
+            reference=None) -> dict:
+    """Seconds per forward of one variant (after a warm-up that also finds the attention ops);
+    ``reference``: the eager output, for the compiled variant's ``max_abs_diff``."""
     import torch
 
     model.set_attention_backend(backend)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    runner = model
     if compiled:
         torch._dynamo.reset()
-        runner = torch.compile(model, dynamic=False)
-    with torch.no_grad():
-        first_s, _ = common.timed(lambda: runner(**inputs), device)  # includes compilation
-        ops = attention_ops(lambda: runner(**inputs))
-        times = [common.timed(lambda: runner(**inputs), device)[0] for _ in range(repeats)]
+        compile_blocks(model)
+    try:
+        with torch.no_grad():
+            first_s, output = common.timed(lambda: model(**inputs), device)  # includes compilation
+            ops = attention_ops(lambda: model(**inputs))
+            times = [common.timed(lambda: model(**inputs), device)[0] for _ in range(repeats)]
+    finally:
+        if compiled:
+            uncompile_blocks(model)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"backend": backend, "compiled": compiled, "first_call_s": first_s, "forward_s": times,
-            "attention_ops": ops, "peak_gib": peak}
+    row = {"backend": backend, "compiled": compiled, "first_call_s": first_s, "forward_s": times,
+           "attention_ops": ops, "peak_gib": peak, "output": output[0] if isinstance(output, tuple) else output}
+    if reference is not None:
+        row["max_abs_diff"] = float((row["output"].float() - reference.float()).abs().max())
+        row["reference_max_abs"] = float(reference.float().abs().max())
+    return row
 
 
 def _setup(args) -> dict:
@@ -228,7 +287,8 @@ def run(args) -> common.BenchResult:
     setup = _setup(args)
     device, dtype = setup["device"], setup["dtype"]
     repeats = common.rounds(args, smoke=1, full=5)
-    peak = matmul_peak_tflops(device, dtype, setup["n"])
+    measured = matmul_peak_tflops(device, dtype, setup["n"], warmup_s=PEAK_WARMUP_S if device.type == "cuda" else 0.2)
+    peak = measured["tflops"]
     model = build_model(setup["config"], device, dtype)
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     rows = _measure_all(model, setup, compile_too=args.compile, repeats=repeats, peak=peak)
@@ -236,7 +296,7 @@ def run(args) -> common.BenchResult:
                 "sizes": setup["sizes"], "text_tokens": TEXT_TOKENS, "batch": 1, "attention": setup["backends"],
                 "compile": bool(args.compile), "repeats": repeats, "matmul_size": setup["n"],
                 "smoke": bool(args.smoke), "torch_sdpa_enabled": _sdpa_flags()}
-    summary = {"matmul_peak_tflops": peak, "weights_gib": weights_gib,
+    summary = {"matmul_peak_tflops": peak, "matmul_peak": measured, "weights_gib": weights_gib,
                "rows": [{k: v for k, v in row.items() if k != "forward_s"} for row in rows],
                "flops_method": "engine.models.wan.flops.transformer_flops: 2 x multiply-adds of every matmul, from the config"}
     raw = {"forward_s": {_variant(row): row.get("forward_s") for row in rows}}
@@ -261,9 +321,15 @@ def _measure_all(model, setup: dict, *, compile_too: bool, repeats: int, peak: f
                 if problem:
                     rows.append({**base, "error": problem})
                     continue
-                for compiled in (False, True) if compile_too else (False,):
-                    rows.append(_variant_row({**base, "compiled": compiled}, model, inputs, device=device,
-                                             repeats=repeats, peak=peak))
+                eager = _variant_row(base, model, inputs, device=device, repeats=repeats, peak=peak)
+                rows.append(eager)
+                if compile_too:
+                    rows.append(_variant_row({**base, "compiled": True}, model, inputs, device=device,
+                                             repeats=repeats, peak=peak, reference=eager.get("output")))
+                    if "median_s" in eager and "median_s" in rows[-1]:
+                        rows[-1]["speedup"] = eager["median_s"] / rows[-1]["median_s"]
+            for row in rows:
+                row.pop("output", None)
             del inputs
     finally:
         model.reset_attention_backend()
@@ -271,11 +337,11 @@ def _measure_all(model, setup: dict, *, compile_too: bool, repeats: int, peak: f
     return rows
 
 
-def _variant_row(base: dict, model, inputs: dict, *, device, repeats: int, peak: float) -> dict:
+def _variant_row(base: dict, model, inputs: dict, *, device, repeats: int, peak: float, reference=None) -> dict:
     """One measured variant as a summary row; a failure becomes the row's ``error``."""
     try:
         result = measure(model, inputs, device=device, backend=base["backend"], compiled=base["compiled"],
-                         repeats=repeats)
+                         repeats=repeats, reference=reference)
     except Exception as exc:  # noqa: BLE001 - one failing backend must not end the run
         first_line = (str(exc).strip().splitlines() or [""])[0]
         return {**base, "error": f"{type(exc).__name__}: {first_line[:120]}"}
@@ -302,17 +368,25 @@ def _table(settings: dict, summary: dict, device) -> str:
     for row in summary["rows"]:
         label = [row["size"], row["tokens"], row["backend"] + (" +compile" if row["compiled"] else "")]
         if "error" in row:
-            rows.append(label + [None, None, None, None, f"not run: {row['error']}"])
+            rows.append(label + [None, None, None, None, f"not run: {row['error']}", None])
             continue
         memory = None if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
+        compiled = ""
+        if row["compiled"] and "speedup" in row:
+            compiled = f"{row['speedup']:.2f}x eager, max |diff| {row['max_abs_diff']:.2g}"
         rows.append(label + [f"{row['median_s']:.4g}", f"{row['tflops']:.4g}", f"{row['mfu']:.1%}", memory,
-                             ", ".join(row["attention_ops"]) or "none seen"])
+                             ", ".join(row["attention_ops"]) or "none seen", compiled])
+    clocks = summary["matmul_peak"]
+    clock = (f", SM clock {clocks['clock_mhz_idle']} -> {clocks['clock_mhz_loaded']} MHz"
+             if clocks.get("clock_mhz_loaded") else "")
     title = (f"gpu: {settings['config']} expert forward, {settings['dtype']}, batch 1, {settings['text_tokens']} "
              f"text tokens | {common.device_name(device)} | measured {settings['dtype']} matmul peak "
-             f"{summary['matmul_peak_tflops']:.4g} TFLOP/s (n={settings['matmul_size']}) | weights "
+             f"{summary['matmul_peak_tflops']:.4g} TFLOP/s (n={settings['matmul_size']}, after "
+             f"{clocks['warmup_s']:.1f}s of warm-up{clock}) | weights "
              f"{summary['weights_gib']:.3g} GiB | {settings['repeats']} repeat(s)")
     notes = [("TFLOP/s: FLOPs from the config (engine.models.wan.flops.transformer_flops: 2 x every matmul multiply-add, "
               "elementwise ops not counted) / median s; MFU = TFLOP/s / measured matmul peak"),
              "attention: the diffusers backend asked for -> the attention ops seen in a profiled forward"]
-    headers = ["size", "tokens", "attention backend", "s/forward", "TFLOP/s", "MFU", "peak GiB", "attention ops"]
-    return common.format_table(headers, rows, title=title, notes=notes, align="lrlrrrrl")
+    headers = ["size", "tokens", "attention backend", "s/forward", "TFLOP/s", "MFU", "peak GiB", "attention ops",
+               "compiled"]
+    return common.format_table(headers, rows, title=title, notes=notes, align="lrlrrrrll")

@@ -189,6 +189,30 @@ def test_gpu_bench_arithmetic_in_cpu_test_mode(relay, tmp_path):
     assert refused["backend"] == "_native_flash" and refused["error"] == "CUDA only"
 
 
+def test_gpu_bench_warms_the_peak_up_and_times_rounds(relay, tmp_path):
+    target = tmp_path / "gpu.json"
+    result = relay("bench", "gpu", "--device", "cpu", "--config", "tiny", "--dtype", "fp32", "--smoke",
+                   "--attention", "native", "--rounds", "1", "--json", target)
+    assert result.code == 0, result.err
+    peak = json.loads(target.read_text())["summary"]["matmul_peak"]
+    assert peak["warmup_s"] >= 0.2 and len(peak["rounds_tflops"]) == 3
+    assert peak["tflops"] == max(peak["rounds_tflops"])
+    assert "of warm-up" in result.out
+
+
+@pytest.mark.slow  # torch.compile on the CPU: ~30 s
+def test_gpu_bench_compile_reports_speedup_and_output_difference(relay, tmp_path):
+    target = tmp_path / "gpu.json"
+    result = relay("bench", "gpu", "--device", "cpu", "--config", "tiny", "--dtype", "fp32", "--smoke",
+                   "--attention", "native", "--rounds", "2", "--compile", "--json", target)
+    assert result.code == 0, result.err
+    eager, compiled = json.loads(target.read_text())["summary"]["rows"]
+    assert not eager["compiled"] and compiled["compiled"]
+    assert compiled["speedup"] == pytest.approx(eager["median_s"] / compiled["median_s"])
+    assert 0 <= compiled["max_abs_diff"] < 1e-4 * max(compiled["reference_max_abs"], 1.0)
+    assert "x eager, max |diff|" in result.out
+
+
 def test_gpu_bench_flops_of_the_a14b_expert():
     """~6.5 PFLOP per 720p forward (S = 75,600) as in the design notes; 14.3B parameters."""
     from relay.bench.gpu import A14B, build_model, flops_per_forward, utilisation
