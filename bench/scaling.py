@@ -21,6 +21,7 @@ purpose (it models 14B experts), so expect *planned* to be far below *measured* 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 from relay.bench import common
@@ -65,14 +66,14 @@ def _sizes(args, device) -> list[int]:
     return sizes
 
 
-def _cpu_spec(threads: int):
-    """A pseudo-GPU for this CPU at ``threads`` threads: measured fp32 matmul and copy rates."""
+@functools.cache
+def _core_rates() -> tuple[float, float]:
+    """One core's fp32 matmul TFLOP/s and copy GB/s, measured once per run (measuring again for
+    every size let the machine's noise reorder the sizes' prices)."""
     import torch
 
-    from relay.parallel.cost import GpuSpec
-
     saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
         a, b = torch.randn(512, 512), torch.randn(512, 512)
         a @ b
@@ -88,6 +89,16 @@ def _cpu_spec(threads: int):
         bandwidth = 2 * x.numel() * 4 * 10 / (time.perf_counter() - start) / 1e9
     finally:
         torch.set_num_threads(saved)
+    return tflops, bandwidth
+
+
+def _cpu_spec(threads: int):
+    """A pseudo-GPU for this CPU at ``threads`` threads per rank: one core's measured rates
+    times the threads."""
+    from relay.parallel.cost import GpuSpec
+
+    core_tflops, core_bandwidth = _core_rates()
+    tflops, bandwidth = core_tflops * threads, core_bandwidth * threads
     return GpuSpec(name="cpu", aliases=(), description=f"{common.cpu_name()}, {threads} thread(s) per rank",
                    architecture="cpu", bf16_tflops=tflops, tf32_tflops=tflops, memory_gb=64,
                    memory_bandwidth_gbs=bandwidth, nvlink_gbs=0, nvlink_domain=1, pcie_gbs=2.0, p2p=True,

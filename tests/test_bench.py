@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 import types
@@ -151,10 +152,14 @@ def test_scaling_smoke(relay, tiny_models, tmp_path):
         # A video takes at least its denoise steps; a step is not faster than 1/N of one device's.
         assert entry["video_s"] >= steps * entry["measured_step_s"] * 0.9
         assert 0 < entry["measured_speedup"] <= int(size) * 1.25
-    # The planner predicts a lower step time with two devices (the work is split), but not a
-    # better than linear one.
+    # On a CPU the ranks split this machine's cores (one core's measured rates times a rank's
+    # threads): two ranks each do half the work at half the rate, so the planner predicts no
+    # gain, only the cost of their communication -- never a better than linear speed-up.
     one, two = doc["summary"]["1"]["planned_step_s"], doc["summary"]["2"]["planned_step_s"]
-    assert one / 2 <= two < one
+    cores = os.cpu_count() or 1
+    if cores // 2 * 2 == cores:  # the cores divide evenly: equal compute, plus communication
+        assert one <= two
+    assert one / 2 <= two
     # scaled(2) is measured(1) x planned(2)/planned(1), not a copy of measured(2).
     assert doc["summary"]["2"]["scaled_step_s"] == pytest.approx(doc["summary"]["1"]["measured_step_s"] * two / one)
 
@@ -272,3 +277,14 @@ def test_gpu_bench_on_cuda(relay, tmp_path):
     row = doc["summary"]["rows"][0]
     assert row["size"] == "480p" and row["tokens"] == 32_760 and 0 < row["mfu"] < 1.5
     assert row["peak_gib"] > doc["summary"]["weights_gib"] > 25
+
+
+def test_the_device_checks_skip_every_check_without_a_gpu(tmp_path):
+    """The device check's Python half runs here as a dry run: every check is named and skipped."""
+    out = tmp_path / "checks.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "device" / "checks.py"), "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"kernels", "kernels_at_sp_shapes", "parity", "nccl_world1"}
+    assert {r["status"] for r in doc.values()} == {"skip"}
