@@ -39,6 +39,9 @@ class LoadedModel:
             otherwise. Any of them may be absent when a stage loads only the expert it runs.
         offload: When true, the text encoder and the experts live on the CPU and only the one
             in use is on ``device`` (one 14B expert at a time: ~28 GB instead of ~67 GB in bf16).
+            Their host copies stay (pinned on CUDA): a module arrives with asynchronous copies
+            from pinned memory and leaves by dropping its device copy -- frozen weights are never
+            copied back.
     """
 
     info: ModelInfo
@@ -50,6 +53,13 @@ class LoadedModel:
     experts: dict[str, torch.nn.Module] = field(default_factory=dict)
     offload: bool = False
     _resident: str | None = field(default=None, repr=False)  # what offload last put on the device
+    _host: dict = field(default_factory=dict, repr=False)  # name -> {tensor: its host copy}
+
+    def __post_init__(self) -> None:
+        if self.offload:  # host copies (pinned on CUDA) once, at load, not at the first switch
+            for name, module in [*self.experts.items(), ("text_encoder", self.text_encoder)]:
+                if module is not None:
+                    self._host_copies(name, module)
 
     @property
     def spec(self):
@@ -68,20 +78,47 @@ class LoadedModel:
             return module  # moves happen only when the resident module changes, not every step
         for other_name, other in self.experts.items():
             if other_name != name:
-                other.to("cpu")
+                self._leave(other_name, other)
         if self.text_encoder is not None:
-            self.text_encoder.to("cpu")
+            self._leave("text_encoder", self.text_encoder)
         self._resident = name
-        return module.to(self.device)
+        return self._arrive(name, module)
 
     def encoder_on_device(self) -> torch.nn.Module:
         """The text encoder on the run device; with offload, the experts leave it first."""
         if self.offload and self._resident != "text_encoder":
-            for module in self.experts.values():
-                module.to("cpu")
-            self.text_encoder.to(self.device)
+            for name, module in self.experts.items():
+                self._leave(name, module)
+            self._arrive("text_encoder", self.text_encoder)
             self._resident = "text_encoder"
         return self.text_encoder
+
+    def _tensors(self, module: torch.nn.Module):
+        yield from module.parameters()
+        yield from module.buffers()
+
+    def _host_copies(self, name: str, module: torch.nn.Module) -> dict:
+        """``{tensor: host copy}`` of ``module`` (made once; pinned when the device is CUDA, so
+        that copies to it are asynchronous)."""
+        if name not in self._host:
+            pin = self.device.type == "cuda"
+            self._host[name] = {t: (t.data.pin_memory() if pin and not t.data.is_pinned() else t.data)
+                                for t in self._tensors(module)}
+            for tensor, host in self._host[name].items():
+                tensor.data = host
+        return self._host[name]
+
+    def _arrive(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        """Puts ``module`` on the run device: asynchronous copies from its (pinned) host copy."""
+        for tensor, host in self._host_copies(name, module).items():
+            tensor.data = host.to(self.device, non_blocking=True)
+        return module
+
+    def _leave(self, name: str, module: torch.nn.Module) -> None:
+        """Takes ``module`` off the run device: its tensors point at their host copies again and
+        the device copies are freed (frozen weights: nothing to copy back)."""
+        for tensor, host in self._host_copies(name, module).items():
+            tensor.data = host
 
 
 class DeviceExperts(Mapping):

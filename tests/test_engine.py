@@ -58,21 +58,26 @@ def test_stage_loads_only_its_expert_and_refuses_the_other(tiny_models, engine):
 def test_offload_moves_only_the_expert_in_use_to_the_device(tiny_models, engine):
     """With offload the result is unchanged; at every step the step's expert is the one resident
     on the run device, and the switch moves the other expert off it (both moves are recorded:
-    on a CPU both ends are the CPU, so the moves themselves are what the test can see)."""
+    on a CPU both ends are the CPU, so the moves themselves are what the test can see). A module
+    that leaves points at its host copies again: nothing is copied back."""
     from relay.engine import Engine, GenerationRequest, load_model
 
     offloaded = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu", offload=True))
     model = offloaded.model
+    hosts = {name: {id(t): host for t, host in copies.items()} for name, copies in model._host.items()}
     moves = []
-    for name, module in [*model.experts.items(), ("text_encoder", model.text_encoder)]:
-        original = module.to
+    arrive, leave = model._arrive, model._leave
 
-        def spy(*args, _name=name, _original=original, **kwargs):
-            target = args[0] if args else kwargs.get("device")
-            moves.append((_name, "run device" if target == model.device and not isinstance(target, str) else "home"))
-            return _original(*args, **kwargs)
+    def arriving(name, module):
+        moves.append((name, "run device"))
+        return arrive(name, module)
 
-        module.to = spy
+    def leaving(name, module):
+        moves.append((name, "home"))
+        leave(name, module)
+        assert all(t.data_ptr() == hosts[name][id(t)].data_ptr() for t in module.parameters())  # its host copy
+
+    model._arrive, model._leave = arriving, leaving
     resident = []
     request = GenerationRequest(prompt="a fox", **SETTINGS)
     frames = offloaded.generate(request, callback=lambda event: resident.append((event.expert, model._resident)))
