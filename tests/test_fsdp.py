@@ -379,3 +379,51 @@ def _worker(job: dict) -> None:
 
 if __name__ == "__main__":
     _worker(json.loads(sys.argv[1]))
+
+
+def _vmhwm(pid: int) -> int:
+    """A process's peak resident set (bytes)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_sharded_rank_peaks_at_its_shard_not_at_whole_experts(tiny_models, tmp_path):
+    """Measured: two 137 MB experts saved in 16 MB safetensors files, loaded by a 2-rank FSDP
+    group on the CPU. Each rank's peak resident memory grows by its shard (~137 MB: half of
+    each expert) over the same group loading the tiny model -- not by the 274 MB of whole
+    experts a load-then-shard would cost."""
+    import shutil
+
+    from relay.engine.model_info import read_model_info
+    from relay.engine.models.wan.tiny import TinySpec, _transformer
+    from relay.launch.executor import Executor
+    from relay.launch.placement import plan_groups
+    from relay.launch.worker import WorkerSpec
+    from relay.parallel.layout import ParallelLayout
+
+    big = tmp_path / "big"
+    shutil.copytree(tiny_models["t2v"], big)
+    whole = 0
+    for sub in ("transformer", "transformer_2"):
+        shutil.rmtree(big / sub)
+        expert = _transformer(TinySpec(attention_head_dim=128, ffn_dim=2048, num_layers=8), 16, 16)
+        expert.save_pretrained(big / sub, max_shard_size="16MB")
+        whole += sum(p.numel() * p.element_size() for p in expert.parameters())
+        del expert
+    layout = ParallelLayout(ulysses_degree=2, fsdp_degree=2)
+    peaks, shares = {}, {}
+    for name, folder in (("tiny", tiny_models["t2v"]), ("big", big)):
+        info = read_model_info(folder)
+        spec = WorkerSpec(model=str(folder), layout=layout, dtype="fp32", device_type="cpu", timeout_s=300.0)
+        with Executor(plan_groups(info, None, layout=layout), spec, backend="mp", build_timeout_s=300) as executor:
+            group = executor.groups[0]
+            peaks[name] = [_vmhwm(pid) for pid in group.pids]
+            shares[name] = [sum(s.values()) for s in group.call("parameter_bytes", timeout_s=60)]
+    for rank in range(2):
+        growth = peaks["big"][rank] - peaks["tiny"][rank]
+        shard = shares["big"][rank]
+        assert abs(shard - whole / 2) < 0.02 * whole
+        assert growth < 1.15 * shard + 16 * 2**20, (rank, growth / 2**20, shard / 2**20)
+        assert growth < 0.7 * whole, (rank, growth / 2**20, whole / 2**20)

@@ -1,0 +1,1 @@
+"""The device check of the CUDA path (see README.md in this folder)."""
