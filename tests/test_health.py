@@ -211,3 +211,24 @@ def test_a_slow_loading_rank_is_waited_for_under_the_load_timeout_not_the_step_t
     with build() as executor:
         ticket, _ = _submit(executor, t2v)
         assert ticket.result(timeout=300).shape == (5, 32, 32, 3)
+
+
+def test_out_of_memory_on_a_ray_group_fails_at_once_and_rebuilds_it_once(t2v):
+    """The same on Ray actors: the actor's OutOfMemory reaches the driver through Ray's task
+    error, the request fails fast without a retry, the 2-rank group is rebuilt once."""
+    from relay.launch.ray_group import connect, shutdown
+
+    started = connect(num_cpus=16)
+    try:
+        with _executor(t2v, "ray") as executor:
+            group = executor.groups[0]
+            _fails_fast_with_the_message(executor, t2v, rank=1, layout_words="ulysses=2")
+            deadline = time.monotonic() + 120
+            while not any(e.kind == "restart" for e in executor.scheduler.trace) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert executor.scheduler.restarts[group.name] == 1
+            ticket, _ = _submit(executor, t2v)
+            assert ticket.result(timeout=300).shape == (5, 32, 32, 3) and ticket.attempts == 0
+    finally:
+        if started:
+            shutdown()
