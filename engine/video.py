@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import ctypes.util
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +28,8 @@ BT709 = 1
 
 
 def encode_mp4(frames: np.ndarray, *, fps: int, crf: int = 16) -> bytes:
-    """Encodes frames as H.264 / yuv420p mp4 at ``fps``: deterministic bytes for the same frames
-    on any machine, tagged BT.709 (limited range), ``moov`` first (``+faststart``: a browser
+    """Encodes frames as H.264 / yuv420p mp4 at ``fps``: the same bytes for the same frames, run
+    after run and thread after thread, tagged BT.709 (limited range), ``moov`` first (``+faststart``: a browser
     plays it while it downloads).
 
     Uses PyAV (FFmpeg linked in-process), so a threaded server never forks an encoder process.
@@ -32,18 +37,24 @@ def encode_mp4(frames: np.ndarray, *, fps: int, crf: int = 16) -> bytes:
     encoder's implicit default (BT.601, threaded); every frame carries its timestamp (frame
     ``i`` at ``i / fps``).
 
-    Known limit: the bytes are the same from process to process, but within one process x264
-    can choose differently while other threads of that process are busy (other encodes, a
-    model running) -- a few packets differ in size; found, not yet explained (padding and
-    thread counts ruled out).
+    The encoder libraries read memory they allocated but never wrote (glibc's ``MALLOC_PERTURB_``
+    makes the bytes identical): whatever a previous allocation left there changed x264's choices
+    whenever other threads of the process were busy (other encodes, a model running), so the
+    same frames gave different bytes within one process (the report saw decoded pixels up to
+    12/255 apart; here 3-4 different files of 16 encoded four at a time).
+    While an encode runs, new allocations are filled with a fixed byte (:func:`_filled_allocations`).
     """
+    with _filled_allocations():
+        return _encode(to_uint8(frames), fps=fps, crf=crf)
+
+
+def _encode(pixels: np.ndarray, *, fps: int, crf: int) -> bytes:
     import tempfile
     from fractions import Fraction
 
     import av
     from av.video.reformatter import ColorRange, Colorspace, Interpolation
 
-    pixels = to_uint8(frames)
     _, height, width, _ = pixels.shape
     exact = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
     # The faststart pass re-reads the file, which an in-memory buffer does not allow.
@@ -67,6 +78,47 @@ def encode_mp4(frames: np.ndarray, *, fps: int, crf: int = 16) -> bytes:
             for packet in stream.encode():
                 container.mux(packet)
         return path.read_bytes()
+
+
+#: glibc's mallopt parameter that fills every allocation with a byte (``MALLOC_PERTURB_``).
+_M_PERTURB = -6
+_PERTURB_BYTE = 0x5A
+_perturb_lock = threading.Lock()
+_perturb_users = 0
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "mallopt") else None
+
+
+@contextlib.contextmanager
+def _filled_allocations():
+    """While any encode runs, glibc fills new (and freed) heap blocks with a fixed byte, so the
+    memory the encoder reads before writing holds the same bytes every time. Other threads'
+    allocations in that window are filled too (a memset each: the window is one encode). A libc
+    without ``mallopt`` (not glibc) is left alone."""
+    global _perturb_users
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    with _perturb_lock:
+        _perturb_users += 1
+        if _perturb_users == 1:
+            libc.mallopt(_M_PERTURB, _PERTURB_BYTE)
+    try:
+        yield
+    finally:
+        with _perturb_lock:
+            _perturb_users -= 1
+            if _perturb_users == 0:
+                libc.mallopt(_M_PERTURB, 0)
 
 
 def write_mp4(frames: np.ndarray, path: str | os.PathLike, *, fps: int) -> None:
