@@ -13,7 +13,8 @@ documented in the README:
 * ``decode``: ``group`` and ``ranks`` (ranks that took part in the VAE decode);
 * ``memory.<group>``: per rank ``rank``, ``device``, ``peak_bytes`` and ``measure``
   (``cuda_max_allocated`` on a GPU, ``host_peak_rss`` on a CPU) since the group's previous request;
-* ``layout``: ``executor`` and the ``groups`` (name, roles, ranks, layout);
+* ``layout``: ``executor`` and the ``groups`` (name, roles, ranks, layout, backend, attention
+  kernel);
 * ``retries``: group failures the request survived.
 """
 

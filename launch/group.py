@@ -63,9 +63,30 @@ class CallGroup:
         return self.spec.layout.world_size
 
     def describe(self) -> dict:
-        """``{"name", "roles", "ranks", "layout", "backend"}`` for logs and run stats."""
+        """``{"name", "roles", "ranks", "layout", "backend", "attention"}`` for logs and run
+        stats; ``attention`` is the sequence-parallel kernel the ranks choose
+        (:func:`parallel.kernels.select` for the group's device, dtype and head size), or
+        ``"sdpa"`` (the library's own attention) when the group does not split the sequence."""
         return {"name": self.name, "roles": list(self.roles), "ranks": self.size,
-                "layout": self.spec.layout.spec(), "backend": self.backend}
+                "layout": self.spec.layout.spec(), "backend": self.backend, "attention": self.attention_kernel()}
+
+    def attention_kernel(self) -> str:
+        """The attention kernel this group's ranks run (see :meth:`describe`)."""
+        if self.spec.layout.sp_degree == 1:
+            return "sdpa"
+        import torch
+
+        from relay.engine.loader import DTYPES, default_dtype
+        from relay.engine.model_info import read_model_info
+        from relay.parallel import kernels
+
+        device = torch.device(self.spec.device_type)
+        dtype = DTYPES[self.spec.dtype or default_dtype(device)]
+        head_dim = (read_model_info(self.spec.model).transformer_config or {}).get("attention_head_dim")
+        try:
+            return kernels.select(device.type, dtype, head_dim).name
+        except ValueError as exc:  # a RELAY_ATTENTION the ranks will refuse too
+            return f"none: {exc}"
 
     # --- what a backend provides -----------------------------------------------------------
     def _build(self) -> None:

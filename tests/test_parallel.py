@@ -113,6 +113,7 @@ def test_group_output_equals_single_process(case, tiny_models, engines, png_byte
     ours, stats, pids, shares = _run_on_processes(tiny_models[kind], resolved, layout, **extra)
     assert len(set(pids)) == layout.world_size  # one process per rank
     assert [m["rank"] for m in stats["memory"]["fused0"]] == list(range(layout.world_size))
+    assert stats["layout"]["groups"][0]["attention"] == ("cpu-flash" if layout.sp_degree > 1 else "sdpa")
     assert ours.shape == reference.shape
     np.testing.assert_allclose(ours, reference, atol=TOLERANCE, rtol=0)
     if layout.fsdp_degree > 1:  # each rank holds about 1/fsdp of every expert
