@@ -444,8 +444,7 @@ class StageScheduler:
                     f"(last: {exc}); giving up after {self.config.max_request_retries} retries"))
                 self._lock.notify_all()
             return
-        self._requeue(ticket)
-        self._fail_stranded()
+        self._requeue(ticket)  # a retired group's other requests were failed by _rebuild
 
     def _rebuild(self, group: WorkerGroup, ticket: Ticket | None) -> bool:
         """Tears ``group`` down and builds it again, or retires it after ``max_group_restarts``
