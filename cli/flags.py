@@ -38,8 +38,8 @@ def say(quiet: bool, text: str) -> None:
 
 
 # --- flag groups ---------------------------------------------------------------------------------
-def generation_flags(parser: argparse.ArgumentParser) -> None:
-    """The request's settings (``relay generate`` and ``relay submit``)."""
+def generation_flags(parser: argparse.ArgumentParser, *, submit: bool = False) -> None:
+    """The request's settings (``relay generate`` and, with ``submit``, ``relay submit``)."""
     g = parser.add_argument_group("generation settings (unset: the model folder's, then the Wan 2.2 "
                                   "reference value; relay generate prints each setting's source)")
     g.add_argument("--prompt", required=True, help="what the video shows (at most 512 tokens)")
@@ -60,6 +60,45 @@ def generation_flags(parser: argparse.ArgumentParser) -> None:
                         "(MoE models; default: the folder's model_index.json)")
     g.add_argument("--fps", type=int, help="frames per second of the mp4 (16 for A14B, 24 for TI2V-5B)")
     g.add_argument("--image", help="first frame for image-to-video (PNG/JPEG/WebP)")
+    g.add_argument("--solver", choices=("unipc", "euler"),
+                   help="unipc (the folder's UniPC multistep) or euler (flow-match Euler, for distilled LoRAs)")
+    g.add_argument("--timesteps", metavar="T1,T2,...",
+                   help="explicit schedule before the flow shift, e.g. 1000,750,500,250 (needs --solver euler; "
+                        "--steps defaults to its length)")
+    g.add_argument("--preset", metavar="NAME",
+                   help="a named recipe; lightning: the 4-step Wan 2.2 Lightning distill schedule (euler, "
+                        "1000,750,500,250, shift 5, guidance 1); flags given win")
+    where = "a file in the server's --lora-dir" if submit else "a .safetensors file"
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help=f"LoRA for every expert ({where}; scale default 1.0); repeat to stack")
+    g.add_argument("--lora-high", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA for the high-noise expert only (MoE models); repeatable")
+    g.add_argument("--lora-low", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA for the low-noise expert only (MoE models); repeatable")
+
+
+def lora_refs(args) -> tuple:
+    """The ``--lora`` / ``--lora-high`` / ``--lora-low`` flags as :class:`engine.lora.LoraRef`s
+    (every expert's first, then the high-noise, then the low-noise expert's)."""
+    from relay.engine.lora import parse_lora_flag
+
+    return (tuple(parse_lora_flag(text) for text in args.lora)
+            + tuple(parse_lora_flag(text, expert="high_noise") for text in args.lora_high)
+            + tuple(parse_lora_flag(text, expert="low_noise") for text in args.lora_low))
+
+
+def parse_timesteps(text: str | None) -> tuple[float, ...] | None:
+    """``--timesteps`` as numbers (checked further by the model's rules).
+
+    Raises:
+        ValidationError: (field ``timesteps``) a value that is not a number.
+    """
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValidationError("timesteps", f"must be comma-separated numbers, got {text!r}") from None
 
 
 def runtime_flags(parser: argparse.ArgumentParser, *, output: bool = True, model: bool = True) -> None:

@@ -30,6 +30,8 @@ from relay.cli.flags import (
     fail,
     flag,
     layout_from_args,
+    lora_refs,
+    parse_timesteps,
     placement_from_args,
     read_image,
     refuse,
@@ -132,9 +134,12 @@ def generate(args: argparse.Namespace) -> int:
             prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
             width=args.width, frames=args.frames, steps=args.steps, seed=args.seed,
             guidance=args.guidance, guidance_low=args.guidance_low, shift=args.shift,
-            boundary=args.boundary, fps=args.fps, image=read_image(args.image),
+            boundary=args.boundary, fps=args.fps, image=read_image(args.image), solver=args.solver,
+            timesteps=parse_timesteps(args.timesteps), preset=args.preset, loras=lora_refs(args),
         )
-        resolved = resolve_request(request, info)  # every field, before any library is imported
+        # Every field, before any library is imported (LoRA files, when given, are read and
+        # checked against the experts' configs on the meta device here).
+        resolved = resolve_request(request, info)
         checkpoints = checkpoint_steps(args.checkpoint_at, args.checkpoint_dir, resolved.steps)
         layout = layout_from_args(args, info, needs_uncond=_needs_uncond(resolved))
         check_placement_flags(args, info, layout)
@@ -265,7 +270,8 @@ def _model_facts(info) -> dict:
     return {"path": str(info.path), "family": info.family, "kind": info.kind}
 
 
-_SHOWN = ("width", "height", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "boundary", "fps")
+_SHOWN = ("width", "height", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "boundary", "fps",
+          "solver", "timesteps")
 
 
 def _show_settings(quiet: bool, info, resolved) -> None:
@@ -278,7 +284,11 @@ def _show_settings(quiet: bool, info, resolved) -> None:
         if value is None:
             continue
         source = resolved.sources.get(name, "")
+        if name == "timesteps":
+            value = ",".join(f"{t:g}" for t in value)
         lines.append(f"  {name:<13} {value!s:<10} {flag(name) if source == 'request' else source}")
+    for lora in resolved.loras:
+        lines.append(f"  lora          {lora.name} x{lora.scale:g} on {', '.join(lora.experts)} ({lora.format} layout)")
     say(quiet, "settings (source):\n" + "\n".join(lines))
 
 

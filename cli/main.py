@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=50051, help="listen port; 0 picks a free one")
     srv.add_argument("--port-file", help="write the bound port here once listening")
     srv.add_argument("--max-queue", type=int, default=8, help="jobs that may wait behind the running ones")
+    srv.add_argument("--lora-dir", metavar="DIR",
+                     help="LoRA files requests may name (by file name inside DIR); ListModels lists them")
     srv.add_argument("--heartbeat", type=float, default=5.0, help="seconds between queued heartbeats")
     srv.add_argument("--grace", type=float, default=60.0, help="seconds in-flight jobs get on SIGTERM")
     srv.add_argument("--token", help="require bearer tokens: comma-separated, or @FILE (one per line)")
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub_ = sub.add_parser("submit", help="submit a generation to a relay server and stream it",
                           description="Submit a generation to `relay serve`, show streamed progress, "
                                       "save the video. Bad input exits 2 with the server's message.")
-    generation_flags(sub_)
+    generation_flags(sub_, submit=True)
     sub_.add_argument("--server", default="127.0.0.1:50051", help="host:port of relay serve")
     sub_.add_argument("--model", default="", help="served model name (default: the server's default)")
     sub_.add_argument("--output", required=True, help=".mp4 or .npy (the raw frames, as relay generate)")

@@ -27,13 +27,16 @@ from relay.cli.flags import (
     check_executor,
     check_placement_flags,
     layout_from_args,
+    lora_refs,
     model_info,
     parse_device,
+    parse_timesteps,
     placement_from_args,
     refuse,
     resolve_device_type,
     scheduler_config,
 )
+from relay.engine.errors import ValidationError
 from relay.engine.request import GenerationRequest, resolve_request
 
 
@@ -49,11 +52,12 @@ class ServeRun:
     plans: dict
     spec: object
     scheduler: object
+    lora_dir: str | None = None
 
 
 def serve(args: argparse.Namespace) -> int:
     """``relay serve``: every flag checked, then the models on the chosen executor, served."""
-    from relay.engine.errors import ModelError, ValidationError
+    from relay.engine.errors import ModelError
     from relay.serve.server import ServerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -68,6 +72,7 @@ def serve(args: argparse.Namespace) -> int:
                               tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                               reflection=args.reflection, grace_s=args.grace)
         scheduler = scheduler_config(args, max_queue=args.max_queue + 1)
+        lora_dir = _lora_dir(args.lora_dir)
         models = args.model or [None]
         if args.executor == "torchrun" and len(models) > 1:
             raise ValidationError("executor", "torchrun serves one model (one group); use local or ray for more")
@@ -93,7 +98,7 @@ def serve(args: argparse.Namespace) -> int:
                       text_encoder=args.text_encoder, offload=args.offload)
     run = ServeRun(models=[str(info.path) for info in infos], config=config, max_queue=args.max_queue,
                    heartbeat_s=args.heartbeat, port_file=args.port_file, plans=plans, spec=spec,
-                   scheduler=scheduler)
+                   scheduler=scheduler, lora_dir=lora_dir)
     if args.executor == "torchrun":
         from relay.cli.generate import run_under_torchrun
 
@@ -110,6 +115,18 @@ def serve(args: argparse.Namespace) -> int:
                         ray_address=args.ray_address, ray_strategy=args.ray_strategy, device_offset=device_index)
 
     return _serve(run, build)
+
+
+def _lora_dir(path: str | None) -> str | None:
+    """``--lora-dir`` as an absolute path of a readable directory."""
+    if path is None:
+        return None
+    from relay.engine.errors import ValidationError
+
+    target = Path(path).resolve()
+    if not target.is_dir() or not os.access(target, os.R_OK | os.X_OK):
+        raise ValidationError("lora_dir", f"{path} is not a readable directory")
+    return str(target)
 
 
 def serve_driver(executor, run: ServeRun) -> int:
@@ -136,7 +153,7 @@ def _serve(run: ServeRun, build, *, close_executors: bool = True) -> int:
 
     try:
         asyncio.run(serve_app(run.models, config=run.config, max_queue=run.max_queue, heartbeat_s=run.heartbeat_s,
-                              port_file=run.port_file, runner_factory=factory))
+                              port_file=run.port_file, runner_factory=factory, lora_dir=run.lora_dir))
     except ModelError as exc:
         return refuse("serve", exc)
     except GroupFailure as exc:  # a group (or Ray itself) could not be built
@@ -199,6 +216,14 @@ def _request(args) -> "object":
             setattr(message, name, value)
     if args.image:
         message.image = Path(args.image).read_bytes()
+    for name in ("solver", "preset"):
+        if getattr(args, name):
+            setattr(message, name, getattr(args, name))
+    message.timesteps.extend(parse_timesteps(args.timesteps) or ())
+    for ref in lora_refs(args):  # names in the server's --lora-dir; the server checks them
+        lora = message.loras.add(name=ref.path, scale=ref.scale)
+        if ref.expert:
+            lora.expert = ref.expert
     return message
 
 
@@ -216,6 +241,8 @@ def submit(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"relay submit: error: --image: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
+    except ValidationError as exc:
+        return refuse("submit", exc)
     previews = Path(args.preview_dir) if args.preview_dir else None
     progress = _StreamProgress(enabled=not args.quiet, previews=previews)
     with RelayClient(args.server, token=args.token, ca_file=args.tls_ca, cert_file=args.tls_cert,

@@ -84,6 +84,16 @@ class LoadedModel:
         self._resident = name
         return self._arrive(name, module)
 
+    def park(self, name: str) -> None:
+        """With offload: takes module ``name`` off the run device, so that its host copy is
+        what it holds (the LoRA fuse changes that copy; the next arrival brings it)."""
+        module = self.experts.get(name) if name != "text_encoder" else self.text_encoder
+        if not self.offload or module is None:
+            return
+        self._leave(name, module)
+        if self._resident == name:
+            self._resident = None
+
     def encoder_on_device(self) -> torch.nn.Module:
         """The text encoder on the run device; with offload, the experts leave it first."""
         if self.offload and self._resident != "text_encoder":

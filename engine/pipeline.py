@@ -30,6 +30,9 @@ class Engine:
         self.spec = model.spec
         self.device = model.device
         self.family = self.spec.pipeline(model)
+        self._adapters = None
+        #: What the last :meth:`start` did to the experts' LoRAs (:class:`engine.lora.FuseReport`).
+        self.lora_reports: list = []
 
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
         """Validates ``request`` (prompt length included) and fills its defaults."""
@@ -38,11 +41,13 @@ class Engine:
     @torch.no_grad()
     def prepare(self, request: ResolvedRequest) -> DenoiseState:
         """Encodes the conditioning and draws the initial noise: the state before step 0."""
-        scheduler = self.spec.build_scheduler(self.info, request.shift)
-        scheduler.set_timesteps(request.steps, device=self.device)
-        scheduler.set_begin_index(0)
-        timesteps = [int(t) for t in scheduler.timesteps.cpu().tolist()]
-        experts = self.spec.expert_schedule(self.info, request.steps, request.shift, request.boundary)
+        from relay.engine.solvers import set_schedule
+
+        scheduler = self.spec.build_scheduler(self.info, request.shift, request.solver)
+        set_schedule(scheduler, request.steps, request.timesteps, device=self.device)
+        timesteps = [float(t) for t in scheduler.timesteps.cpu().tolist()]
+        experts = self.spec.expert_schedule(self.info, request.steps, request.shift, request.boundary,
+                                            solver=request.solver, timesteps=request.timesteps)
         needs_uncond = request.guidance > 1.0 or (request.guidance_low or 0.0) > 1.0
         cond, latents, generator = self.family.encode(request, needs_uncond=needs_uncond)
         return DenoiseState(
@@ -52,12 +57,30 @@ class Engine:
         )
 
     def start(self, state: DenoiseState, *, predict: Callable | None = None) -> DenoiseRun:
-        """A :class:`DenoiseRun` that continues ``state`` on this engine's experts."""
+        """A :class:`DenoiseRun` that continues ``state`` on this engine's experts, with the
+        request's LoRAs fused into them (:meth:`apply_loras`)."""
+        self.apply_loras(state.request.get("loras") or ())
         return DenoiseRun(
             state, experts=DeviceExperts(self.model),
-            scheduler=self.spec.build_scheduler(self.info, float(state.request["shift"])),
+            scheduler=self.spec.build_scheduler(self.info, float(state.request["shift"]),
+                                                state.request.get("solver")),
             device=self.device, inputs=self.family.step_inputs, predict=predict,
         )
+
+    def apply_loras(self, loras) -> list:
+        """Makes each held expert's weights base + its share of ``loras`` (resolved
+        :class:`~engine.lora.LoraChoice` entries or their dicts; ``()`` = the base weights).
+        Nothing happens for an expert whose set is already fused; an offloaded expert is parked
+        in host memory first, so that its host copy is the one that changes."""
+        from relay.engine.lora import Adapters
+
+        if self._adapters is None:
+            if not loras:
+                self.lora_reports = []
+                return []
+            self._adapters = Adapters.for_model(self.model)
+        self.lora_reports = self._adapters.ensure(loras, before=self.model.park if self.model.offload else None)
+        return self.lora_reports
 
     def decode(self, state: DenoiseState | DenoiseRun) -> np.ndarray:
         """Decodes finished latents to float32 frames ``(F, H, W, 3)`` in ``[0, 1]``."""

@@ -51,6 +51,12 @@ class GenerationRequest:
         boundary: Boundary ratio overriding the model's (MoE models only).
         fps: Frames per second of the written video.
         image: Encoded image bytes (PNG, JPEG, WebP) for image-to-video.
+        solver: ``unipc`` or ``euler`` (:mod:`engine.solvers`); default: the folder's scheduler.
+        timesteps: An explicit schedule, before the flow shift (needs ``euler``); ``steps``
+            defaults to its length.
+        preset: A named recipe of the model family that sets the fields it names (for Wan:
+            ``lightning``, the 4-step distill recipe); fields given here override it.
+        loras: LoRAs to fuse, in stacking order (:class:`engine.lora.LoraRef`).
     """
 
     prompt: str
@@ -66,6 +72,10 @@ class GenerationRequest:
     boundary: float | None = None
     fps: int | None = None
     image: bytes | None = None
+    solver: str | None = None
+    timesteps: tuple[float, ...] | None = None
+    preset: str | None = None
+    loras: tuple = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +84,9 @@ class ResolvedRequest:
 
     ``sources`` says where each setting came from: ``request`` (given), ``relay.json``, a folder
     config (``scheduler/scheduler_config.json``, ``model_index.json``), the family's reference
-    table, or ``random`` (the seed).
+    table, or ``random`` (the seed). ``solver`` is the solver's name, ``timesteps`` the explicit
+    schedule (``None``: the solver's own spacing), ``loras`` the checked
+    :class:`engine.lora.LoraChoice` entries (dicts, as shipped, are turned back into them).
     """
 
     prompt: str
@@ -90,7 +102,18 @@ class ResolvedRequest:
     boundary: float | None
     fps: int
     image: bytes | None
+    solver: str = "unipc"
+    timesteps: tuple[float, ...] | None = None
+    loras: tuple = ()
     sources: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from relay.engine.lora import LoraChoice
+
+        if self.timesteps is not None:
+            object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
+        object.__setattr__(self, "loras", tuple(
+            lora if isinstance(lora, LoraChoice) else LoraChoice.from_dict(lora) for lora in self.loras))
 
     def to_dict(self, *, with_image: bool = False) -> dict:
         """Plain dict of the settings (the image is dropped unless asked for)."""

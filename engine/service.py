@@ -100,11 +100,13 @@ class AsyncEngine:
         max_queue: Jobs that may wait behind the running ones before admission is refused.
         heartbeat_s: Interval of ``queued`` heartbeats while a job waits.
         keep_finished: How many ended jobs stay visible to :meth:`get`.
+        lora_dir: The folder requests name LoRA files in (``None``: requests take no LoRAs).
     """
 
     def __init__(self, runners: dict, *, default_model: str, max_queue: int = 8,
-                 heartbeat_s: float = 5.0, keep_finished: int = 256) -> None:
+                 heartbeat_s: float = 5.0, keep_finished: int = 256, lora_dir=None) -> None:
         self.runners = runners
+        self.lora_dir = lora_dir
         self.default_model = default_model
         self.max_queue = max_queue
         self.heartbeat_s = heartbeat_s
@@ -186,6 +188,12 @@ class AsyncEngine:
             raise ValidationError("preview_every", f"must be between 0 and 1000, got {preview_every}")
         if len(client_request_id) > 256:
             raise ValidationError("client_request_id", "is longer than 256 characters")
+        if request.loras:  # names inside the LoRA directory, before the model's rules read them
+            from dataclasses import replace
+
+            from relay.engine.lora import in_directory
+
+            request = replace(request, loras=in_directory(request.loras, self.lora_dir))
         resolved = self.runners[name].resolve(request)
         limit = self.slots + self.max_queue
         if self.active_jobs >= limit:

@@ -50,7 +50,8 @@ def segments(experts: Sequence[str]) -> list[Segment]:
 
 
 def expert_step_counts(steps: int, shift: float, boundary: float | None, *, info=None,
-                       family: str = "wan2.2") -> dict[str, int]:
+                       family: str = "wan2.2", solver: str | None = None,
+                       timesteps=None) -> dict[str, int]:
     """Steps each expert runs, from the same schedule the workers compute.
 
     Args:
@@ -60,6 +61,8 @@ def expert_step_counts(steps: int, shift: float, boundary: float | None, *, info
         info: The model folder's :class:`~engine.model_info.ModelInfo` (its own scheduler
             config); ``None`` prices a catalog model with ``family``'s reference scheduler.
         family: The model family when ``info`` is not given.
+        solver, timesteps: The request's solver and explicit schedule (``None``: the folder's
+            solver at its own spacing).
 
     Returns:
         ``{"high_noise": n, "low_noise": m}`` for MoE models, ``{"dense": steps}`` otherwise.
@@ -67,7 +70,7 @@ def expert_step_counts(steps: int, shift: float, boundary: float | None, *, info
     from relay.engine.models import get_spec
 
     spec = info.spec if info is not None else get_spec(family)
-    schedule = spec.expert_schedule(info, steps, shift, boundary)
+    schedule = spec.expert_schedule(info, steps, shift, boundary, solver=solver, timesteps=timesteps)
     names = (HIGH, LOW) if boundary is not None else (DENSE,)
     return {name: schedule.count(name) for name in names}
 
@@ -160,4 +163,5 @@ def request_experts(info, request) -> list[str]:
         info: :class:`engine.model_info.ModelInfo`.
         request: A :class:`engine.request.ResolvedRequest`.
     """
-    return info.spec.expert_schedule(info, request.steps, request.shift, request.boundary)
+    return info.spec.expert_schedule(info, request.steps, request.shift, request.boundary,
+                                     solver=request.solver, timesteps=request.timesteps)

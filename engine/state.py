@@ -46,7 +46,8 @@ class DenoiseState:
     Attributes:
         request: The resolved request settings (``ResolvedRequest.to_dict()``).
         step_index: Index of the next step to run (``0`` = nothing run yet).
-        timesteps: The scheduler's timesteps, one per step (computed once, on the CPU).
+        timesteps: The scheduler's timesteps, one per step (computed once, on the CPU; floats:
+            an explicit schedule's shifted timesteps need not be integers).
         experts: Expert name for each step, from the boundary (computed once, on the CPU).
         latents: Current latents, fp32.
         solver: Complete scheduler state, as returned by :func:`capture_solver`.
@@ -56,7 +57,7 @@ class DenoiseState:
 
     request: dict
     step_index: int
-    timesteps: list[int]
+    timesteps: list[float]
     experts: list[str]
     latents: torch.Tensor
     solver: dict

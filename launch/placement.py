@@ -161,7 +161,8 @@ def plan_groups(info, request, *, placement: str = "fused", layout: ParallelLayo
         return Placement(kind="fused", groups=groups,
                          reason=f"{replicas} replica(s) of {layout.describe()}, each running whole requests")
     # The step counts come from the model's own scheduler (diffusers is imported from here on).
-    counts = expert_step_counts(request.steps, request.shift, request.boundary, info=info)
+    counts = expert_step_counts(request.steps, request.shift, request.boundary, info=info,
+                                solver=request.solver, timesteps=request.timesteps)
     if split is not None:
         high_n, low_n = split
         reason = f"--stage-split {high_n}:{low_n} as given ({counts[HIGH]} high-noise vs {counts[LOW]} low-noise steps)"

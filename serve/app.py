@@ -19,7 +19,7 @@ def model_name(path: Path) -> str:
 
 
 async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, max_queue: int = 8,
-                heartbeat_s: float = 5.0, port_file: str | None = None) -> None:
+                heartbeat_s: float = 5.0, port_file: str | None = None, lora_dir: str | None = None) -> None:
     """Runs the server until it has drained.
 
     Health is NOT_SERVING (and Generate answers UNAVAILABLE) until every model has loaded.
@@ -28,6 +28,7 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, 
         runner_factory: ``runner_factory(info, name) -> runner`` builds each model's runner
             (called on a worker thread): an :class:`engine.scheduled.ScheduledRunner` over the
             model's executor, whose ``close()`` is called when the server stops.
+        lora_dir: The folder requests name LoRA files in (``None``: no LoRAs).
     """
     from relay.engine.model_info import read_model_info
 
@@ -37,7 +38,7 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, 
         infos[model_name(info.path)] = info
     runners: dict = {}
     engine = AsyncEngine(runners, default_model=next(iter(infos)), max_queue=max_queue,
-                         heartbeat_s=heartbeat_s)
+                         heartbeat_s=heartbeat_s, lora_dir=lora_dir)
     server = RelayServer(engine, infos, config)
     await server.start()
     server.install_signal_handlers()

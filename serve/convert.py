@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from relay.engine.lora import LoraRef
 from relay.engine.request import GenerationRequest, ResolvedRequest
 from relay.engine.service import Event, Job, JobState
 from relay.serve.gen.relay.v1 import relay_pb2 as pb
@@ -30,7 +31,10 @@ def to_request(message: pb.GenerateRequest) -> GenerationRequest:
         seed=seed, guidance=_optional(message, "guidance"),
         guidance_low=_optional(message, "guidance_low"), shift=_optional(message, "shift"),
         boundary=_optional(message, "boundary"), fps=_optional(message, "fps"),
-        image=message.image or None,
+        image=message.image or None, solver=message.solver or None,
+        timesteps=tuple(message.timesteps) or None, preset=message.preset or None,
+        loras=tuple(LoraRef(path=lora.name, scale=lora.scale if lora.HasField("scale") else 1.0,
+                            expert=lora.expert or None) for lora in message.loras),
     )
 
 
@@ -46,6 +50,9 @@ def settings(model: str, request: ResolvedRequest, fmt: str) -> pb.ResolvedSetti
         height=request.height, width=request.width, frames=request.frames, steps=request.steps,
         seed=request.seed, guidance=request.guidance, shift=request.shift, fps=request.fps,
         has_image=request.image is not None, output_format=FORMAT_ENUM.get(fmt, 0),
+        solver=request.solver, timesteps=list(request.timesteps or ()),
+        loras=[pb.Lora(name=lora.name, scale=lora.scale, expert=expert)
+               for lora in request.loras for expert in lora.experts],
     )
     if request.guidance_low is not None:
         out.guidance_low = request.guidance_low

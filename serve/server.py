@@ -101,7 +101,10 @@ class RelayServicer(pb_grpc.RelayServicer):
                            moe=info.is_moe, spatial_multiple=info.spatial_multiple,
                            temporal_stride=info.temporal_stride, defaults=convert.model_defaults(name, info))
                   for name, info in self.models.items()]
-        return pb.ListModelsResponse(models=models)
+        from relay.engine.lora import list_loras
+
+        loras = [pb.LoraFile(name=name, size=size) for name, size in list_loras(self.engine.lora_dir)]
+        return pb.ListModelsResponse(models=models, loras=loras)
 
 
 class _InternalErrors(grpc.aio.ServerInterceptor):

@@ -15,6 +15,7 @@ generic engine asks the spec, never the family's modules directly:
   and which attention modules take the sequence-parallel kernel (:class:`SequenceParallelPlan`);
 * **costs and previews**: FLOPs of a forward, tokens of a video, the planner's catalog entries,
   the published latent-to-RGB projection;
+* **adapters**: LoRA files in the layouts the family's users have, as module deltas;
 * **tests and demos**: a tiny random model written in the real folder layout.
 
 Every callable imports what it needs when called, so importing a spec costs nothing (``relay
@@ -89,8 +90,10 @@ class ModelSpec:
         resolve: ``(request, info, *, tokenizer) -> ResolvedRequest`` (the request rules; with a
             tokenizer, prompt lengths too).
         check_prompts: ``(tokenizer, resolved) -> None``: the prompt-length rule alone.
-        build_scheduler: ``(info, shift) -> scheduler`` from the folder's own scheduler config.
-        expert_schedule: ``(info, steps, shift, boundary) -> [expert per step]``; ``info`` may be
+        build_scheduler: ``(info, shift, solver=None) -> scheduler`` from the folder's own
+            scheduler config (``solver``: a name of :data:`engine.solvers.SOLVERS`).
+        expert_schedule: ``(info, steps, shift, boundary, *, solver=None, timesteps=None) ->
+            [expert per step]`` (``timesteps``: an explicit schedule); ``info`` may be
             ``None`` (the planner prices catalog models without a folder: the family's reference
             scheduler config is used).
         load: ``(info, *, dtype, device, experts, text_encoder, vae, tokenizer, offload) ->
@@ -109,6 +112,9 @@ class ModelSpec:
         catalog: JSON file of the family's published models for the planner.
         preview_projection: JSON file of a published latent-to-RGB projection, or ``None``.
         make_tiny: ``(directory, *, kind, seed) -> Path``: a tiny random model in the real layout.
+        lora_weights: ``path -> engine.lora.LoraWeights``: a LoRA file of the family in any
+            layout it reads, as module deltas in the loaded model's naming.
+        recipes: Named request recipes (``preset``): ``{name: {field: value}}``.
     """
 
     name: str
@@ -133,6 +139,8 @@ class ModelSpec:
     catalog: Path
     preview_projection: Path | None
     make_tiny: Callable
+    lora_weights: Callable
+    recipes: Mapping
 
 
 def get_spec(name: str) -> ModelSpec:

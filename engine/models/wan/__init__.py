@@ -9,7 +9,8 @@ Everything Relay knows about Wan lives in this package and is reached through :d
 * :mod:`.pipeline` -- conditioning, per-step inputs, decode; :mod:`.attention` -- the
   self-attention processor and split points for sequence parallelism;
 * :mod:`.flops` -- FLOPs and tokens; ``catalog.json`` -- the published models for the planner;
-  ``wan21_latent_rgb.json`` -- the published preview projection; :mod:`.tiny` -- tiny models.
+  ``wan21_latent_rgb.json`` -- the published preview projection; :mod:`.tiny` -- tiny models;
+* :mod:`.lora` -- LoRA files in the diffusers, original Wan / ComfyUI and kohya layouts.
 """
 
 from __future__ import annotations
@@ -57,4 +58,6 @@ SPEC = ModelSpec(
     catalog=_HERE / "catalog.json",
     preview_projection=_HERE / "wan21_latent_rgb.json",
     make_tiny=_lazy("tiny", "make_tiny"),
+    lora_weights=_lazy("lora", "lora_weights"),
+    recipes=config.RECIPES,
 )

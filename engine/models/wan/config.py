@@ -32,6 +32,18 @@ PRESETS: dict[str, Defaults] = {
                      guidance=5.0, guidance_low=None, fps=24),
 }
 
+#: Named recipes a request may ask for (``preset``): the fields each sets, where a request's own
+#: fields win. ``lightning``: the 4-step Wan 2.2 Lightning distill recipe -- flow-match Euler at
+#: the distilled timesteps 1000, 750, 500, 250 under shift 5 (1000, 937.5, 833.3, 625: the
+#: timesteps the LoRAs were trained on), guidance 1 on both experts (ModelTC/Wan2.2-Lightning and
+#: its LightX2V release notes). The experts still switch at the folder's boundary: with these
+#: timesteps T2V (0.875) and I2V (0.9) run two high-noise and two low-noise steps.
+RECIPES: dict[str, dict] = {
+    "lightning": {"solver": "euler", "steps": 4, "timesteps": (1000.0, 750.0, 500.0, 250.0),
+                  "shift": 5.0, "guidance": 1.0, "guidance_low": 1.0},
+}
+RECIPE_SOURCES = {"lightning": "preset lightning (ModelTC/Wan2.2-Lightning)"}
+
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 RELAY_JSON = "relay.json"
 

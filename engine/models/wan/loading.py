@@ -80,42 +80,37 @@ def load(info, *, dtype, device, experts=None, text_encoder: bool = True, vae: b
                        text_encoder=encoder, vae=decoder, experts=loaded, offload=offload)
 
 
-def _scheduler_class(name: str, where: str):
-    import diffusers
+def build_scheduler(info, shift: float, solver: str | None = None):
+    """The scheduler of ``solver`` (default: the folder's own, UniPC for Wan 2.2) with the flow
+    shift of the request, from the folder's own config (see :func:`engine.solvers.build_scheduler`)."""
+    from relay.engine.solvers import _scheduler_class, build_scheduler as build
 
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise ModelError(f"{where}: unknown scheduler class {name!r}")
-    return cls
-
-
-def _with_shift(cls, config: dict, shift: float):
-    key = "flow_shift" if "flow_shift" in config or cls.__name__.startswith("UniPC") else "shift"
-    return cls.from_config(config, **{key: shift})
-
-
-def build_scheduler(info, shift: float):
-    """The model's scheduler from its own config, with the flow shift of the request."""
     cls = _scheduler_class(info.scheduler_class, str(info.path))
-    return _with_shift(cls, dict(cls.load_config(info.path / "scheduler")), shift)
+    config = dict(cls.load_config(info.path / "scheduler"))
+    return build(info.scheduler_class, config, solver=solver, shift=shift,
+                 num_train_timesteps=info.num_train_timesteps, where=str(info.path))
 
 
-def expert_schedule(info, steps: int, shift: float, boundary: float | None) -> list[str]:
+def expert_schedule(info, steps: int, shift: float, boundary: float | None, *, solver: str | None = None,
+                    timesteps=None) -> list[str]:
     """The expert of each of ``steps`` steps: high-noise while ``t >= boundary x
-    num_train_timesteps`` on the model's own scheduler timesteps, then low-noise; a dense model
-    runs every step on its one transformer. ``info`` ``None``: the released scheduler config."""
+    num_train_timesteps`` on the solver's timesteps (the explicit ``timesteps`` after the shift,
+    when given), then low-noise; a dense model runs every step on its one transformer.
+    ``info`` ``None``: the released scheduler config."""
+    from relay.engine.solvers import build_scheduler as build, experts_for, set_schedule
+
     if boundary is None:
-        return [DENSE] * steps
+        return [DENSE] * (len(timesteps) if timesteps else steps)
     if info is None:
         config = dict(REFERENCE_SCHEDULER)
-        cls = _scheduler_class(config.pop("_class_name"), "the Wan 2.2 reference scheduler")
-        scheduler = _with_shift(cls, config, shift)
+        name = config.pop("_class_name")
         train = REFERENCE_SCHEDULER["num_train_timesteps"]
+        scheduler = build(name, config, solver=solver, shift=shift, num_train_timesteps=train,
+                          where="the Wan 2.2 reference scheduler")
     else:
-        scheduler, train = build_scheduler(info, shift), info.num_train_timesteps
-    scheduler.set_timesteps(steps)
-    cut = boundary * train
-    return [HIGH if int(t) >= cut else LOW for t in scheduler.timesteps.tolist()]
+        scheduler, train = build_scheduler(info, shift, solver), info.num_train_timesteps
+    set_schedule(scheduler, steps, timesteps)
+    return experts_for(scheduler.timesteps.tolist(), boundary, train, high=HIGH, low=LOW, dense=DENSE)
 
 
 def _rope(module):

@@ -29,6 +29,7 @@ from relay.engine.request import (
     check_side,
     open_image,
 )
+from relay.engine.models.wan.config import RECIPE_SOURCES, RECIPES
 from relay.engine.models.wan.text import check_prompt_tokens
 
 
@@ -52,13 +53,24 @@ def resolve(request: GenerationRequest, info, *, tokenizer=None) -> ResolvedRequ
     Raises:
         ValidationError: naming the first invalid field.
     """
+    from relay.engine.lora import resolve_loras
+    from relay.engine.solvers import SOLVERS, check_timesteps, solver_of
+
     d, default_sources = info.defaults, info.default_sources
     sources: dict[str, str] = {}
+    recipe = {}
+    if request.preset is not None:
+        if request.preset not in RECIPES:
+            raise ValidationError("preset", f"unknown preset {request.preset!r}; known: {', '.join(RECIPES)}")
+        recipe = RECIPES[request.preset]
 
     def pick(name: str, given):
         if given is not None:
             sources[name] = REQUEST
             return given
+        if name in recipe and not (name == "guidance_low" and not info.is_moe):
+            sources[name] = RECIPE_SOURCES[request.preset]
+            return recipe[name]
         sources[name] = default_sources.get(name, "default")
         return getattr(d, name)
 
@@ -87,7 +99,28 @@ def resolve(request: GenerationRequest, info, *, tokenizer=None) -> ResolvedRequ
     if (frames - 1) % info.temporal_stride:
         raise ValidationError(
             "frames", f"must be {info.temporal_stride}k+1 (e.g. {frames - (frames - 1) % info.temporal_stride}), got {frames}")
-    steps = check_int("steps", pick("steps", request.steps), 1, min(MAX_STEPS, info.num_train_timesteps))
+    folder_solver = solver_of(info.scheduler_class) or info.scheduler_class
+    solver = request.solver
+    if solver is not None:
+        if solver not in SOLVERS:
+            raise ValidationError("solver", f"must be one of {', '.join(SOLVERS)}, got {solver!r}")
+        sources["solver"] = REQUEST
+    elif "solver" in recipe:
+        solver, sources["solver"] = recipe["solver"], RECIPE_SOURCES[request.preset]
+    else:
+        solver, sources["solver"] = folder_solver, "scheduler/scheduler_config.json"
+    timesteps = request.timesteps
+    if timesteps is None and "timesteps" in recipe and request.steps is None:
+        timesteps, sources["timesteps"] = recipe["timesteps"], RECIPE_SOURCES[request.preset]
+    elif timesteps is not None:
+        sources["timesteps"] = REQUEST
+    if timesteps is not None:
+        timesteps = check_timesteps(timesteps, steps=request.steps,
+                                    solver=solver, num_train_timesteps=info.num_train_timesteps)
+        steps, sources["steps"] = len(timesteps), sources["timesteps"]
+    else:
+        steps = pick("steps", request.steps)
+    steps = check_int("steps", steps, 1, min(MAX_STEPS, info.num_train_timesteps))
     if request.seed is not None and request.seed != RANDOM_SEED:
         seed, sources["seed"] = request.seed, REQUEST
     else:
@@ -110,11 +143,15 @@ def resolve(request: GenerationRequest, info, *, tokenizer=None) -> ResolvedRequ
         guidance_low, boundary = None, None
     shift = check_float("shift", pick("shift", request.shift), *SHIFT_RANGE, low_open=True)
     fps = check_int("fps", pick("fps", request.fps), *FPS_RANGE)
+    experts = ("high_noise", "low_noise") if info.is_moe else ("dense",)
+    if isinstance(request.loras, (str, bytes)) or not isinstance(request.loras, (list, tuple)):
+        raise ValidationError("lora", f"must be a list of LoRAs, got {type(request.loras).__name__}")
+    loras = resolve_loras(request.loras, info, experts=experts)
     resolved = ResolvedRequest(
         prompt=prompt, negative_prompt=negative, height=height, width=width, frames=frames,
         steps=steps, seed=seed, guidance=guidance, guidance_low=guidance_low, shift=shift,
         boundary=boundary, fps=fps, image=bytes(request.image) if request.image is not None else None,
-        sources=sources,
+        solver=solver, timesteps=timesteps, loras=loras, sources=sources,
     )
     if tokenizer is not None:
         check_prompts(tokenizer, resolved)

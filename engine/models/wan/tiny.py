@@ -195,3 +195,89 @@ def _save(out: Path, kind: str, components: dict) -> None:
     else:
         pipe = WanPipeline(boundary_ratio=0.875, **components)
     pipe.save_pretrained(out, safe_serialization=True)
+
+
+#: Module name suffixes a tiny LoRA trains (attention projections and the feed-forward layers,
+#: as the released Wan LoRAs do).
+LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
+LORA_LAYOUTS = ("diffusers", "wan", "kohya")
+
+
+def write_lora(path: str | Path, model: str | Path, *, expert: str = "high_noise", layout: str = "diffusers",
+               rank: int = 4, alpha: float | None = None, seed: int = 0, gain: float = 0.3,
+               bias: bool = False, norm_deltas: bool = False, targets: tuple[str, ...] = LORA_TARGETS) -> Path:
+    """Writes a random LoRA for one expert of the model folder ``model`` to ``path``.
+
+    Args:
+        path: The ``.safetensors`` file to write.
+        model: A Wan model folder (its expert's config gives the layer shapes).
+        expert: ``high_noise``, ``low_noise`` or ``dense``.
+        layout: ``diffusers`` (PEFT keys; ``alpha`` goes to the adapter metadata), ``wan`` (the
+            original / ComfyUI keys with ``alpha`` tensors) or ``kohya`` (``lora_unet_`` keys).
+        rank: LoRA rank.
+        alpha: LoRA alpha (``None``: no alpha, i.e. a scale of 1).
+        seed: Seed of the random factors.
+        gain: Size of the update relative to a unit-variance layer (visible in the output).
+        bias: Also write bias deltas (``lora_B.bias`` / ``diff_b``), as distill LoRAs carry.
+        norm_deltas: Also write norm-scale deltas (``diff`` of the norms; ``wan`` layout only).
+        targets: Module name suffixes inside each block that get factors.
+    """
+    from safetensors.torch import save_file
+
+    from relay.engine.lora import module_table
+    from relay.engine.model_info import read_model_info
+    from relay.engine.models.wan.lora import _BLOCK_NAMES
+
+    if layout not in LORA_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LORA_LAYOUTS)}, got {layout!r}")
+    if norm_deltas and layout != "wan":
+        raise ValueError("norm deltas exist in the wan layout only")
+    table = module_table(read_model_info(model), expert)
+    original = {v: k for k, v in _BLOCK_NAMES.items()}
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    blocks = sorted({int(name.split(".")[1]) for name in table if name.startswith("blocks.")})
+
+    def randn(*shape, std):
+        return torch.randn(*shape, generator=generator) * std
+
+    for block in blocks:
+        for suffix in targets:
+            name = f"blocks.{block}.{suffix}"
+            out_features, in_features = table[name].weight
+            down = randn(rank, in_features, std=1.0 / in_features ** 0.5)
+            up = randn(out_features, rank, std=gain / rank ** 0.5)
+            delta_bias = randn(out_features, std=gain * 0.1) if bias else None
+            if layout == "diffusers":
+                tensors[f"transformer.{name}.lora_A.weight"] = down
+                tensors[f"transformer.{name}.lora_B.weight"] = up
+                if delta_bias is not None:
+                    tensors[f"transformer.{name}.lora_B.bias"] = delta_bias
+                continue
+            stem = f"blocks.{block}.{original[suffix]}"
+            if layout == "wan":
+                key = f"diffusion_model.{stem}"
+                up_key, down_key, sep = f"{key}.lora_up.weight", f"{key}.lora_down.weight", "."
+            else:
+                key = "lora_unet_" + stem.replace(".", "_")
+                up_key, down_key, sep = f"{key}.lora_up.weight", f"{key}.lora_down.weight", "."
+            tensors[down_key], tensors[up_key] = down, up
+            if alpha is not None:
+                tensors[f"{key}{sep}alpha"] = torch.tensor(float(alpha))
+            if delta_bias is not None:
+                tensors[f"{key}.diff_b"] = delta_bias
+        if norm_deltas:
+            for suffix in ("attn1.norm_q", "attn2.norm_k", "norm2"):
+                shape = table[f"blocks.{block}.{suffix}"].weight
+                tensors[f"diffusion_model.blocks.{block}.{original[suffix]}.diff"] = randn(*shape, std=gain)
+    metadata = None
+    if layout == "diffusers":
+        config = {"r": rank, "lora_alpha": alpha if alpha is not None else rank,
+                  "target_modules": sorted({s for s in targets}), "lora_bias": bias}
+        metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(
+            {f"transformer.{k}": v for k, v in config.items()}, sort_keys=True)}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out), metadata=metadata)
+    return out

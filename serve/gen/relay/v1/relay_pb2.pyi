@@ -35,7 +35,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "fps", "image", "output_format", "preview_every", "priority", "client_request_id", "boundary")
+    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "fps", "image", "output_format", "preview_every", "priority", "client_request_id", "boundary", "solver", "timesteps", "preset", "loras")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,10 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BOUNDARY_FIELD_NUMBER: _ClassVar[int]
+    SOLVER_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEPS_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -72,10 +76,24 @@ class GenerateRequest(_message.Message):
     priority: int
     client_request_id: str
     boundary: float
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., guidance_low: _Optional[float] = ..., shift: _Optional[float] = ..., fps: _Optional[int] = ..., image: _Optional[bytes] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., preview_every: _Optional[int] = ..., priority: _Optional[int] = ..., client_request_id: _Optional[str] = ..., boundary: _Optional[float] = ...) -> None: ...
+    solver: str
+    timesteps: _containers.RepeatedScalarFieldContainer[float]
+    preset: str
+    loras: _containers.RepeatedCompositeFieldContainer[Lora]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., guidance_low: _Optional[float] = ..., shift: _Optional[float] = ..., fps: _Optional[int] = ..., image: _Optional[bytes] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., preview_every: _Optional[int] = ..., priority: _Optional[int] = ..., client_request_id: _Optional[str] = ..., boundary: _Optional[float] = ..., solver: _Optional[str] = ..., timesteps: _Optional[_Iterable[float]] = ..., preset: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ...) -> None: ...
+
+class Lora(_message.Message):
+    __slots__ = ("name", "scale", "expert")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scale: float
+    expert: str
+    def __init__(self, name: _Optional[str] = ..., scale: _Optional[float] = ..., expert: _Optional[str] = ...) -> None: ...
 
 class ResolvedSettings(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "fps", "boundary", "has_image", "output_format")
+    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "fps", "boundary", "has_image", "output_format", "solver", "timesteps", "loras")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +109,9 @@ class ResolvedSettings(_message.Message):
     BOUNDARY_FIELD_NUMBER: _ClassVar[int]
     HAS_IMAGE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SOLVER_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEPS_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -106,7 +127,10 @@ class ResolvedSettings(_message.Message):
     boundary: float
     has_image: bool
     output_format: OutputFormat
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., guidance_low: _Optional[float] = ..., shift: _Optional[float] = ..., fps: _Optional[int] = ..., boundary: _Optional[float] = ..., has_image: _Optional[bool] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ...) -> None: ...
+    solver: str
+    timesteps: _containers.RepeatedScalarFieldContainer[float]
+    loras: _containers.RepeatedCompositeFieldContainer[Lora]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., guidance_low: _Optional[float] = ..., shift: _Optional[float] = ..., fps: _Optional[int] = ..., boundary: _Optional[float] = ..., has_image: _Optional[bool] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., solver: _Optional[str] = ..., timesteps: _Optional[_Iterable[float]] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ...) -> None: ...
 
 class Accepted(_message.Message):
     __slots__ = ("settings", "client_request_id")
@@ -282,8 +306,18 @@ class Model(_message.Message):
     defaults: ResolvedSettings
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., is_default: _Optional[bool] = ..., moe: _Optional[bool] = ..., spatial_multiple: _Optional[int] = ..., temporal_stride: _Optional[int] = ..., defaults: _Optional[_Union[ResolvedSettings, _Mapping]] = ...) -> None: ...
 
+class LoraFile(_message.Message):
+    __slots__ = ("name", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "loras")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[Model]
-    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[LoraFile]
+    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., loras: _Optional[_Iterable[_Union[LoraFile, _Mapping]]] = ...) -> None: ...
