@@ -26,7 +26,7 @@ FAST = dict(height=32, width=32, frames=5, steps=4, seed=7, guidance=4.0, guidan
 class LiveServer:
     """A Relay server on its own event loop thread, with the engine reachable for counters."""
 
-    def __init__(self, model_dir, *, max_queue=8, heartbeat_s=5.0, tokens=()):
+    def __init__(self, model_dir, *, max_queue=8, heartbeat_s=5.0, tokens=(), lora_dir=None, staged=False):
         from relay.engine.loader import load_tokenizer
         from relay.engine.model_info import read_model_info
         from relay.engine.scheduled import ScheduledRunner
@@ -41,17 +41,24 @@ class LiveServer:
         self.model_dir = model_dir
         info = read_model_info(model_dir)
         self.name = info.path.name
-        # The same runtime as relay serve: a stage scheduler over an in-process group.
-        self.executor = Executor(plan_groups(info, None, layout=ParallelLayout()),
-                                 WorkerSpec(model=str(info.path), layout=ParallelLayout(), dtype="fp32"),
-                                 backend="inprocess")
+        # The same runtime as relay serve: a stage scheduler over an in-process group, or over
+        # a high-noise and a low-noise group in two worker processes (staged).
+        if staged:
+            from relay.engine.request import GenerationRequest, resolve_request
+
+            reference = resolve_request(GenerationRequest(prompt="reference", seed=0), info)
+            placement = plan_groups(info, reference, placement="staged", stage_split="1:1")
+        else:
+            placement = plan_groups(info, None, layout=ParallelLayout())
+        self.executor = Executor(placement, WorkerSpec(model=str(info.path), layout=ParallelLayout(), dtype="fp32"),
+                                 backend="mp" if staged else "inprocess")
         runners = {self.name: ScheduledRunner(self.executor.scheduler, info, name=self.name,
                                               tokenizer=load_tokenizer(info))}
         ready = threading.Event()
 
         async def boot():
             self.engine = AsyncEngine(runners, default_model=self.name, max_queue=max_queue,
-                                      heartbeat_s=heartbeat_s)
+                                      heartbeat_s=heartbeat_s, lora_dir=lora_dir)
             self.server = RelayServer(self.engine, {self.name: info},
                                       ServerConfig(host="127.0.0.1", port=0, tokens=list(tokens)))
             await self.server.start()
@@ -585,3 +592,141 @@ def test_a_video_larger_than_one_chunk_arrives_whole(client, tiny_models):
     expected = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu")).generate(
         GenerationRequest(prompt="a red kite over the sea", **settings))
     assert np.abs(np.load(io.BytesIO(result.data)) - expected).max() <= 1e-5
+
+
+# --- LoRAs by name in the server's LoRA directory --------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_dir(tiny_models, tmp_path_factory):
+    from relay.engine.models.wan.tiny import write_lora
+
+    root = tmp_path_factory.mktemp("served-loras")
+    write_lora(root / "style-a.safetensors", tiny_models["t2v"], expert="high_noise", layout="wan", rank=4,
+               alpha=2.0, seed=5, bias=True)
+    (root / "distill").mkdir()
+    write_lora(root / "distill" / "style-b.safetensors", tiny_models["t2v"], expert="low_noise", rank=8, seed=6)
+    (root / "broken.safetensors").write_bytes(b"\x00" * 64)
+    outside = tmp_path_factory.mktemp("outside")
+    write_lora(outside / "secret.safetensors", tiny_models["t2v"], rank=2, seed=7)
+    (root / "escape.safetensors").symlink_to(outside / "secret.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def staged_lora_server(tiny_models, lora_dir):
+    server = LiveServer(tiny_models["t2v"], max_queue=8, heartbeat_s=0.2, lora_dir=str(lora_dir), staged=True)
+    yield server
+    server.stop()
+
+
+LORA_SETS = {
+    "a": [("style-a.safetensors", 0.9, "high_noise")],
+    "b": [("distill/style-b.safetensors", 1.2, ""), ("style-a.safetensors", 0.4, "low_noise")],
+    "none": [],
+}
+
+
+def _lora_request(seed, entries):
+    request = _request(output_format=pb.OUTPUT_FORMAT_NPY, **{**FAST, "seed": seed})
+    for name, scale, expert in entries:
+        request.loras.add(name=name, scale=scale, expert=expert)
+    return request
+
+
+@pytest.fixture(scope="module")
+def single_process_runs(tiny_models, lora_dir):
+    """Each LoRA set's frames from one in-process engine (the independent reference)."""
+    from relay.engine import Engine, GenerationRequest, load_model
+    from relay.engine.lora import LoraRef
+
+    engine = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu"))
+    settings = {k: v for k, v in FAST.items() if k != "seed"}
+    runs = {}
+    for key, entries in LORA_SETS.items():
+        refs = tuple(LoraRef(path=str(lora_dir / name), scale=scale, expert=expert or None)
+                     for name, scale, expert in entries)
+        for seed in (31, 32):
+            runs[key, seed] = engine.generate(GenerationRequest(
+                prompt="a red kite over the sea", seed=seed, loras=refs, **settings))
+    return runs
+
+
+def test_served_lora_sets_in_turn_equal_their_single_process_runs(staged_lora_server, single_process_runs):
+    from relay.serve.client import RelayClient
+
+    with RelayClient(staged_lora_server.target) as client:
+        for key in ("a", "b", "none", "a"):
+            result = client.generate(_lora_request(31, LORA_SETS[key]))
+            frames = np.load(io.BytesIO(result.data))
+            assert np.abs(frames - single_process_runs[key, 31]).max() <= 1e-5, key
+            settings = result.settings
+            assert [(lora.name, lora.expert) for lora in settings.loras] == [
+                (name, expert) for name, _, expert_given in LORA_SETS[key]
+                for expert in ([expert_given] if expert_given else ["high_noise", "low_noise"])]
+    assert np.abs(single_process_runs["a", 31] - single_process_runs["none", 31]).max() > 0.05
+
+
+def test_interleaved_requests_keep_their_own_lora_sets_across_stage_groups(staged_lora_server, single_process_runs):
+    """Two requests with different sets at once: the staged groups run one's low-noise steps
+    while the other's high-noise steps run, and each group fuses each request's own set."""
+    from relay.serve.client import RelayClient
+
+    def one(job):
+        key, seed = job
+        with RelayClient(staged_lora_server.target) as client:
+            return job, np.load(io.BytesIO(client.generate(_lora_request(seed, LORA_SETS[key])).data))
+
+    jobs = [("a", 32), ("b", 32), ("none", 32), ("b", 31)]
+    with ThreadPoolExecutor(4) as pool:
+        for job, frames in pool.map(one, jobs):
+            assert np.abs(frames - single_process_runs[job]).max() <= 1e-5, job
+
+
+@pytest.mark.parametrize("name, words", [
+    ("../outside/secret.safetensors", "outside the LoRA directory"),
+    ("escape.safetensors", "outside the LoRA directory"),
+    ("/etc/passwd", "not a path"),
+    ("missing.safetensors", "no such LoRA"),
+    ("broken.safetensors", "cannot be read as safetensors"),
+    ("", "empty"),
+])
+def test_bad_lora_names_are_invalid_argument_before_any_worker_call(name, words, staged_lora_server):
+    from relay.serve.client import RelayClient
+
+    before = staged_lora_server.call(lambda: staged_lora_server.engine.worker_calls)
+    with RelayClient(staged_lora_server.target) as client, pytest.raises(grpc.RpcError) as caught:
+        client.generate(_lora_request(1, [(name, 1.0, "")]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("lora:") and words in caught.value.details()
+    assert staged_lora_server.call(lambda: staged_lora_server.engine.worker_calls) == before
+
+
+def test_list_models_lists_the_lora_files(staged_lora_server, live):
+    from relay.serve.client import RelayClient
+
+    with RelayClient(staged_lora_server.target) as client:
+        listed = client.list_models()
+    names = [lora.name for lora in listed.loras]
+    assert names == ["broken.safetensors", "distill/style-b.safetensors", "style-a.safetensors"]
+    assert all(lora.size > 0 for lora in listed.loras)
+    with RelayClient(live.target) as client:  # a server without --lora-dir lists none, refuses any
+        assert not client.list_models().loras
+        with pytest.raises(grpc.RpcError) as caught:
+            client.generate(_lora_request(1, [("style-a.safetensors", 1.0, "")]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--lora-dir" in caught.value.details()
+
+
+def test_relay_submit_with_loras_and_the_lightning_preset(staged_lora_server, single_process_runs, relay, tmp_path):
+    out = tmp_path / "submitted.npy"
+    args = ["submit", "--server", staged_lora_server.target, "--prompt", "a red kite over the sea",
+            "--output", out, "--quiet", "--lora-high", "style-a.safetensors:0.9"]
+    for key, value in FAST.items():
+        args += [f"--{key.replace('_', '-')}", 31 if key == "seed" else value]
+    result = relay(*args)
+    assert result.code == 0, result.err
+    assert np.abs(np.load(out) - single_process_runs["a", 31]).max() <= 1e-5
+    fast = relay("submit", "--server", staged_lora_server.target, "--prompt", "a kite", "--preset", "lightning",
+                 "--height", "32", "--width", "32", "--frames", "5", "--output", tmp_path / "l.npy", "--quiet")
+    assert fast.code == 0, fast.err
+    bad = relay("submit", "--server", staged_lora_server.target, "--prompt", "x", "--timesteps", "900,1000",
+                "--solver", "euler", "--output", out)
+    assert bad.code == 2 and "INVALID_ARGUMENT: timesteps:" in bad.err
