@@ -42,6 +42,8 @@ BENCHES: dict[str, tuple[str, str]] = {
                                  "the layout planner (CPU: processes and the tiny model)"),
     "cli": ("relay.bench.cli",
             "how fast relay --help, relay --version and every relay X --help answer (whole processes)"),
+    "lora": ("relay.bench.lora", "LoRA fuse / switch / unfuse on a full-size A14B block (x40 per expert), "
+                                 "and the planner's s/video of --preset lightning vs the 40-step default"),
     "gpu": ("relay.bench.gpu",
             "full-size A14B expert forward in bf16 at 480p/720p: s/forward, TFLOP/s, MFU, memory (CUDA only)"),
 }

@@ -37,6 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1280x720 or 832x480 (default: the model's)")
     p.add_argument("--frames", type=int, help="frames, 4k+1 (default: the model's, 81 or 121)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 40 or 50)")
+    p.add_argument("--preset", help="price a recipe: lightning (4 Euler steps, guidance 1: one forward per step)")
     p.add_argument("--layout", help="price one layout instead of ranking, with the keys of the layout "
                                     "flags: ulysses=8,fsdp=8 | cfg=2,ulysses=4,fsdp=8 | ring=2 | "
                                     "placement=staged,split=5:3 | replicas=2 | offload=true")
@@ -81,7 +82,8 @@ def _plans(args):
     if args.gpus is not None and not 1 <= args.gpus <= 4096:
         raise ValidationError("gpus", f"must be in 1..4096, got {args.gpus}")
     width, height = _size(args.size)
-    work = cost.make_workload(model, width=width, height=height, frames=args.frames, steps=args.steps)
+    work = cost.make_workload(model, width=width, height=height, frames=args.frames, steps=args.steps,
+                              preset=args.preset)
     planner = Planner(work, gpu, cost.load_calibration())
     if args.layout is not None:
         plan = evaluate_layout(planner, args.layout, args.gpus)

@@ -415,10 +415,11 @@ def _local(param):
     from torch.distributed.tensor import DTensor
 
     if isinstance(param, DTensor):
-        from relay.parallel.fsdp import local_shard_bounds
+        # torch's own shard arithmetic (torch.chunk along each Shard dim, as FSDP2 shards)
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         local = param.to_local()  # a view into FSDP's shard storage: in-place edits stick
-        shape, offset = local_shard_bounds(param.shape, param.device_mesh, param.placements)
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
         if tuple(shape[1:]) != tuple(param.shape[1:]) or any(offset[1:]):
             raise NotImplementedError("LoRA fusing supports parameters sharded on dim 0 only")
         return local[: shape[0]], offset[0]
@@ -523,10 +524,12 @@ class ExpertAdapters:
                     continue
                 name = f"{module_name}.{attr}"
                 self._backup(name, local)
-                total = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
+                # Summed in fp32, rounded once; an fp32 weight is updated in place.
+                work = local.float()
                 for delta, scale in parts:
-                    total += _delta_rows(delta, attr, row, rows, scale, local.device)
-                local.copy_(local.float().add_(total))
+                    _add_delta(work, delta, attr, row, rows, scale)
+                if work.data_ptr() != local.data_ptr():
+                    local.copy_(work)
                 touched += 1
         return touched
 
@@ -537,23 +540,21 @@ def _touches(delta: ModuleDelta, attr: str) -> bool:
     return delta.down is not None or delta.weight is not None
 
 
-def _delta_rows(delta: ModuleDelta, attr: str, row: int, rows: int, scale: float, device):
-    """Rows ``[row, row + rows)`` of one LoRA's scaled delta of ``attr``, fp32 on ``device``."""
+def _add_delta(work, delta: ModuleDelta, attr: str, row: int, rows: int, scale: float) -> None:
+    """Adds rows ``[row, row + rows)`` of one LoRA's scaled delta of ``attr`` to the fp32 ``work``."""
     import torch
 
     def rows_of(tensor):
-        return tensor[row:row + rows].to(device=device, dtype=torch.float32)
+        return tensor[row:row + rows].to(device=work.device, dtype=torch.float32)
 
     if attr == "bias":  # scaled as PEFT scales lora_B's bias: with the factors' alpha / rank
-        return rows_of(delta.bias) * (scale * delta.scale)
-    out = None
+        work.add_(rows_of(delta.bias), alpha=scale * delta.scale)
+        return
     if delta.down is not None:
-        down = delta.down.to(device=device, dtype=torch.float32)
-        out = (rows_of(delta.up) @ down) * (scale * delta.scale)
+        down = delta.down.to(device=work.device, dtype=torch.float32)
+        work.addmm_(rows_of(delta.up), down, alpha=scale * delta.scale)
     if delta.weight is not None:
-        diff = rows_of(delta.weight) * scale
-        out = diff if out is None else out + diff
-    return out
+        work.add_(rows_of(delta.weight), alpha=scale)
 
 
 @dataclass(kw_only=True)

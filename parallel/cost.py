@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 from relay.engine.errors import ValidationError
@@ -129,14 +129,29 @@ class Workload:
 
 
 def make_workload(model: CatalogModel, *, width: int | None = None, height: int | None = None,
-                  frames: int | None = None, steps: int | None = None) -> Workload:
+                  frames: int | None = None, steps: int | None = None, preset: str | None = None) -> Workload:
     """A :class:`Workload` at the model's reference settings, with the given overrides.
+
+    ``preset`` prices a family recipe (Wan ``lightning``: 4 Euler steps at the distilled
+    timesteps, guidance 1, so one forward per step); ``steps``, when given, still wins.
 
     Raises:
         ValidationError: ``size`` (not a multiple of the model's stride, or outside 16..2048),
-            ``frames`` (not 4k+1 in 1..257) or ``steps`` (outside 1..1000).
+            ``frames`` (not 4k+1 in 1..257), ``steps`` (outside 1..1000) or ``preset`` (unknown).
     """
+    from relay.engine.models import get_spec
+
     d = model.defaults
+    recipe = {}
+    if preset is not None:
+        recipes = get_spec(model.family).recipes
+        if preset not in recipes:
+            raise ValidationError("preset", f"unknown preset {preset!r}; known: {', '.join(recipes)}")
+        recipe = dict(recipes[preset])
+        if steps is not None:
+            recipe.pop("timesteps", None)
+        d = replace(d, **{k: v for k, v in recipe.items() if k in ("steps", "shift", "guidance", "guidance_low")
+                          and not (k == "guidance_low" and d.guidance_low is None)})
     width, height = d.width if width is None else width, d.height if height is None else height
     frames, steps = d.frames if frames is None else frames, d.steps if steps is None else steps
     mult = model.spatial_multiple
@@ -147,13 +162,12 @@ def make_workload(model: CatalogModel, *, width: int | None = None, height: int 
         raise ValidationError("frames", f"must be 4k+1 in 1..257, got {frames}")
     if not 1 <= steps <= 1000:
         raise ValidationError("steps", f"must be in 1..1000, got {steps}")
-    from relay.engine.models import get_spec
-
     family = get_spec(model.family)
     if model.num_experts == 2:
         from relay.engine.stages import expert_step_counts
 
-        counts = expert_step_counts(steps, d.shift, d.boundary, family=model.family)
+        counts = expert_step_counts(steps, d.shift, d.boundary, family=model.family,
+                                    solver=recipe.get("solver"), timesteps=recipe.get("timesteps"))
         guidance = {HIGH: d.guidance, LOW: d.guidance_low if d.guidance_low is not None else d.guidance}
     else:
         counts, guidance = {DENSE: steps}, {DENSE: d.guidance}
