@@ -65,9 +65,12 @@ def model_defaults(model: str, info) -> pb.ResolvedSettings:
     """A model's defaults as settings: no prompt, seed -1 (random), the size of the reference
     table (an I2V request takes its aspect from the image)."""
     d = info.defaults
+    from relay.engine.solvers import solver_of
+
     out = pb.ResolvedSettings(model=model, height=d.height, width=d.width, frames=d.frames, steps=d.steps,
                               seed=-1, guidance=d.guidance, shift=d.shift, fps=d.fps,
-                              output_format=pb.OUTPUT_FORMAT_MP4)
+                              output_format=pb.OUTPUT_FORMAT_MP4,
+                              solver=solver_of(info.scheduler_class) or info.scheduler_class)
     if d.guidance_low is not None:
         out.guidance_low = d.guidance_low
     if d.boundary is not None:

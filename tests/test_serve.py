@@ -552,6 +552,7 @@ def test_list_models_defaults_are_the_folders_without_placeholders(live, client)
     assert (d.height, d.width, d.frames, d.steps, d.fps) == (info.defaults.height, info.defaults.width,
                                                              info.defaults.frames, info.defaults.steps, info.defaults.fps)
     assert d.shift == pytest.approx(info.defaults.shift) and d.boundary == pytest.approx(info.boundary_ratio)
+    assert d.solver == "unipc"  # the folder's UniPCMultistepScheduler
 
 
 def test_one_log_line_per_request_start_and_end_without_the_prompt(live, client, caplog):
