@@ -453,10 +453,8 @@ class ExpertAdapters:
 
         import torch
 
-        key = tuple((choice.identity, scale) for choice, scale in loras)
-        current = tuple((choice.identity, scale) for choice, scale in self._fused)
         report = FuseReport(expert=self.expert)
-        if key == current:
+        if _set_key(loras) == _set_key(self._fused):
             self.last = report
             return report
         report.changed = True
@@ -534,6 +532,11 @@ class ExpertAdapters:
         return touched
 
 
+def _set_key(loras: tuple) -> tuple:
+    """What identifies a fused set: each file as checked, with its scale, in order."""
+    return tuple((choice.identity, scale) for choice, scale in loras)
+
+
 def _touches(delta: ModuleDelta, attr: str) -> bool:
     if attr == "bias":
         return delta.bias is not None
@@ -579,8 +582,7 @@ class Adapters:
         reports = []
         for name, adapters in self.experts.items():
             wanted = lora_set(loras, name)
-            if before is not None and tuple((c.identity, s) for c, s in wanted) != \
-                    tuple((c.identity, s) for c, s in adapters.fused):
+            if before is not None and _set_key(wanted) != _set_key(adapters.fused):
                 before(name)
             reports.append(adapters.ensure(wanted))
         return reports

@@ -256,15 +256,10 @@ def write_lora(path: str | Path, model: str | Path, *, expert: str = "high_noise
                     tensors[f"transformer.{name}.lora_B.bias"] = delta_bias
                 continue
             stem = f"blocks.{block}.{original[suffix]}"
-            if layout == "wan":
-                key = f"diffusion_model.{stem}"
-                up_key, down_key, sep = f"{key}.lora_up.weight", f"{key}.lora_down.weight", "."
-            else:
-                key = "lora_unet_" + stem.replace(".", "_")
-                up_key, down_key, sep = f"{key}.lora_up.weight", f"{key}.lora_down.weight", "."
-            tensors[down_key], tensors[up_key] = down, up
+            key = f"diffusion_model.{stem}" if layout == "wan" else "lora_unet_" + stem.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
             if alpha is not None:
-                tensors[f"{key}{sep}alpha"] = torch.tensor(float(alpha))
+                tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
             if delta_bias is not None:
                 tensors[f"{key}.diff_b"] = delta_bias
         if norm_deltas:
@@ -274,7 +269,7 @@ def write_lora(path: str | Path, model: str | Path, *, expert: str = "high_noise
     metadata = None
     if layout == "diffusers":
         config = {"r": rank, "lora_alpha": alpha if alpha is not None else rank,
-                  "target_modules": sorted({s for s in targets}), "lora_bias": bias}
+                  "target_modules": sorted(set(targets)), "lora_bias": bias}
         metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(
             {f"transformer.{k}": v for k, v in config.items()}, sort_keys=True)}
     out = Path(path)
