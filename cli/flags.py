@@ -68,6 +68,12 @@ def generation_flags(parser: argparse.ArgumentParser, *, submit: bool = False) -
     g.add_argument("--preset", metavar="NAME",
                    help="a named recipe; lightning: the 4-step Wan 2.2 Lightning distill schedule (euler, "
                         "1000,750,500,250, shift 5, guidance 1); flags given win")
+    g.add_argument("--cache", metavar="SPEC",
+                   help="feature cache of every expert: none, fbc:THRESHOLD (first-block cache, e.g. fbc:0.05), "
+                        "mag:THRESHOLD[,k=K][,retention=R],ratios=R0/R1/... (ratios from a mag:calibrate run's "
+                        "stats), taylorseer[:interval=N,warmup=W,order=O]; default none")
+    g.add_argument("--cache-high", metavar="SPEC", help="the high-noise expert's cache (MoE models), overriding --cache")
+    g.add_argument("--cache-low", metavar="SPEC", help="the low-noise expert's cache (MoE models), overriding --cache")
     where = "a file in the server's --lora-dir" if submit else "a .safetensors file"
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help=f"LoRA for every expert ({where}; scale default 1.0); repeat to stack")

@@ -136,6 +136,7 @@ def generate(args: argparse.Namespace) -> int:
             guidance=args.guidance, guidance_low=args.guidance_low, shift=args.shift,
             boundary=args.boundary, fps=args.fps, image=read_image(args.image), solver=args.solver,
             timesteps=parse_timesteps(args.timesteps), preset=args.preset, loras=lora_refs(args),
+            cache=args.cache, cache_high=args.cache_high, cache_low=args.cache_low,
         )
         # Every field, before any library is imported (LoRA files, when given, are read and
         # checked against the experts' configs on the meta device here).

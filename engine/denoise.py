@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,7 +36,12 @@ class StepEvent:
         duration: Seconds the step took on this worker.
         forwards: Transformer forwards the step ran for the request (2 with classifier-free
             guidance, 1 without; a CFG-parallel pair's two halves are its two forwards).
-        skipped: Forwards the step's guidance called for that a feature cache answered instead.
+        skipped: Forwards the step's guidance called for that a feature cache answered instead
+            (:mod:`engine.caches`); ``forwards + skipped`` is the step's branch count.
+        lockstep: Skipped forwards whose blocks still ran so that the group's ranks stayed in
+            step (another rank's branch computed); their output is the cached one.
+        cache: What the expert's cache reports on its last step (MagCache calibration ratios),
+            else ``None``.
     """
 
     step: int
@@ -47,6 +53,8 @@ class StepEvent:
     duration: float = 0.0
     forwards: int = 1
     skipped: int = 0
+    lockstep: int = 0
+    cache: dict | None = None
 
 
 def guidance_for(request: Mapping, expert: str) -> float:
@@ -67,11 +75,17 @@ class DenoiseRun:
             and ``timestep(t, batch)`` give the transformer's inputs (the family pipeline's
             ``step_inputs``).
         predict: Optional replacement of the guided noise prediction (e.g. CFG-parallel); called
-            as ``predict(model, x, timestep, conditioning, guidance)``, returns ``(noise, forwards)``.
+            as ``predict(model, x, timestep, conditioning, guidance, branch=...)``, returns
+            ``(noise, forwards)``; ``branch(name)`` is the context of a ``cond`` / ``uncond`` forward.
+        caches: The request's feature caches (:class:`~engine.caches.ExpertCaches`, already
+            begun for this request), or ``None``. A state taken in the middle of a cached
+            expert's steps is continued by replaying them from ``state.anchor`` (the cache's
+            tensors are not in a checkpoint), so the result equals an undisturbed run.
     """
 
     def __init__(self, state: DenoiseState, *, experts: Mapping[str, torch.nn.Module], scheduler,
-                 device: torch.device, inputs: Callable, predict: Callable | None = None) -> None:
+                 device: torch.device, inputs: Callable, predict: Callable | None = None,
+                 caches=None) -> None:
         self.device = device
         self.experts = experts
         self.scheduler = scheduler
@@ -87,8 +101,12 @@ class DenoiseRun:
         self.cond = _map_conditioning(state.conditioning, device)
         self._step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
         self._inputs = inputs(self.cond, self.latents.shape, device)
+        self.caches = caches
+        self._anchor = state.anchor
+        self._anchor_sent = state.anchor
         self._started = time.perf_counter()
         self._steps_run = 0
+        self.replayed = self._catch_up()
 
     @property
     def request(self) -> dict:
@@ -110,6 +128,36 @@ class DenoiseRun:
         """The expert of the next step, or ``None`` when done."""
         return None if self.done else self._experts[self.step_index]
 
+    def _cached(self, expert: str | None) -> bool:
+        return expert is not None and self.caches is not None and self.caches.enabled(expert)
+
+    def _segment_start(self, index: int) -> int:
+        start = index
+        while start > 0 and self._experts[start - 1] == self._experts[index]:
+            start -= 1
+        return start
+
+    @torch.no_grad()
+    def _catch_up(self) -> int:
+        """Replays the current cached segment from its anchor up to the state's step (a resume
+        in the middle of a cached expert's steps); returns the steps replayed."""
+        expert = self.next_expert
+        if not self._cached(expert):
+            return 0
+        start, target = self._segment_start(self.step_index), self.step_index
+        anchor = self._anchor
+        if start == target or anchor is None or anchor["step_index"] != start:
+            return 0  # at the segment start (nothing to replay), or no anchor: the cache starts cold
+        restore_solver(self.scheduler, anchor["solver"], self.device)
+        self.latents = anchor["latents"].to(self.device)
+        self._generator.set_state(anchor["rng_state"])
+        self.step_index = start
+        while self.step_index < target:
+            self.step()
+        self._steps_run = 0
+        self._started = time.perf_counter()
+        return target - start
+
     @torch.no_grad()
     def step(self) -> StepEvent:
         """Runs the next step and returns its progress event."""
@@ -120,11 +168,19 @@ class DenoiseRun:
         if expert not in self.experts:
             raise RuntimeError(f"step {index} needs the {expert} expert, which is not loaded here")
         model = self.experts[expert]
+        if self._cached(expert) and self._segment_start(index) == index:
+            self._anchor = self._progress_fields()  # where this expert's cache starts
         t = self.scheduler.timesteps[index]
         began = time.perf_counter()
         x = self._inputs.model_input(self.latents).to(model.dtype)
         timestep = self._inputs.timestep(t, self.latents.shape[0])
-        noise, forwards = self.predict(model, x, timestep, self.cond, guidance_for(self._request, expert))
+        branch = (lambda name: self.caches.branch(expert, name)) if self._cached(expert) else _no_branch
+        noise, forwards = self.predict(model, x, timestep, self.cond, guidance_for(self._request, expert),
+                                       branch=branch)
+        skipped, lockstep = self.caches.take(expert) if self._cached(expert) else (0, 0)
+        skipped, lockstep = min(skipped, forwards), min(lockstep, forwards)  # CFG halves on one branch
+        last = index + 1 == len(self._experts) or self._experts[index + 1] != expert
+        report = self.caches.report().get(expert) if last and self._cached(expert) else None
         kwargs = {"return_dict": False}
         if self._step_takes_generator:
             kwargs["generator"] = self._generator
@@ -138,7 +194,8 @@ class DenoiseRun:
         remaining = len(self._timesteps) - self.step_index
         return StepEvent(step=self.step_index, total=len(self._timesteps), expert=expert,
                          timestep=int(self._timesteps[index]), elapsed=elapsed,
-                         eta=elapsed / self._steps_run * remaining, duration=now - began, forwards=forwards)
+                         eta=elapsed / self._steps_run * remaining, duration=now - began,
+                         forwards=forwards - skipped, skipped=skipped, lockstep=lockstep, cache=report)
 
     def run(self, *, until: int | None = None, callback: Callable[[StepEvent], object] | None = None,
             stop: Callable[[], bool] | None = None) -> None:
@@ -154,39 +211,55 @@ class DenoiseRun:
             if callback is not None:
                 callback(event)
 
+    def _progress_fields(self) -> dict:
+        return {"step_index": self.step_index, "latents": self.latents.detach().to("cpu", copy=True),
+                "solver": capture_solver(self.scheduler), "rng_state": self._generator.get_state()}
+
     def progress(self) -> dict:
-        """What changes from step to step, on the CPU: step index, latents, solver and RNG state.
+        """What changes from step to step, on the CPU: step index, latents, solver and RNG state
+        (and, once per cached segment, its ``anchor``).
 
         Together with the state this run started from, it is a complete checkpoint
         (:meth:`DenoiseState.advanced`) without re-shipping the conditioning every step (at 720p
         I2V the text embeddings and image condition are ~30 MB, the latents ~20 MB).
         """
-        return {"step_index": self.step_index, "latents": self.latents.detach().to("cpu", copy=True),
-                "solver": capture_solver(self.scheduler), "rng_state": self._generator.get_state()}
+        out = self._progress_fields()
+        if self._anchor is not self._anchor_sent:
+            out["anchor"] = self._anchor_sent = self._anchor
+        return out
 
     def snapshot(self) -> DenoiseState:
         """The state after the last completed step, on the CPU."""
         state = DenoiseState(
             request=self._request, step_index=self.step_index, timesteps=self._timesteps,
             experts=self._experts, latents=self.latents, solver=capture_solver(self.scheduler),
-            rng_state=self._generator.get_state(), conditioning=self.cond,
+            rng_state=self._generator.get_state(), conditioning=self.cond, anchor=self._anchor,
         )
         return state.to_cpu()
 
 
+def _no_branch(name: str):
+    return nullcontext()
+
+
+def forward(model, x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, *, name: str,
+            branch: Callable = _no_branch) -> torch.Tensor:
+    """One transformer forward of branch ``name`` (``cond`` / ``uncond``) inside its cache context."""
+    with branch(name):
+        return model(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+
+
 def guided_prediction(model, x: torch.Tensor, timestep: torch.Tensor, cond,
-                      guidance: float) -> tuple[torch.Tensor, int]:
+                      guidance: float, *, branch: Callable = _no_branch) -> tuple[torch.Tensor, int]:
     """Classifier-free guidance: ``uncond + g * (cond - uncond)``; a single forward when g <= 1.
 
     Returns:
         ``(noise prediction, forwards run)``.
     """
-    noise = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.prompt_embeds,
-                  return_dict=False)[0]
+    noise = forward(model, x, timestep, cond.prompt_embeds, name="cond", branch=branch)
     if guidance <= 1.0 or cond.negative_embeds is None:
         return noise, 1
-    uncond = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.negative_embeds,
-                   return_dict=False)[0]
+    uncond = forward(model, x, timestep, cond.negative_embeds, name="uncond", branch=branch)
     return uncond + guidance * (noise - uncond), 2
 
 

@@ -22,10 +22,21 @@ from relay.engine.state import DenoiseState, capture_solver
 
 
 class Engine:
-    """Runs generations on one device with a :class:`~engine.loader.LoadedModel`."""
+    """Runs generations on one device with a :class:`~engine.loader.LoadedModel`.
 
-    def __init__(self, model: LoadedModel) -> None:
+    Args:
+        model: The loaded model.
+        vote: ``(expert name) -> vote`` for first-block cache decisions across a worker group
+            (:class:`parallel.caches.GroupVote`); ``None``: one process decides alone.
+        branches: Branch forwards of a request per forward on this rank (2 under CFG-parallel).
+    """
+
+    def __init__(self, model: LoadedModel, *, vote=None, branches: int = 1) -> None:
+        from relay.engine.caches import ExpertCaches
+
         self.model = model
+        #: The feature caches of the current request (:mod:`engine.caches`).
+        self.caches = ExpertCaches(vote, branches=branches, taylorseer_modules=model.spec.taylorseer_modules)
         self.info = model.info
         self.spec = model.spec
         self.device = model.device
@@ -58,13 +69,16 @@ class Engine:
 
     def start(self, state: DenoiseState, *, predict: Callable | None = None) -> DenoiseRun:
         """A :class:`DenoiseRun` that continues ``state`` on this engine's experts, with the
-        request's LoRAs fused into them (:meth:`apply_loras`)."""
+        request's LoRAs fused into them (:meth:`apply_loras`) and fresh feature caches
+        (:meth:`engine.caches.ExpertCaches.begin`: nothing is kept from an earlier request)."""
         self.apply_loras(state.request.get("loras") or ())
+        self.caches.begin(self.model.experts, state.request, list(state.experts))
         return DenoiseRun(
             state, experts=DeviceExperts(self.model),
             scheduler=self.spec.build_scheduler(self.info, float(state.request["shift"]),
                                                 state.request.get("solver")),
             device=self.device, inputs=self.family.step_inputs, predict=predict,
+            caches=self.caches if self.caches.active else None,
         )
 
     def apply_loras(self, loras) -> list:

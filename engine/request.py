@@ -57,6 +57,10 @@ class GenerationRequest:
         preset: A named recipe of the model family that sets the fields it names (for Wan:
             ``lightning``, the 4-step distill recipe); fields given here override it.
         loras: LoRAs to fuse, in stacking order (:class:`engine.lora.LoraRef`).
+        cache: Feature cache of every expert (:mod:`engine.caches`: ``none``, ``fbc:T``,
+            ``mag:...``, ``taylorseer:...``); default none.
+        cache_high, cache_low: The high- / low-noise expert's cache, overriding ``cache``
+            (MoE models only).
     """
 
     prompt: str
@@ -76,6 +80,9 @@ class GenerationRequest:
     timesteps: tuple[float, ...] | None = None
     preset: str | None = None
     loras: tuple = ()
+    cache: str | None = None
+    cache_high: str | None = None
+    cache_low: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +93,8 @@ class ResolvedRequest:
     config (``scheduler/scheduler_config.json``, ``model_index.json``), the family's reference
     table, or ``random`` (the seed). ``solver`` is the solver's name, ``timesteps`` the explicit
     schedule (``None``: the solver's own spacing), ``loras`` the checked
-    :class:`engine.lora.LoraChoice` entries (dicts, as shipped, are turned back into them).
+    :class:`engine.lora.LoraChoice` entries (dicts, as shipped, are turned back into them),
+    ``caches`` the canonical feature-cache spec of each expert (``{expert: "fbc:0.05"}``).
     """
 
     prompt: str
@@ -105,6 +113,7 @@ class ResolvedRequest:
     solver: str = "unipc"
     timesteps: tuple[float, ...] | None = None
     loras: tuple = ()
+    caches: Mapping[str, str] = field(default_factory=dict)
     sources: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -119,6 +128,7 @@ class ResolvedRequest:
         """Plain dict of the settings (the image is dropped unless asked for)."""
         data = asdict(self)
         data["sources"] = dict(self.sources)
+        data["caches"] = dict(self.caches)
         if not with_image:
             data["image"] = None
         return data

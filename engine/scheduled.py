@@ -59,7 +59,7 @@ class ScheduledRunner:
                 marks.setdefault("denoise", time.monotonic())
                 emit("progress", step=data["step"], total=data["total"], expert=data["expert"],
                      elapsed_s=data["elapsed_s"], eta_s=data["eta_s"], timestep=data["timestep"],
-                     group=data["group"])
+                     group=data["group"], forwards=data.get("forwards", 0), skipped=data.get("skipped", 0))
             elif kind == "preview":
                 png, width, height = png_with_size(data["png"])
                 emit("preview", step=data["step"], png=png, width=width, height=height)

@@ -404,7 +404,8 @@ class StageScheduler:
                 called = now
                 ticket.state = state = ticket.state.advanced(progress)  # the checkpoint, held here
                 for event in events:
-                    ticket.stats.add_step(event.expert, forwards=event.forwards, skipped=event.skipped)
+                    ticket.stats.add_step(event.expert, forwards=event.forwards, skipped=event.skipped,
+                                          lockstep=event.lockstep, cache=event.cache)
                     self._progress(ticket, group, event)
                 if png is not None:
                     self._emit(ticket, "preview", step=state.step_index, png=png)
@@ -422,6 +423,7 @@ class StageScheduler:
         per_step = sum(recent) / len(recent)
         self._emit(ticket, "progress", step=event.step, total=event.total, expert=event.expert,
                    timestep=event.timestep, group=group.name, step_s=event.duration,
+                   forwards=event.forwards, skipped=event.skipped,
                    elapsed_s=time.perf_counter() - ticket.started,
                    eta_s=per_step * (event.total - event.step))
 

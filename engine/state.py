@@ -53,6 +53,10 @@ class DenoiseState:
         solver: Complete scheduler state, as returned by :func:`capture_solver`.
         rng_state: State of the CPU generator that drew the initial noise.
         conditioning: Text (and image) conditioning.
+        anchor: With a feature cache: the progress fields (``step_index``, ``latents``,
+            ``solver``, ``rng_state``) at the first step of the current expert's cached steps,
+            from which a resumed run replays to ``step_index`` (:mod:`engine.caches`); ``None``
+            without a cache.
     """
 
     request: dict
@@ -63,6 +67,7 @@ class DenoiseState:
     solver: dict
     rng_state: torch.Tensor
     conditioning: Conditioning
+    anchor: dict | None = None
 
     @property
     def num_steps(self) -> int:
@@ -82,7 +87,7 @@ class DenoiseState:
     def advanced(self, progress: dict) -> DenoiseState:
         """This state moved on by a run's :meth:`engine.denoise.DenoiseRun.progress` (the same
         request and conditioning; new step index, latents, solver and RNG state)."""
-        unknown = set(progress) - {"step_index", "latents", "solver", "rng_state"}
+        unknown = set(progress) - {"step_index", "latents", "solver", "rng_state", "anchor"}
         if unknown:
             raise ValueError(f"not progress fields: {sorted(unknown)}")
         return replace(self, **progress)

@@ -10,6 +10,8 @@ documented in the README:
   ``total``;
 * ``experts.<name>``: ``steps``, ``forwards`` (transformer forwards run) and ``skipped``
   (forwards a feature cache answered); ``forwards + skipped = steps x CFG branches``;
+  ``lockstep``: skipped forwards whose blocks still ran because another rank's branch computed;
+* ``caches.<name>``: what an expert's cache reported (``mag_ratios`` of a ``mag:calibrate`` run);
 * ``decode``: ``group`` and ``ranks`` (ranks that took part in the VAE decode);
 * ``memory.<group>``: per rank ``rank``, ``device``, ``peak_bytes`` and ``measure``
   (``cuda_max_allocated`` on a GPU, ``host_peak_rss`` on a CPU) since the group's previous request;
@@ -37,6 +39,7 @@ class RunStats:
     experts: dict = field(default_factory=dict)
     decode: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
+    caches: dict = field(default_factory=dict)
     retries: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -48,7 +51,7 @@ class RunStats:
         settings["has_image"] = request.get("image") is not None
         names = list(dict.fromkeys(experts))
         seconds = dict.fromkeys(("queued", "encode", *names, "handoff", "decode", "total"), 0.0)
-        counts = {name: {"steps": 0, "forwards": 0, "skipped": 0} for name in names}
+        counts = {name: {"steps": 0, "forwards": 0, "skipped": 0, "lockstep": 0} for name in names}
         return cls(settings=settings, sources=dict(request.get("sources") or {}), layout=dict(layout or {}),
                    seconds=seconds, experts=counts, decode={"group": None, "ranks": 0})
 
@@ -57,13 +60,17 @@ class RunStats:
         with self._lock:
             self.seconds[key] = self.seconds.get(key, 0.0) + float(seconds)
 
-    def add_step(self, expert: str, *, forwards: int, skipped: int) -> None:
-        """Counts one denoise step of ``expert``."""
+    def add_step(self, expert: str, *, forwards: int, skipped: int, lockstep: int = 0,
+                 cache: dict | None = None) -> None:
+        """Counts one denoise step of ``expert`` (``cache``: its cache's report, if any)."""
         with self._lock:
-            entry = self.experts.setdefault(expert, {"steps": 0, "forwards": 0, "skipped": 0})
+            entry = self.experts.setdefault(expert, {"steps": 0, "forwards": 0, "skipped": 0, "lockstep": 0})
             entry["steps"] += 1
             entry["forwards"] += int(forwards)
             entry["skipped"] += int(skipped)
+            entry["lockstep"] += int(lockstep)
+            if cache:
+                self.caches[expert] = dict(cache)
 
     def set_memory(self, group: str, ranks: list[dict]) -> None:
         """Records ``group``'s per-rank peak memory."""
@@ -76,4 +83,5 @@ class RunStats:
             return {"version": STATS_VERSION, "settings": dict(self.settings), "sources": dict(self.sources),
                     "seconds": dict(self.seconds), "experts": {k: dict(v) for k, v in self.experts.items()},
                     "decode": dict(self.decode), "memory": {k: list(v) for k, v in self.memory.items()},
+                    "caches": {k: dict(v) for k, v in self.caches.items()},
                     "layout": dict(self.layout), "retries": self.retries}

@@ -143,8 +143,14 @@ class StageWorker:
         plan = self.model_info.spec.sequence_parallel() if self.groups.sp_group is not None else None
         self._handles = [parallelize(expert, self.groups, plan) for expert in self.model.experts.values()]
         self.groups.ready()  # every rank has loaded: the step timeout from here on
-        self.engine = Engine(self.model)
         groups = self.groups
+        vote = None
+        if groups.layout.world_size > 1:  # cache decisions are taken once for the whole group
+            from relay.parallel.caches import GroupVote
+
+            sequence = dict(zip(self.model.experts, self._handles))
+            vote = lambda expert: GroupVote(groups, sequence=sequence.get(expert))  # noqa: E731
+        self.engine = Engine(self.model, vote=vote, branches=2 if groups.cfg_group is not None else 1)
         self._predict = CfgParallelPredictor(groups.cfg_group, groups.cfg_rank) if groups.cfg_group else None
         self._previewer = None
         self._prepared = None

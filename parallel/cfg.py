@@ -24,16 +24,20 @@ class CfgParallelPredictor:
         self.cfg_rank = cfg_rank
 
     def __call__(self, model, x: torch.Tensor, timestep: torch.Tensor, cond,
-                 guidance: float) -> tuple[torch.Tensor, int]:
+                 guidance: float, *, branch=None) -> tuple[torch.Tensor, int]:
         """The guided noise prediction and the request's forwards (2: one per half; 1 when the
-        step has no unconditional forward and both halves run the same conditional one)."""
+        step has no unconditional forward and both halves run the same conditional one).
+        ``branch(name)`` is the cache context of a forward (:func:`engine.denoise.forward`)."""
+        from relay.engine.denoise import forward
+
+        kwargs = {} if branch is None else {"branch": branch}
         if guidance <= 1.0 or cond.negative_embeds is None:
             # No unconditional forward on this step: both halves run the conditional one, so
             # every rank still executes the same sequence of forwards (FSDP stays in step).
-            return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.prompt_embeds,
-                         return_dict=False)[0], 1
-        embeds = cond.prompt_embeds if self.cfg_rank == 0 else cond.negative_embeds
-        mine = model(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
-                     return_dict=False)[0]
+            return forward(model, x, timestep, cond.prompt_embeds, name="cond", **kwargs), 1
+        if self.cfg_rank == 0:
+            mine = forward(model, x, timestep, cond.prompt_embeds, name="cond", **kwargs)
+        else:
+            mine = forward(model, x, timestep, cond.negative_embeds, name="uncond", **kwargs)
         noise, uncond = all_gather_stacked(mine, self.group)
         return uncond + guidance * (noise - uncond), 2

@@ -35,6 +35,7 @@ def to_request(message: pb.GenerateRequest) -> GenerationRequest:
         timesteps=tuple(message.timesteps) or None, preset=message.preset or None,
         loras=tuple(LoraRef(path=lora.name, scale=lora.scale if lora.HasField("scale") else 1.0,
                             expert=lora.expert or None) for lora in message.loras),
+        cache=message.cache or None, cache_high=message.cache_high or None, cache_low=message.cache_low or None,
     )
 
 
@@ -53,6 +54,7 @@ def settings(model: str, request: ResolvedRequest, fmt: str) -> pb.ResolvedSetti
         solver=request.solver, timesteps=list(request.timesteps or ()),
         loras=[pb.Lora(name=lora.name, scale=lora.scale, expert=expert)
                for lora in request.loras for expert in lora.experts],
+        caches=dict(request.caches),
     )
     if request.guidance_low is not None:
         out.guidance_low = request.guidance_low
@@ -93,7 +95,8 @@ def event_message(job: Job, event: Event) -> pb.GenerateEvent | None:
     if event.kind == "progress":
         return pb.GenerateEvent(job_id=job.job_id, progress=pb.Progress(
             step=d["step"], total=d["total"], expert=d["expert"], stage="denoise",
-            elapsed_s=d["elapsed_s"], eta_s=d["eta_s"], timestep=d["timestep"], group=d.get("group", "local")))
+            elapsed_s=d["elapsed_s"], eta_s=d["eta_s"], timestep=d["timestep"], group=d.get("group", "local"),
+            forwards=d.get("forwards", 0), skipped=d.get("skipped", 0)))
     if event.kind == "preview":
         return pb.GenerateEvent(job_id=job.job_id, preview=pb.Preview(
             step=d["step"], png=d["png"], width=d["width"], height=d["height"]))

@@ -115,6 +115,8 @@ class ModelSpec:
         lora_weights: ``path -> engine.lora.LoraWeights``: a LoRA file of the family in any
             layout it reads, as module deltas in the loaded model's naming.
         recipes: Named request recipes (``preset``): ``{name: {field: value}}``.
+        taylorseer_modules: Module-name patterns (``re.fullmatch``) whose outputs TaylorSeer
+            predicts on its cached steps (diffusers' default patterns miss some families).
     """
 
     name: str
@@ -141,6 +143,7 @@ class ModelSpec:
     make_tiny: Callable
     lora_weights: Callable
     recipes: Mapping
+    taylorseer_modules: tuple[str, ...]
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -60,4 +60,7 @@ SPEC = ModelSpec(
     make_tiny=_lazy("tiny", "make_tiny"),
     lora_weights=_lazy("lora", "lora_weights"),
     recipes=config.RECIPES,
+    # Each block's self-attention, cross-attention and feed-forward outputs (diffusers'
+    # default "^blocks.*attn" does not fullmatch Wan's "blocks.N.attn1").
+    taylorseer_modules=(r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2", r"blocks\.\d+\.ffn"),
 )

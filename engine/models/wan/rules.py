@@ -53,6 +53,7 @@ def resolve(request: GenerationRequest, info, *, tokenizer=None) -> ResolvedRequ
     Raises:
         ValidationError: naming the first invalid field.
     """
+    from relay.engine.caches import resolve_caches
     from relay.engine.lora import resolve_loras
     from relay.engine.solvers import SOLVERS, check_timesteps, solver_of
 
@@ -147,11 +148,14 @@ def resolve(request: GenerationRequest, info, *, tokenizer=None) -> ResolvedRequ
     if isinstance(request.loras, (str, bytes)) or not isinstance(request.loras, (list, tuple)):
         raise ValidationError("lora", f"must be a list of LoRAs, got {type(request.loras).__name__}")
     loras = resolve_loras(request.loras, info, experts=experts)
+    caches = resolve_caches(request.cache, request.cache_high, request.cache_low, experts=experts)
+    sources["caches"] = REQUEST if any(v is not None for v in (request.cache, request.cache_high,
+                                                                request.cache_low)) else "default"
     resolved = ResolvedRequest(
         prompt=prompt, negative_prompt=negative, height=height, width=width, frames=frames,
         steps=steps, seed=seed, guidance=guidance, guidance_low=guidance_low, shift=shift,
         boundary=boundary, fps=fps, image=bytes(request.image) if request.image is not None else None,
-        solver=solver, timesteps=timesteps, loras=loras, sources=sources,
+        solver=solver, timesteps=timesteps, loras=loras, caches=caches, sources=sources,
     )
     if tokenizer is not None:
         check_prompts(tokenizer, resolved)

@@ -35,7 +35,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "fps", "image", "output_format", "preview_every", "priority", "client_request_id", "boundary", "solver", "timesteps", "preset", "loras")
+    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "fps", "image", "output_format", "preview_every", "priority", "client_request_id", "boundary", "solver", "timesteps", "preset", "loras", "cache", "cache_high", "cache_low")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,9 @@ class GenerateRequest(_message.Message):
     TIMESTEPS_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIGH_FIELD_NUMBER: _ClassVar[int]
+    CACHE_LOW_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -80,7 +83,10 @@ class GenerateRequest(_message.Message):
     timesteps: _containers.RepeatedScalarFieldContainer[float]
     preset: str
     loras: _containers.RepeatedCompositeFieldContainer[Lora]
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., guidance_low: _Optional[float] = ..., shift: _Optional[float] = ..., fps: _Optional[int] = ..., image: _Optional[bytes] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., preview_every: _Optional[int] = ..., priority: _Optional[int] = ..., client_request_id: _Optional[str] = ..., boundary: _Optional[float] = ..., solver: _Optional[str] = ..., timesteps: _Optional[_Iterable[float]] = ..., preset: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ...) -> None: ...
+    cache: str
+    cache_high: str
+    cache_low: str
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., guidance_low: _Optional[float] = ..., shift: _Optional[float] = ..., fps: _Optional[int] = ..., image: _Optional[bytes] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., preview_every: _Optional[int] = ..., priority: _Optional[int] = ..., client_request_id: _Optional[str] = ..., boundary: _Optional[float] = ..., solver: _Optional[str] = ..., timesteps: _Optional[_Iterable[float]] = ..., preset: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., cache: _Optional[str] = ..., cache_high: _Optional[str] = ..., cache_low: _Optional[str] = ...) -> None: ...
 
 class Lora(_message.Message):
     __slots__ = ("name", "scale", "expert")
@@ -93,7 +99,14 @@ class Lora(_message.Message):
     def __init__(self, name: _Optional[str] = ..., scale: _Optional[float] = ..., expert: _Optional[str] = ...) -> None: ...
 
 class ResolvedSettings(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "fps", "boundary", "has_image", "output_format", "solver", "timesteps", "loras")
+    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "fps", "boundary", "has_image", "output_format", "solver", "timesteps", "loras", "caches")
+    class CachesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +125,7 @@ class ResolvedSettings(_message.Message):
     SOLVER_FIELD_NUMBER: _ClassVar[int]
     TIMESTEPS_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
+    CACHES_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -130,7 +144,8 @@ class ResolvedSettings(_message.Message):
     solver: str
     timesteps: _containers.RepeatedScalarFieldContainer[float]
     loras: _containers.RepeatedCompositeFieldContainer[Lora]
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., guidance_low: _Optional[float] = ..., shift: _Optional[float] = ..., fps: _Optional[int] = ..., boundary: _Optional[float] = ..., has_image: _Optional[bool] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., solver: _Optional[str] = ..., timesteps: _Optional[_Iterable[float]] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ...) -> None: ...
+    caches: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., guidance_low: _Optional[float] = ..., shift: _Optional[float] = ..., fps: _Optional[int] = ..., boundary: _Optional[float] = ..., has_image: _Optional[bool] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., solver: _Optional[str] = ..., timesteps: _Optional[_Iterable[float]] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., caches: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Accepted(_message.Message):
     __slots__ = ("settings", "client_request_id")
@@ -153,7 +168,7 @@ class Started(_message.Message):
     def __init__(self) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("step", "total", "expert", "stage", "elapsed_s", "eta_s", "timestep", "group")
+    __slots__ = ("step", "total", "expert", "stage", "elapsed_s", "eta_s", "timestep", "group", "forwards", "skipped")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +177,8 @@ class Progress(_message.Message):
     ETA_S_FIELD_NUMBER: _ClassVar[int]
     TIMESTEP_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     step: int
     total: int
     expert: str
@@ -170,7 +187,9 @@ class Progress(_message.Message):
     eta_s: float
     timestep: int
     group: str
-    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., expert: _Optional[str] = ..., stage: _Optional[str] = ..., elapsed_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., timestep: _Optional[int] = ..., group: _Optional[str] = ...) -> None: ...
+    forwards: int
+    skipped: int
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., expert: _Optional[str] = ..., stage: _Optional[str] = ..., elapsed_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., timestep: _Optional[int] = ..., group: _Optional[str] = ..., forwards: _Optional[int] = ..., skipped: _Optional[int] = ...) -> None: ...
 
 class Preview(_message.Message):
     __slots__ = ("step", "png", "width", "height")
