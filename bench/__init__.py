@@ -44,6 +44,8 @@ BENCHES: dict[str, tuple[str, str]] = {
             "how fast relay --help, relay --version and every relay X --help answer (whole processes)"),
     "lora": ("relay.bench.lora", "LoRA fuse / switch / unfuse on a full-size A14B block (x40 per expert), "
                                  "and the planner's s/video of --preset lightning vs the 40-step default"),
+    "cache": ("relay.bench.caches", "feature caches (first-block, TaylorSeer, ...) vs none: forwards skipped per "
+                                    "expert, time ratio and max difference, interleaved rounds"),
     "gpu": ("relay.bench.gpu",
             "full-size A14B expert forward in bf16 at 480p/720p: s/forward, TFLOP/s, MFU, memory (CUDA only)"),
 }

@@ -224,3 +224,36 @@ def test_group_with_a_cache_equals_the_single_process_run(case, engine, tiny_mod
     split = sum(1 for e in events if e.skipped == 1)  # steps whose two branches decided differently
     lockstep = sum(stats["experts"][e]["lockstep"] for e in ("high_noise", "low_noise"))
     assert lockstep == (split if layout.cfg_degree == 2 else 0)
+
+
+# --- the CLI: checkpoints through the scheduler, flags ---------------------------------------
+def test_cli_resume_of_a_cached_run_equals_the_full_run(tiny_models, relay, tmp_path):
+    """``relay generate --cache ... --checkpoint-at`` then ``relay resume``: the checkpoint the
+    scheduler holds (the state advanced by each call's progress, anchor included) resumes exactly."""
+    args = ["--height", "32", "--width", "48", "--frames", "9", "--steps", "8", "--seed", "7",
+            "--guidance", "4", "--guidance-low", "3", "--shift", "5", "--dtype", "fp32", "--device", "cpu",
+            "--quiet"]
+    full = tmp_path / "full.npy"
+    result = relay("generate", "--model", tiny_models["t2v"], "--prompt", SETTINGS["prompt"],
+                   "--negative-prompt", SETTINGS["negative_prompt"], *args, "--cache", f"fbc:{FBC}",
+                   "--cache-low", "taylorseer:interval=2,warmup=1", "--output", full,
+                   "--checkpoint-dir", tmp_path / "ck", "--checkpoint-at", "3,6", "--stats", tmp_path / "s.json")
+    assert result.code == 0, result.err
+    import json
+
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["settings"]["caches"] == {"high_noise": f"fbc:{FBC}", "low_noise": "taylorseer:interval=2,warmup=1"}
+    assert stats["experts"]["high_noise"]["skipped"] > 0 and stats["experts"]["low_noise"]["skipped"] > 0
+    for step in (3, 6):
+        out = tmp_path / f"resumed-{step}.npy"
+        result = relay("resume", tmp_path / "ck" / f"step-{step:04d}.pt", "--model", tiny_models["t2v"],
+                       "--dtype", "fp32", "--device", "cpu", "--quiet", "--output", out)
+        assert result.code == 0, result.err
+        np.testing.assert_array_equal(np.load(out), np.load(full))
+
+
+@pytest.mark.parametrize("flags,flag", [(["--cache", "fbc"], "--cache"), (["--cache-low", "mag:0.1"], "--cache-low")])
+def test_bad_cache_flags_exit_2(flags, flag, tiny_models, relay, tmp_path):
+    result = relay("generate", "--model", tiny_models["t2v"], "--prompt", "x", "--output", tmp_path / "x.npy",
+                   "--device", "cpu", *flags)
+    assert result.code == 2 and f"error: {flag}:" in result.err, result.err

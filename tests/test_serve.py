@@ -731,3 +731,29 @@ def test_relay_submit_with_loras_and_the_lightning_preset(staged_lora_server, si
     bad = relay("submit", "--server", staged_lora_server.target, "--prompt", "x", "--timesteps", "900,1000",
                 "--solver", "euler", "--output", out)
     assert bad.code == 2 and "INVALID_ARGUMENT: timesteps:" in bad.err
+
+
+def test_served_cached_and_plain_requests_in_turn_equal_their_single_process_runs(staged_lora_server, tiny_models):
+    """Feature caches on a staged server: a cached request, then an uncached one, then another
+    cache, on the same two stage groups: each equals its single-process run (no cache state
+    leaks from one request into the next), and the progress events count the skipped forwards."""
+    from google.protobuf.json_format import MessageToDict
+
+    from relay.engine import Engine, GenerationRequest, load_model
+    from relay.serve.client import RelayClient
+
+    engine = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu"))
+    settings = {k: v for k, v in FAST.items() if k != "seed"}
+    caches = [dict(cache="fbc:0.1"), {}, dict(cache_high="taylorseer:interval=2,warmup=1", cache_low="fbc:0.1"), {}]
+    with RelayClient(staged_lora_server.target) as client:
+        for seed, fields in enumerate(caches, start=40):
+            events = []
+            reference = engine.generate(GenerationRequest(prompt="a red kite over the sea", seed=seed, **settings,
+                                                          **fields), callback=events.append)
+            result = client.generate(_request(output_format=pb.OUTPUT_FORMAT_NPY, **{**FAST, "seed": seed}, **fields))
+            assert np.abs(np.load(io.BytesIO(result.data)) - reference).max() <= 1e-5, fields
+            stats = MessageToDict(result.done.stats)
+            skipped = sum(e.skipped for e in events)
+            assert sum(e["skipped"] for e in stats["experts"].values()) == skipped
+            assert sum(e.progress.skipped for e in result.events if e.HasField("progress")) == skipped
+            assert (skipped > 0) == bool(fields), fields
