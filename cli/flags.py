@@ -149,6 +149,12 @@ def parallel_flags(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--text-encoder", choices=("device", "cpu", "fsdp"), default="device",
                    help="text encoder placement in a group: a copy per device, on the host CPU, "
                         "or sharded over all ranks")
+    p.add_argument("--vae-parallel", action="store_true",
+                   help="split the VAE decode (and the I2V/TI2V image encode) by rows over the ranks of the "
+                        "group that runs it (exact; needs --nproc 2 or more)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="diffusers' tiled VAE decode: bounded memory on one GPU (overlapping tiles are "
+                        "blended, so frames differ slightly from the untiled decode)")
 
 
 def executor_flags(parser: argparse.ArgumentParser) -> None:
@@ -329,6 +335,11 @@ def check_placement_flags(args, info, layout) -> None:
     """Every placement flag that can be checked without the model's step schedule."""
     from relay.launch.placement import check_placement
 
+    if getattr(args, "vae_parallel", False) and args.nproc < 2:
+        raise ValidationError("vae_parallel", "splits the decode over a group's ranks: it needs --nproc 2 or more")
+    if getattr(args, "vae_parallel", False) and getattr(args, "vae_tiling", False):
+        raise ValidationError("vae_tiling", "cannot be combined with --vae-parallel (tiles blend; the row split is "
+                                            "exact and already bounds each rank's memory)")
     check_placement(info, placement=args.placement, layout=layout, replicas=args.replicas,
                     devices=args.nproc if args.nproc > 1 else None, stage_split=args.stage_split,
                     high_layout=args.high_layout, low_layout=args.low_layout, encode_on=args.encode_on,

@@ -210,7 +210,8 @@ def _run(args, command, info, resolved, layout, config, run: GenerateRun, device
     from relay.launch.worker import WorkerSpec
 
     spec = WorkerSpec(model=str(info.path), layout=layout, dtype=args.dtype, device_type=device_type,
-                      text_encoder=args.text_encoder, offload=args.offload)
+                      text_encoder=args.text_encoder, offload=args.offload,
+                      vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling)
     if args.executor == "torchrun":
         return run_under_torchrun(placement, spec, config, "relay.cli.generate:drive", run)
     from relay.launch.executor import Executor, backend_for

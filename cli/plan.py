@@ -40,7 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", help="price a recipe: lightning (4 Euler steps, guidance 1: one forward per step)")
     p.add_argument("--layout", help="price one layout instead of ranking, with the keys of the layout "
                                     "flags: ulysses=8,fsdp=8 | cfg=2,ulysses=4,fsdp=8 | ring=2 | "
-                                    "placement=staged,split=5:3 | replicas=2 | offload=true")
+                                    "placement=staged,split=5:3 | replicas=2 | offload=true | "
+                                    "vae=whole|parallel|tiled (decode mode; default: parallel on a group of "
+                                    "several GPUs)")
     p.add_argument("--rank-by", choices=("latency", "throughput"), default="latency",
                    help="order by seconds per video (default) or by requests per hour")
     p.add_argument("--top", type=int, default=10, help="layouts to show (default 10; 0 = all)")
@@ -102,7 +104,7 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
     return int(match.group(1)), int(match.group(2))
 
 
-LAYOUT_KEYS = ("ulysses", "ring", "cfg", "fsdp", "placement", "split", "replicas", "offload")
+LAYOUT_KEYS = ("ulysses", "ring", "cfg", "fsdp", "placement", "split", "replicas", "offload", "vae")
 
 
 def parse_layout(text: str) -> dict[str, object]:
@@ -128,6 +130,11 @@ def parse_layout(text: str) -> dict[str, object]:
             if not (colon and high.isdigit() and low.isdigit() and int(high) > 0 and int(low) > 0):
                 raise ValidationError("layout", f"split must be HIGH:LOW device counts like 5:3, got {value!r}")
             out[key] = (int(high), int(low))
+        elif key == "vae":
+            if value not in ("whole", "parallel", "tiled"):
+                raise ValidationError("layout", f"vae must be whole, parallel (--vae-parallel) or tiled (--vae-tiling), "
+                                                f"got {value!r}")
+            out[key] = value
         elif key == "offload":
             if value.lower() not in ("0", "1", "true", "false", "yes", "no"):
                 raise ValidationError("layout", f"offload must be true or false, got {value!r}")
@@ -174,7 +181,9 @@ def evaluate_layout(planner, text: str, num_gpus: int | None):
     if spec.get("offload") and layout.world_size > 1:
         raise ValidationError("layout", "offload=true is one GPU's --offload (a group offloads FSDP shards, "
                                         "which the cost model does not price); use replicas of 1-GPU groups")
-    return planner.fused(layout, replicas or 1, offload=bool(spec.get("offload", False)))
+    if spec.get("vae") == "parallel" and layout.world_size == 1:
+        raise ValidationError("layout", "vae=parallel splits the decode over a group's GPUs: the group has one")
+    return planner.fused(layout, replicas or 1, offload=bool(spec.get("offload", False)), vae=spec.get("vae"))
 
 
 def _layout(planner, nproc: int, spec: dict):
@@ -195,8 +204,9 @@ def _layout(planner, nproc: int, spec: dict):
 def _staged(planner, spec: dict, num_gpus: int | None):
     from relay.parallel.cost import HIGH, LOW
 
-    if spec.get("offload"):
-        raise ValidationError("layout", "offload=true applies to fused placements (a staged group holds one expert)")
+    if spec.get("offload") or spec.get("vae"):
+        raise ValidationError("layout", "offload and vae apply to fused placements (a staged low-noise group of "
+                                        "several GPUs splits its decode)")
     if planner.work.model.num_experts < 2:
         name = planner.work.model.name
         raise ValidationError("layout", f"placement=staged needs a two-expert model; {name} is dense")

@@ -95,7 +95,8 @@ def serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         return refuse("serve", exc)
     spec = WorkerSpec(model="", layout=None, dtype=args.dtype, device_type=device_type,
-                      text_encoder=args.text_encoder, offload=args.offload)
+                      text_encoder=args.text_encoder, offload=args.offload,
+                      vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling)
     run = ServeRun(models=[str(info.path) for info in infos], config=config, max_queue=args.max_queue,
                    heartbeat_s=args.heartbeat, port_file=args.port_file, plans=plans, spec=spec,
                    scheduler=scheduler, lora_dir=lora_dir)

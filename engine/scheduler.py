@@ -339,9 +339,12 @@ class StageScheduler:
                 elif stage == DECODE:
                     self._emit(ticket, "decoding", group=group.name)
                     with self._timed(group, ticket, "decode", DECODE):
-                        frames, ranks = group.decode(None if held else ticket.state,
+                        frames, reports = group.decode(None if held else ticket.state,
                                                      timeout_s=self._timeout(1, fresh))
-                    ticket.stats.decode = {"group": group.name, "ranks": ranks}
+                    ticket.stats.decode = {"group": group.name, "ranks": len(reports),
+                                           "seconds": max(r["seconds"] for r in reports),
+                                           "memory": [{k: r[k] for k in ("rank", "peak_bytes", "measure")}
+                                                      for r in reports]}
                     ticket.stages.pop(0)
                     self._record_memory(group, ticket)
                     with self._lock:

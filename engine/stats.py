@@ -12,7 +12,9 @@ documented in the README:
   (forwards a feature cache answered); ``forwards + skipped = steps x CFG branches``;
   ``lockstep``: skipped forwards whose blocks still ran because another rank's branch computed;
 * ``caches.<name>``: what an expert's cache reported (``mag_ratios`` of a ``mag:calibrate`` run);
-* ``decode``: ``group`` and ``ranks`` (ranks that took part in the VAE decode);
+* ``decode``: ``group``, ``ranks`` (ranks that took part in the VAE decode: more than one with
+  ``--vae-parallel``), ``seconds`` (the slowest rank's decode) and ``memory`` (per rank
+  ``rank``, ``peak_bytes`` above what was in use before the decode, ``measure``);
 * ``memory.<group>``: per rank ``rank``, ``device``, ``peak_bytes`` and ``measure``
   (``cuda_max_allocated`` on a GPU, ``host_peak_rss`` on a CPU) since the group's previous request;
 * ``layout``: ``executor`` and the ``groups`` (name, roles, ranks, layout, backend, attention
@@ -53,7 +55,7 @@ class RunStats:
         seconds = dict.fromkeys(("queued", "encode", *names, "handoff", "decode", "total"), 0.0)
         counts = {name: {"steps": 0, "forwards": 0, "skipped": 0, "lockstep": 0} for name in names}
         return cls(settings=settings, sources=dict(request.get("sources") or {}), layout=dict(layout or {}),
-                   seconds=seconds, experts=counts, decode={"group": None, "ranks": 0})
+                   seconds=seconds, experts=counts, decode={"group": None, "ranks": 0, "seconds": 0.0, "memory": []})
 
     def add_seconds(self, key: str, seconds: float) -> None:
         """Adds ``seconds`` to ``seconds[key]``."""

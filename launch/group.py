@@ -220,10 +220,10 @@ class CallGroup:
                     self._broken = str(exc)
 
     def decode(self, state, *, timeout_s: float):
-        """Decodes (``state`` ``None``: the group's current run); ``(frames, ranks that took
-        part)``."""
+        """Decodes (``state`` ``None``: the group's current run); ``(frames, reports)``: one
+        report per rank that took part (:meth:`launch.worker.StageWorker.decode`)."""
         results = self.call("decode", self._share(state) if state is not None else None, timeout_s=timeout_s)
-        return results[0], sum(1 for r in results if r is not None)
+        return results[0][0], [r[1] for r in results if r is not None]
 
     def memory(self, *, timeout_s: float) -> list[dict]:
         """Each rank's peak memory since the previous call."""

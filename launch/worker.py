@@ -39,6 +39,53 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
+class PeakMemory:
+    """Peak memory of a block of work on ``device``, above what was in use when it began.
+
+    On CUDA the allocator's own peak (``max_memory_allocated``, reset at the start); on a CPU the
+    process's resident set sampled every millisecond by a thread (the kernel keeps no resettable
+    peak). ``bytes`` and ``measure`` are set on exit.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.bytes = 0
+        self.measure = "cuda_max_allocated" if device.type == "cuda" else "host_rss_sampled"
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._base = self._peak = _rss()
+        self._done = threading.Event()
+
+        def sample():
+            while not self._done.wait(0.001):
+                self._peak = max(self._peak, _rss())
+
+        self._thread = threading.Thread(target=sample, name="peak-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device) - self._base)
+            return
+        self._done.set()
+        self._thread.join()
+        self.bytes = int(max(self._peak, _rss()) - self._base)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def memory_in_use(device: torch.device) -> tuple[int | None, int | None]:
     """``(bytes in use, total bytes)`` of ``device`` (the host for a CPU), ``None`` if unknown."""
     try:
@@ -83,6 +130,10 @@ class WorkerSpec:
         load_timeout_s: Collective timeout while the ranks load (a rank that loads slower than
             its peers must not abort them at their first collective); the step timeout
             applies once every rank has loaded.
+        vae_parallel: Split VAE decode and image encode by rows over the group's ranks
+            (:mod:`parallel.vae`; exact); off: the output rank decodes whole frames.
+        vae_tiling: diffusers' tiled VAE (bounded memory on one GPU; overlapping tiles are
+            blended, so the output differs slightly from the untiled decode).
         threads: CPU threads per rank (default: the cores divided among the group's ranks;
             an executor running several groups at once divides them among all its ranks).
         setup_fault: Resilience tests only (``None`` in use): ``{"action": "oom", "rank": R}``
@@ -99,6 +150,8 @@ class WorkerSpec:
     offload: bool = False
     timeout_s: float = 600.0
     load_timeout_s: float = 1800.0
+    vae_parallel: bool = False
+    vae_tiling: bool = False
     threads: int | None = None
     setup_fault: dict | None = None
 
@@ -151,6 +204,14 @@ class StageWorker:
             sequence = dict(zip(self.model.experts, self._handles))
             vote = lambda expert: GroupVote(groups, sequence=sequence.get(expert))  # noqa: E731
         self.engine = Engine(self.model, vote=vote, branches=2 if groups.cfg_group is not None else 1)
+        if spec.vae_tiling and self.model.vae is not None:
+            self.model.vae.enable_tiling()
+        if spec.vae_parallel and groups.layout.world_size > 1:
+            import torch.distributed as dist
+
+            from relay.parallel.vae import RowSplitVAE
+
+            self.engine.family.vae_split = RowSplitVAE(self.model.vae, dist.group.WORLD)
         self._predict = CfgParallelPredictor(groups.cfg_group, groups.cfg_rank) if groups.cfg_group else None
         self._previewer = None
         self._prepared = None
@@ -300,11 +361,21 @@ class StageWorker:
         return self._previewer.png(latents)
 
     def decode(self, state=None):
-        """The ``decode`` stage: frames ``(F, H, W, 3)`` of ``state`` (default: the current run)
-        on the output rank, ``None`` elsewhere (other ranks have nothing to do)."""
-        if not self.is_output_rank:
+        """The ``decode`` stage of ``state`` (default: the current run).
+
+        Returns:
+            On each rank that took part, ``(frames, report)``: the frames ``(F, H, W, 3)`` on the
+            output rank (``None`` on the others) and ``{"rank", "seconds", "peak_bytes",
+            "measure"}`` of this rank's decode. ``None`` on a rank that did not take part
+            (without ``--vae-parallel`` only the output rank decodes).
+        """
+        if self.engine.family.vae_split is None and not self.is_output_rank:
             return None
-        return self.engine.decode(state if state is not None else self.run)
+        with PeakMemory(self.groups.device) as peak:
+            began = time.perf_counter()
+            frames = self.engine.decode(state if state is not None else self.run)
+            seconds = time.perf_counter() - began
+        return frames, {"rank": self.info.rank, "seconds": seconds, "peak_bytes": peak.bytes, "measure": peak.measure}
 
     def memory(self, reset: bool = True) -> dict:
         """This rank's peak memory since the previous call (``reset``) or the start.

@@ -20,8 +20,8 @@ An overlapped transfer costs its excess over the compute it hides behind plus
 ``overlap_slowdown`` of the hidden part (NCCL kernels take SMs). Links: NVLink inside the NVLink
 domain, else PCIe inside a node, else the per-GPU network rate (groups are packed onto nodes),
 each at ``link_efficiency``. Per request: text encoding (the negative prompt too under CFG), I2V's
-conditioning-video encode, the VAE decode on one rank (fp32 on TF32 tensor cores, efficiency from
-a published VAE timing) and expert swaps when offloading; model loading is not counted. Memory per
+conditioning-video encode, the VAE decode (fp32 on TF32 tensor cores, efficiency from a published
+VAE timing; on one rank, split by rows over a group's ranks, or tiled) and expert swaps when offloading; model loading is not counted. Memory per
 rank: expert parameters (/ FSDP degree), text encoder, VAE, one block's activations, FSDP buffers,
 the VAE decode workspace, CUDA context.
 """
@@ -273,10 +273,47 @@ def encode_seconds(work: Workload, gpu: GpuSpec, cal: Calibration, *, group: int
     return seconds
 
 
-def decode_seconds(work: Workload, gpu: GpuSpec, cal: Calibration) -> float:
-    """VAE decode of the finished latents on one rank (fp32 on TF32 tensor cores)."""
+#: The decode modes of a group: whole frames on one rank, split by rows over the group's ranks
+#: (``--vae-parallel``, :mod:`parallel.vae`), or diffusers' tiles on one rank (``--vae-tiling``).
+VAE_MODES = ("whole", "parallel", "tiled")
+#: diffusers' ``AutoencoderKLWan`` tiling defaults: 256-pixel tiles every 192 pixels, so each
+#: pixel is decoded (256/192)^2 times and one tile's workspace is live at a time.
+TILE_PIXELS, TILE_STRIDE = 256, 192
+#: Collectives of a row-split decode per latent frame (two halo exchanges per padded
+#: convolution, the mid-block's key/value gathers): counted on the Wan VAE decoder.
+SPLIT_COLLECTIVES_PER_FRAME = 60
+#: Launch latency of one small collective (NCCL all-gather of a few rows, NVLink or PCIe).
+COLLECTIVE_LATENCY_S = 30e-6
+
+
+def decode_seconds(work: Workload, gpu: GpuSpec, cal: Calibration, *, ranks: int = 1, mode: str = "whole") -> float:
+    """VAE decode of the finished latents (fp32 on TF32 tensor cores): on one rank (``whole``),
+    split by rows over ``ranks`` (``parallel``: the compute divides, plus the small collectives and
+    gathering the frames on the output rank) or tiled on one rank (``tiled``: the tiles' overlap
+    is decoded again)."""
     vae = work.model.vae
-    return vae.decode_flops_per_pixel * work.pixels / (gpu.tf32_tflops * 1e12 * cal.vae[vae.name].decode_efficiency)
+    compute = vae.decode_flops_per_pixel * work.pixels / (gpu.tf32_tflops * 1e12 * cal.vae[vae.name].decode_efficiency)
+    if mode == "tiled":
+        return compute * (TILE_PIXELS / TILE_STRIDE) ** 2
+    if mode != "parallel" or ranks <= 1:
+        return compute
+    latent_frames = (work.frames - 1) // vae.temporal_stride + 1
+    gather = work.pixels * 3 * 4 * (ranks - 1) / ranks / link_bandwidth(gpu, cal, ranks)
+    return compute / ranks + gather + latent_frames * SPLIT_COLLECTIVES_PER_FRAME * COLLECTIVE_LATENCY_S
+
+
+def decode_workspace_bytes(work: Workload, cal: Calibration, *, ranks: int = 1, mode: str = "whole") -> float:
+    """Peak decode memory of the busiest rank above the resident weights: the published
+    single-GPU workspace per output pixel, divided over the rows of ``ranks`` (``parallel``; the
+    output rank also receives the other bands' frames) or bounded to one tile (``tiled``; the
+    blended frames stay whole)."""
+    per_pixel = cal.vae[work.model.vae.name].workspace_bytes_per_pixel
+    frames_bytes = work.pixels * 3 * 4
+    if mode == "tiled":
+        return per_pixel * min(TILE_PIXELS, work.width) * min(TILE_PIXELS, work.height) + frames_bytes
+    if mode != "parallel" or ranks <= 1:
+        return per_pixel * work.width * work.height
+    return per_pixel * work.width * work.height / ranks + frames_bytes * (ranks - 1) / ranks
 
 
 def offload_seconds(work: Workload, gpu: GpuSpec, cal: Calibration) -> float:
@@ -315,11 +352,11 @@ class MemoryUse:
 
 
 def memory_use(work: Workload, cal: Calibration, layout: ParallelLayout, *, experts: int,
-               text_encoder: str, decodes: bool, offload: bool = False) -> MemoryUse:
+               text_encoder: str, decodes: bool, offload: bool = False, vae: str = "whole") -> MemoryUse:
     """Peak memory per rank of a group holding ``experts`` experts (``cal.param_bytes`` each
     parameter, / FSDP degree), the text encoder as ``"device"`` (whole), ``"sharded"`` or ``"none"``,
-    running the VAE decode if ``decodes``; ``offload`` keeps idle experts and the text encoder in
-    host memory (one expert resident)."""
+    running the VAE decode if ``decodes`` in decode mode ``vae`` (:data:`VAE_MODES`); ``offload``
+    keeps idle experts and the text encoder in host memory (one expert resident)."""
     m, gib = work.model, float(GIB)
     resident = 1 if offload else experts
     params = resident * m.expert_params * cal.param_bytes / layout.fsdp_degree
@@ -332,7 +369,7 @@ def memory_use(work: Workload, cal: Calibration, layout: ParallelLayout, *, expe
     if layout.ring_degree > 1:
         acts += 2 * 2 * (work.tokens / layout.ring_degree) * (d / layout.ulysses_degree) * BF16
     buffers = cal.fsdp_buffer_layers * m.block_params * BF16 if layout.fsdp_degree > 1 else 0.0
-    decode = cal.vae[m.vae.name].workspace_bytes_per_pixel * work.width * work.height if decodes else 0.0
+    decode = decode_workspace_bytes(work, cal, ranks=layout.world_size, mode=vae) if decodes else 0.0
     return MemoryUse(params_gib=params / gib, text_encoder_gib=te / gib, vae_gib=m.vae.params * 4 / gib,
                      activations_gib=acts / gib, fsdp_buffers_gib=buffers / gib, decode_gib=decode / gib,
                      context_gib=cal.cuda_context_gib)

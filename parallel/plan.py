@@ -38,6 +38,7 @@ class GroupPlan:
     offload: bool
     step_s: dict[str, float]
     memory: MemoryUse
+    vae: str = "whole"
 
     def degrees(self) -> dict[str, int]:
         """``{"cfg", "ulysses", "ring", "fsdp"}`` degrees (the ``--layout`` keys)."""
@@ -51,6 +52,7 @@ class GroupPlan:
         if self.layout.cfg_degree > 1:
             parts.insert(1 if self.layout.ulysses_degree > 1 else 0, f"cfg={self.layout.cfg_degree}")
         parts += ["offload"] if self.offload else []
+        parts += {"parallel": ["vae-parallel"], "tiled": ["vae-tiling"]}.get(self.vae, [])
         return " ".join(parts) or "single"
 
 
@@ -132,7 +134,8 @@ class Plan:
             "peak_memory_gb": round(self.memory_gib, 2), "feasible": self.feasible,
             "breakdown": {k: round(v, 3) for k, v in self.breakdown.items()},
             "groups": [{"role": g.role, "gpus": g.layout.world_size, "degrees": g.degrees(),
-                        "offload": g.offload, "seconds_per_step": {k: round(v, 4) for k, v in g.step_s.items()},
+                        "offload": g.offload, "vae": g.vae,
+                        "seconds_per_step": {k: round(v, 4) for k, v in g.step_s.items()},
                         "peak_memory_gb": round(g.memory.peak_gib, 2)} for g in self.groups],
         }
 
@@ -146,19 +149,26 @@ class Planner:
         self._best: dict[tuple[int, str, bool], GroupPlan | None] = {}
 
     def group(self, layout: ParallelLayout, role: str, *, offload: bool = False,
-              text_encoder: str | None = None) -> GroupPlan:
+              text_encoder: str | None = None, vae: str | None = None) -> GroupPlan:
         """Prices a group; ``role`` is ``fused`` (every expert, whole requests) or its expert.
 
         The group that encodes holds the text encoder sharded when it uses FSDP, whole otherwise.
+        The group that decodes splits the decode by rows over its ranks when it has several
+        (``vae`` ``None``; ``--vae-parallel``), else decodes whole frames; ``vae`` forces a mode
+        of :data:`parallel.cost.VAE_MODES`.
         """
         experts = tuple(self.work.expert_steps) if role == FUSED else (role,)
         if text_encoder is None:
             encodes = role in (FUSED, HIGH, DENSE)
             text_encoder = ("sharded" if layout.fsdp_degree > 1 else "device") if encodes else "none"
+        decodes = role in (FUSED, LOW, DENSE)
+        if vae is None:
+            vae = "parallel" if decodes and layout.world_size > 1 else "whole"
         memory = cost.memory_use(self.work, self.cal, layout, experts=len(experts), text_encoder=text_encoder,
-                                 decodes=role in (FUSED, LOW, DENSE), offload=offload)
+                                 decodes=decodes, offload=offload, vae=vae)
         steps = {e: cost.step_cost(self.work, self.gpu, self.cal, layout, e).total_s for e in experts}
-        return GroupPlan(role=role, layout=layout, offload=offload, step_s=steps, memory=memory)
+        return GroupPlan(role=role, layout=layout, offload=offload, step_s=steps, memory=memory,
+                         vae=vae if decodes else "whole")
 
     def _breakdown(self, groups: tuple[GroupPlan, ...]) -> dict[str, float]:
         out = {"compute": 0.0, "comm": 0.0}
@@ -171,14 +181,16 @@ class Planner:
         sharded = first.layout.fsdp_degree > 1 and first.memory.text_encoder_gib > 0
         out["encode"] = cost.encode_seconds(self.work, self.gpu, self.cal, group=first.layout.world_size,
                                             text_sharded=sharded)
-        out["decode"] = cost.decode_seconds(self.work, self.gpu, self.cal)
+        decoder = groups[-1]
+        out["decode"] = cost.decode_seconds(self.work, self.gpu, self.cal, ranks=decoder.layout.world_size,
+                                            mode=decoder.vae)
         out["offload"] = cost.offload_seconds(self.work, self.gpu, self.cal) if first.offload else 0.0
         return out
 
     def fused(self, layout: ParallelLayout, replicas: int = 1, *, offload: bool = False,
-              text_encoder: str | None = None) -> Plan:
+              text_encoder: str | None = None, vae: str | None = None) -> Plan:
         """``replicas`` groups laid out as ``layout``, each holding every expert."""
-        g = self.group(layout, FUSED, offload=offload, text_encoder=text_encoder)
+        g = self.group(layout, FUSED, offload=offload, text_encoder=text_encoder, vae=vae)
         out = self._breakdown((g,))
         latency = sum(out.values())
         return Plan(placement=FUSED, groups=(g,), replicas=replicas, seconds_per_video=latency,
@@ -257,6 +269,8 @@ class Planner:
                 plans.append(plan)
                 if not plan.feasible and g == 1:  # relay generate --offload (one GPU only)
                     plans.append(self.fused(layout, replicas, offload=True))
+                    if not plans[-1].feasible:  # and --vae-tiling, when the decode is what does not fit
+                        plans.append(self.fused(layout, replicas, offload=True, vae="tiled"))
             if self.work.model.num_experts > 1 and g >= 2:
                 try:
                     s = self.split(g)
@@ -288,7 +302,7 @@ def explain(plans: list[Plan], gpu: GpuSpec, by: str = "latency") -> str:
         return (f"no layout fits: the smallest peak is {low.memory_gib:.1f} GB per GPU ({low.describe()}) "
                 f"against {low.capacity_gib:.0f} usable of {gpu.memory_gb:g} GB, {parts[big]:.1f} GB of it the {big}; "
                 + ("more GPUs shard it further" if big != "VAE decode workspace"
-                   else "the decode runs on one GPU, so a smaller size or a larger GPU is needed"))
+                   else "--vae-parallel splits it over a group's GPUs; on one GPU a smaller size or a larger GPU"))
     b = top.breakdown
     total = sum(b.values())
     dominant = max(b, key=b.get)
@@ -355,7 +369,9 @@ def reference_plan(row: ReferenceRow, cal: Calibration) -> Plan:
     planner = Planner(_WORKLOADS[key], cost.find_gpu(row.gpu), cal)
     if row.gpus == 1:
         return planner.fused(ParallelLayout(), offload=True)
-    return planner.fused(ParallelLayout(ulysses_degree=row.gpus, fsdp_degree=row.gpus), text_encoder="sharded")
+    # The official runs decode on rank 0 alone.
+    return planner.fused(ParallelLayout(ulysses_degree=row.gpus, fsdp_degree=row.gpus), text_encoder="sharded",
+                         vae="whole")
 
 
 def prediction_errors(cal: Calibration, gpus: int) -> list[tuple[ReferenceRow, float, float]]:

@@ -197,7 +197,36 @@ def test_4090_cannot_hold_an_unsharded_14b_expert(cal):
     unsharded = [p for p in plans if p.groups[0].layout.fsdp_degree == 1]
     assert unsharded and not any(p.feasible for p in unsharded)  # 28.6 GB of bf16 > 24 GB
     top = plan.rank(plans)[0]
-    assert top.feasible and top.groups[0].layout.fsdp_degree == 8
+    assert top.feasible and top.groups[0].layout.fsdp_degree > 1
+
+
+def test_parallel_decode_divides_the_decode_and_its_workspace(cal):
+    """A group's row-split decode: the seconds and the per-rank workspace fall with the ranks
+    (with the frames gathered on the output rank); the 8-GPU Lightning plan's decode share drops."""
+    work = cost.make_workload(cost.find_model("t2v-a14b"), preset="lightning")
+    gpu = cost.find_gpu("h100")
+    whole = cost.decode_seconds(work, gpu, cal)
+    split = [cost.decode_seconds(work, gpu, cal, ranks=n, mode="parallel") for n in (2, 4, 8)]
+    assert split == sorted(split, reverse=True) and whole / 8 < split[-1] < whole / 4
+    spaces = [cost.decode_workspace_bytes(work, cal, ranks=n, mode="parallel") for n in (1, 2, 4, 8)]
+    assert spaces == sorted(spaces, reverse=True) and spaces[-1] < spaces[0] / 3
+    planner = plan.Planner(work, gpu, cal)
+    top = plan.rank(planner.enumerate(8))[0]
+    assert top.groups[-1].vae == "parallel" and "vae-parallel" in top.describe()
+    assert top.breakdown["decode"] / top.seconds_per_video < 0.2
+    single_rank = planner.fused(top.groups[0].layout, vae="whole")
+    assert single_rank.breakdown["decode"] / single_rank.seconds_per_video > 0.4
+
+
+def test_ti2v_5b_fits_one_24gb_gpu_with_offload_and_vae_tiling(cal):
+    """The official repository runs TI2V-5B at 720p on one 24 GB GPU; the whole-frame fp32
+    decode alone does not fit there, tiles do (at the price of the tiles' overlap)."""
+    planner = plan.Planner(cost.make_workload(cost.find_model("ti2v-5b")), cost.find_gpu("4090"), cal)
+    plans = planner.enumerate(1)
+    top = plan.rank(plans)[0]
+    assert top.feasible and top.groups[0].offload and top.groups[0].vae == "tiled"
+    assert not any(p.feasible for p in plans if p.groups[0].vae == "whole")
+    assert top.breakdown["decode"] > planner.fused(top.groups[0].layout, offload=True).breakdown["decode"]
 
 
 def test_slow_links_make_communication_matter(cal):

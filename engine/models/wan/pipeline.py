@@ -69,6 +69,9 @@ class Pipeline:
         self.info = model.info
         self.device = model.device
         self.video_processor = VideoProcessor(vae_scale_factor=self.info.vae_spatial)
+        #: The group's row split of the VAE (:class:`parallel.vae.RowSplitVAE`), set by a worker
+        #: with ``--vae-parallel``; ``None``: one rank encodes and decodes whole frames.
+        self.vae_split = None
 
     @torch.no_grad()
     def encode(self, request: ResolvedRequest, *, needs_uncond: bool) -> tuple[Conditioning, torch.Tensor, torch.Generator]:
@@ -107,7 +110,9 @@ class Pipeline:
         else:
             pad = image.new_zeros(1, image.shape[1], request.frames - 1, request.height, request.width)
             video = torch.cat([image, pad], dim=2)
-        encoded = vae.encode(video.to(vae.dtype)).latent_dist.mode().to(device, torch.float32)
+        video = video.to(vae.dtype)
+        mode = self.vae_split.encode_mode(video) if self.vae_split is not None else vae.encode(video).latent_dist.mode()
+        encoded = mode.to(device, torch.float32)
         encoded = (encoded - self._latents_mean()) * self._latents_inv_std()
         if info.expand_timesteps:
             mask = torch.ones(1, 1, latent_frames, lat_h, lat_w, dtype=torch.float32, device=device)
@@ -137,8 +142,10 @@ class Pipeline:
         return 1.0 / torch.tensor(conf.latents_std, device=self.device).view(1, conf.z_dim, 1, 1, 1)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, cond: Conditioning) -> np.ndarray:
-        """VAE-decodes finished latents to float32 frames ``(F, H, W, 3)`` in ``[0, 1]``."""
+    def decode(self, latents: torch.Tensor, cond: Conditioning) -> np.ndarray | None:
+        """VAE-decodes finished latents to float32 frames ``(F, H, W, 3)`` in ``[0, 1]`` (with a
+        row split, every rank of the group calls this and the output rank gets the frames;
+        the others get ``None``)."""
         vae = self.model.vae
         latents = latents.to(self.device, torch.float32)
         if cond.first_frame is not None:
@@ -146,6 +153,8 @@ class Pipeline:
             latents = (1 - mask) * cond.first_frame.to(self.device) + mask * latents
         latents = latents.to(vae.dtype)
         latents = latents / self._latents_inv_std().to(vae.dtype) + self._latents_mean().to(vae.dtype)
-        video = vae.decode(latents, return_dict=False)[0]
+        video = self.vae_split.decode(latents) if self.vae_split is not None else vae.decode(latents, return_dict=False)[0]
+        if video is None:
+            return None
         frames = self.video_processor.postprocess_video(video, output_type="np")[0]
         return np.asarray(frames, dtype=np.float32)
