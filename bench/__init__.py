@@ -46,6 +46,8 @@ BENCHES: dict[str, tuple[str, str]] = {
                                  "and the planner's s/video of --preset lightning vs the 40-step default"),
     "cache": ("relay.bench.caches", "feature caches (first-block, TaylorSeer, ...) vs none: forwards skipped per "
                                     "expert, time ratio and max difference, interleaved rounds"),
+    "vae": ("relay.bench.vae", "VAE decode split by rows over 1/2/4 ranks (--vae-parallel) and tiled on one: "
+                               "seconds, peak memory per rank, difference to one rank"),
     "gpu": ("relay.bench.gpu",
             "full-size A14B expert forward in bf16 at 480p/720p: s/forward, TFLOP/s, MFU, memory (CUDA only)"),
 }

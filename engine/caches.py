@@ -40,13 +40,15 @@ replays the steps from there, which makes it bit-identical to an undisturbed run
 
 from __future__ import annotations
 
+import io
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import dataclass, field, replace
 
-import torch
-
 from relay.engine.errors import ValidationError
+
+# torch and diffusers are imported where they are used: the request rules parse cache specs
+# before any flag check has imported torch.
 
 #: Cache kinds and the syntax of each.
 CACHE_KINDS = {
@@ -292,7 +294,8 @@ def _register_block_class(module) -> None:
             return
 
 
-def _blocks(model) -> list[torch.nn.Module]:
+def _blocks(model) -> list:
+    import torch
     from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
 
     out = []
@@ -389,11 +392,13 @@ class ExpertCache:
             def keep_then_advance(state, advance=advance, manager=tail.state_manager):
                 if state.calibration_ratios and manager.context.name == COND:
                     self.tally.mag_ratios = [round(float(r), 5) for r in state.calibration_ratios]
-                advance(state)
+                with redirect_stdout(io.StringIO()):  # diffusers prints them too; a server's stdout is not the place
+                    advance(state)
 
             tail._advance_step = keep_then_advance
 
     def _install_taylorseer(self) -> None:
+        import torch
         from diffusers.hooks import TaylorSeerCacheConfig
         from diffusers.hooks.taylorseer_cache import TaylorSeerCacheHook
 

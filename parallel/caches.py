@@ -35,6 +35,7 @@ class GroupVote:
         self.sp_group = groups.sp_group
         self.sp_rank = groups.sp_rank
         self.world = dist.group.WORLD if dist.is_initialized() else None
+        self.device = groups.device
         self.sequence = sequence
 
     def _valid(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -49,12 +50,12 @@ class GroupVote:
         if self.sp_group is not None:
             sums = _all_reduce(sums, self.sp_group, residual.device)
         want = bool(sums[0] / sums[1] > threshold) if sums[1] > 0 else True
-        return self._agree(want, residual.device)
+        return self._agree(want, self.device)
 
     def first(self) -> tuple[bool, bool, int]:
         """A branch's first forward computes; the group still votes (every rank calls the same
         collectives in the same order)."""
-        return self._agree(True, torch.device("cpu") if self.sequence is None else self.sequence.device)
+        return self._agree(True, self.device)
 
     def _agree(self, want: bool, device: torch.device) -> tuple[bool, bool, int]:
         # Each branch is counted once: by the first rank of its sequence-parallel group.

@@ -165,6 +165,24 @@ def test_scaling_smoke(relay, tiny_models, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA behaviour")
+def test_cache_smoke(relay, tiny_models, tmp_path):
+    result = relay("bench", "cache", "--smoke", "--model", tiny_models["t2v"], "--caches", "fbc:0;fbc:0.1",
+                   "--results", tmp_path)
+    assert result.code == 0, result.err
+    _rows(result.out, ["none", "fbc:0 ", "fbc:0.1"])
+    summary = _document(tmp_path, "cache")["summary"]
+    assert summary["fbc:0"]["max_abs_diff"] == 0 and summary["fbc:0"]["skipped_fraction"] == 0
+    assert summary["fbc:0.1"]["skipped_fraction"] > 0 and summary["fbc:0.1"]["max_abs_diff"] > 0
+
+
+def test_vae_smoke(relay, tiny_models, tmp_path):
+    result = relay("bench", "vae", "--smoke", "--model", tiny_models["t2v"], "--results", tmp_path)
+    assert result.code == 0, result.err
+    _rows(result.out, ["1 ", "2 "])
+    summary = _document(tmp_path, "vae")["summary"]
+    assert summary["1"]["max_abs_diff"] == 0 and summary["2"]["max_abs_diff"] < 1e-4
+
+
 def test_gpu_bench_skips_without_cuda(relay, tmp_path):
     result = relay("bench", "gpu", "--smoke", "--results", tmp_path)
     assert result.code == 0

@@ -47,11 +47,11 @@ def pipe(tiny_models):
     return pipe
 
 
-def _diffusers(pipe, config_high, config_low):
+def _diffusers(pipe, config_high, config_low, **size):
     pipe.transformer.enable_cache(config_high)
     pipe.transformer_2.enable_cache(config_low)
     try:
-        s = SETTINGS
+        s = dict(SETTINGS, **size)
         return pipe(prompt=s["prompt"], negative_prompt=s["negative_prompt"], height=s["height"], width=s["width"],
                     num_frames=s["frames"], num_inference_steps=s["steps"], guidance_scale=s["guidance"],
                     guidance_scale_2=s["guidance_low"], generator=torch.Generator().manual_seed(s["seed"]),
@@ -203,7 +203,11 @@ GROUP_CASES = {
 
 
 @pytest.mark.parametrize("case", list(GROUP_CASES))
-def test_group_with_a_cache_equals_the_single_process_run(case, engine, tiny_models):
+def test_group_with_a_cache_equals_the_single_process_run(case, engine, pipe, tiny_models):
+    """The group's video equals the single-process run and diffusers' pipeline with
+    ``FirstBlockCacheConfig`` on both transformers; the skip counts are the single process's."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
     from relay.engine import GenerationRequest
     from relay.parallel.layout import ParallelLayout
     from test_parallel import _run_on_processes
@@ -217,6 +221,9 @@ def test_group_with_a_cache_equals_the_single_process_run(case, engine, tiny_mod
     layout = ParallelLayout(**layout_kwargs)
     ours, stats, _, _ = _run_on_processes(tiny_models["t2v"], resolved, layout)
     np.testing.assert_allclose(ours, reference, atol=TOLERANCE, rtol=0)
+    config = FirstBlockCacheConfig(threshold=FBC)
+    np.testing.assert_allclose(ours, _diffusers(pipe, config, FirstBlockCacheConfig(threshold=FBC), **size),
+                               atol=TOLERANCE, rtol=0)
     for expert in ("high_noise", "low_noise"):
         counted = stats["experts"][expert]
         assert counted["skipped"] == _skips(events, expert)

@@ -82,8 +82,8 @@ def test_stats_count_one_forward_per_step_without_guidance(tiny_models, relay, t
                    "--device", "cpu", "--output", tmp_path / "x.npy", "--stats", stats_path, "--quiet")
     assert result.code == 0, result.err
     experts = json.loads(stats_path.read_text())["experts"]
-    assert experts["high_noise"] == {"steps": 3, "forwards": 6, "skipped": 0}
-    assert experts["low_noise"] == {"steps": 3, "forwards": 3, "skipped": 0}
+    assert experts["high_noise"] == {"steps": 3, "forwards": 6, "skipped": 0, "lockstep": 0}
+    assert experts["low_noise"] == {"steps": 3, "forwards": 3, "skipped": 0, "lockstep": 0}
 
 
 def test_resume_runs_on_a_process_group(tiny_models, reference, relay, tmp_path):
