@@ -14,6 +14,14 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/dev.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch is pinned in this same pip call so the CPU wheel is used (see requirements/cpu.txt).
 	$(PY) -m pip install --quiet -r requirements/dev.txt -e .
+	# The web page test drives a real headless Chromium: the distribution's package, where apt
+	# is available to root (elsewhere that test is skipped and says why).
+	@if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium and chromium-driver (apt) for the web page test"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+		(apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1) || \
+		echo "could not install chromium: the web page test will be skipped"; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)

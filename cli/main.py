@@ -60,9 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=50051, help="listen port; 0 picks a free one")
     srv.add_argument("--port-file", help="write the bound port here once listening")
+    srv.add_argument("--http-port", type=int, metavar="PORT",
+                     help="also serve the HTTP videos API (/v1/videos, OpenAPI at /openapi.json) and the web page "
+                          "at / on this port (0: a free one), with the same tokens and TLS")
     srv.add_argument("--max-queue", type=int, default=8, help="jobs that may wait behind the running ones")
     srv.add_argument("--lora-dir", metavar="DIR",
                      help="LoRA files requests may name (by file name inside DIR); ListModels lists them")
+    srv.add_argument("--result-ttl", type=float, default=3600.0, metavar="SECONDS",
+                     help="how long a detached job's video is kept for relay fetch / GetResult (default 3600)")
+    srv.add_argument("--result-budget", type=float, default=2.0, metavar="GIB",
+                     help="the most GiB of detached jobs' videos kept at once; the oldest go first (default 2)")
     srv.add_argument("--heartbeat", type=float, default=5.0, help="seconds between queued heartbeats")
     srv.add_argument("--grace", type=float, default=60.0, help="seconds in-flight jobs get on SIGTERM")
     srv.add_argument("--token", help="require bearer tokens: comma-separated, or @FILE (one per line)")
@@ -91,7 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub_.add_argument("--timeout", type=float, help="deadline in seconds")
     sub_.add_argument("--stats", metavar="PATH.json", help="write the server's run stats of this job here")
     sub_.add_argument("--quiet", action="store_true", help="no progress output")
+    sub_.add_argument("--detach", action="store_true",
+                      help="submit detached: print the job id once accepted and exit; the job runs on and "
+                           "`relay fetch JOB` saves its video later (--output is then where fetch will write)")
     sub_.set_defaults(handler="relay.cli.service:submit")
+    fetch = sub.add_parser("fetch", help="save the video of a detached job (waits for it to finish)",
+                           description="Fetch the finished video of a job submitted with `relay submit "
+                                       "--detach`, waiting for it to end; the server keeps results for "
+                                       "its --result-ttl within its --result-budget.")
+    fetch.add_argument("job_id", help="the job id relay submit --detach printed")
+    fetch.add_argument("--server", default="127.0.0.1:50051", help="host:port of relay serve")
+    fetch.add_argument("--output", required=True, help=".mp4 or .npy (the format the job was submitted with)")
+    fetch.add_argument("--token", help="bearer token")
+    fetch.add_argument("--tls-ca", help="CA certificate to verify the server (enables TLS)")
+    fetch.add_argument("--tls-cert", help="client certificate (mutual TLS)")
+    fetch.add_argument("--tls-key", help="client key (mutual TLS)")
+    fetch.add_argument("--timeout", type=float, help="deadline in seconds (default: wait as long as it runs)")
+    fetch.add_argument("--quiet", action="store_true", help="no messages")
+    fetch.set_defaults(handler="relay.cli.service:fetch")
     demo = sub.add_parser("demo", help="start a server on the tiny model, submit, save the video",
                           description="The main job end to end: relay serve on the embedded tiny "
                                       "model, relay submit with streamed progress, graceful stop.")

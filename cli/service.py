@@ -53,6 +53,9 @@ class ServeRun:
     spec: object
     scheduler: object
     lora_dir: str | None = None
+    result_ttl_s: float = 3600.0
+    result_budget_bytes: int = 2 << 30
+    http_port: int | None = None
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -73,6 +76,14 @@ def serve(args: argparse.Namespace) -> int:
                               reflection=args.reflection, grace_s=args.grace)
         scheduler = scheduler_config(args, max_queue=args.max_queue + 1)
         lora_dir = _lora_dir(args.lora_dir)
+        if args.http_port is not None:
+            if args.http_port != 0 and args.http_port == args.port:
+                raise ValidationError("http_port", "must differ from --port")
+            check_port(args.host, args.http_port, "http_port")
+        if not args.result_ttl > 0:
+            raise ValidationError("result_ttl", f"must be positive seconds, got {args.result_ttl}")
+        if not args.result_budget > 0:
+            raise ValidationError("result_budget", f"must be a positive number of GiB, got {args.result_budget}")
         models = args.model or [None]
         if args.executor == "torchrun" and len(models) > 1:
             raise ValidationError("executor", "torchrun serves one model (one group); use local or ray for more")
@@ -99,7 +110,8 @@ def serve(args: argparse.Namespace) -> int:
                       vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling)
     run = ServeRun(models=[str(info.path) for info in infos], config=config, max_queue=args.max_queue,
                    heartbeat_s=args.heartbeat, port_file=args.port_file, plans=plans, spec=spec,
-                   scheduler=scheduler, lora_dir=lora_dir)
+                   scheduler=scheduler, lora_dir=lora_dir, result_ttl_s=args.result_ttl,
+                   result_budget_bytes=int(args.result_budget * 2**30), http_port=args.http_port)
     if args.executor == "torchrun":
         from relay.cli.generate import run_under_torchrun
 
@@ -154,7 +166,9 @@ def _serve(run: ServeRun, build, *, close_executors: bool = True) -> int:
 
     try:
         asyncio.run(serve_app(run.models, config=run.config, max_queue=run.max_queue, heartbeat_s=run.heartbeat_s,
-                              port_file=run.port_file, runner_factory=factory, lora_dir=run.lora_dir))
+                              port_file=run.port_file, runner_factory=factory, lora_dir=run.lora_dir,
+                              result_ttl_s=run.result_ttl_s, result_budget_bytes=run.result_budget_bytes,
+                              http_port=run.http_port))
     except ModelError as exc:
         return refuse("serve", exc)
     except GroupFailure as exc:  # a group (or Ray itself) could not be built
@@ -163,16 +177,16 @@ def _serve(run: ServeRun, build, *, close_executors: bool = True) -> int:
     return EXIT_OK
 
 
-def check_port(host: str, port: int) -> None:
-    """``--port``: 0..65535, and free on ``host`` (checked here, so the error names the address
-    instead of gRPC's 'Failed to bind'); 0 picks a free port."""
+def check_port(host: str, port: int, field: str = "port") -> None:
+    """``--port`` (or ``field``): 0..65535, and free on ``host`` (checked here, so the error
+    names the address instead of gRPC's 'Failed to bind'); 0 picks a free port."""
     import errno
     import socket
 
     from relay.engine.errors import ValidationError
 
     if isinstance(port, bool) or not 0 <= port <= 65535:
-        raise ValidationError("port", f"must be between 0 and 65535, got {port}")
+        raise ValidationError(field, f"must be between 0 and 65535, got {port}")
     if port == 0:
         return
     try:
@@ -186,7 +200,7 @@ def check_port(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as exc:
             taken = exc.errno == errno.EADDRINUSE
-            raise ValidationError("port", f"{host}:{port} is already in use" if taken
+            raise ValidationError(field, f"{host}:{port} is already in use" if taken
                                   else f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
@@ -244,6 +258,12 @@ def submit(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except ValidationError as exc:
         return refuse("submit", exc)
+    if args.detach:
+        for flag in ("stats", "preview_dir"):
+            if getattr(args, flag):
+                return refuse("submit", ValidationError(flag, "is for a streamed job; with --detach, relay fetch "
+                                                              "saves the video (the stats are in GetJob's settings)"))
+        return _submit_detached(args, request)
     previews = Path(args.preview_dir) if args.preview_dir else None
     progress = _StreamProgress(enabled=not args.quiet, previews=previews)
     with RelayClient(args.server, token=args.token, ca_file=args.tls_ca, cert_file=args.tls_cert,
@@ -269,6 +289,54 @@ def submit(args: argparse.Namespace) -> int:
         print(f"wrote {out} ({result.done.size} bytes, sha256 {result.done.sha256[:16]}...; seed "
               f"{result.settings.seed}; queued {t.queued_s:.1f}s, denoise {t.denoise_s:.1f}s, "
               f"decode {t.decode_s:.1f}s)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _submit_detached(args, request) -> int:
+    """``relay submit --detach``: the job id on stdout once accepted."""
+    import grpc
+
+    from relay.serve.client import RelayClient
+
+    with RelayClient(args.server, token=args.token, ca_file=args.tls_ca, cert_file=args.tls_cert,
+                     key_file=args.tls_key) as client:
+        try:
+            job_id, accepted = client.submit_detached(request, timeout=args.timeout or 60.0)
+        except grpc.RpcError as exc:
+            print(f"relay submit: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return EXIT_USAGE if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILED
+    print(job_id)
+    if not args.quiet:
+        print(f"relay submit: job {job_id} accepted (seed {accepted.settings.seed}); "
+              f"relay fetch {job_id} --server {args.server} --output {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def fetch(args: argparse.Namespace) -> int:
+    """``relay fetch JOB``: waits for a detached job and saves its video."""
+    import grpc
+
+    from relay.serve.client import RelayClient
+
+    if not args.output.endswith((".mp4", ".npy")):
+        print("relay fetch: error: --output: must end in .mp4 or .npy", file=sys.stderr)
+        return EXIT_USAGE
+    with RelayClient(args.server, token=args.token, ca_file=args.tls_ca, cert_file=args.tls_cert,
+                     key_file=args.tls_key) as client:
+        try:
+            result = client.fetch(args.job_id, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"relay fetch: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return EXIT_USAGE if exc.code() == grpc.StatusCode.NOT_FOUND else EXIT_FAILED
+    wanted = "application/x-npy" if args.output.endswith(".npy") else "video/mp4"
+    if result.done.mime != wanted:
+        print(f"relay fetch: error: --output: the job made {result.done.mime}, not {wanted}", file=sys.stderr)
+        return EXIT_USAGE
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(result.data)
+    if not args.quiet:
+        print(f"wrote {out} ({result.done.size} bytes, sha256 {result.done.sha256[:16]}...)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -12,9 +12,13 @@ all diffusers 0.42 hooks (:mod:`diffusers.hooks`) installed on each expert separ
   error of per-step magnitude ratios measured once for the model and schedule; ``mag:calibrate``
   runs without skipping and reports the ratios of each expert in the run stats
   (``caches.<expert>.mag_ratios``). Its decisions depend on the step only, so every rank agrees.
-* ``taylorseer[:interval=N][,warmup=W][,order=O]`` -- TaylorSeer: every ``N``-th step after
-  ``W`` warm-up steps computes the blocks; the others predict each block's output with a Taylor
-  expansion of order ``O``. Step-driven as well.
+* ``taylorseer[:interval=N][,warmup=W][,order=O][,modules=lite|blocks]`` -- TaylorSeer: every
+  ``N``-th step after ``W`` warm-up steps computes the blocks; the others predict with a Taylor
+  expansion of order ``O``: by default (``lite``, diffusers' lite variant) the output
+  projection's output, skipping every block -- its factors are output-sized; ``blocks`` predicts
+  each block's attention and feed-forward outputs, which holds ``O + 1`` hidden-state tensors per
+  hooked module (3 per block: on an A14B expert at 720p, ~370 GB per branch in fp32 divided by
+  the sequence-parallel degree -- small sizes only). Step-driven as well.
 
 Request fields: ``cache`` (every expert) and ``cache_high`` / ``cache_low`` (one expert of an
 MoE model) are resolved into one canonical spec per expert (:func:`resolve_caches`).
@@ -32,8 +36,8 @@ the sequence-parallel attention processor. So a cache sees this rank's chunk of 
 never the padding of another rank, and a skipped block still unshards under FSDP (no rank ever
 misses a collective).
 
-A checkpoint does not hold the cache tensors (a full hidden-state tensor per branch and rank:
-~1.5 GB per branch at 720p on an A14B expert); it holds the denoise state at the step the
+A checkpoint does not hold the cache tensors (three hidden-state tensors per branch: ~2.3 GB
+per branch in bf16 at 720p on an A14B expert, divided by the sequence-parallel degree); it holds the denoise state at the step the
 current expert's cache started from (``DenoiseState.anchor``), and a run resumed mid-segment
 replays the steps from there, which makes it bit-identical to an undisturbed run.
 """
@@ -55,13 +59,13 @@ CACHE_KINDS = {
     "none": "none",
     "fbc": "fbc:THRESHOLD",
     "mag": "mag:THRESHOLD[,k=K][,retention=R],ratios=R0/R1/... or mag:calibrate",
-    "taylorseer": "taylorseer[:interval=N][,warmup=W][,order=O]",
+    "taylorseer": "taylorseer[:interval=N][,warmup=W][,order=O][,modules=lite|blocks]",
 }
 NONE = "none"
 #: Branch names of the cache contexts (diffusers' convention).
 COND, UNCOND = "cond", "uncond"
 _MAG_DEFAULTS = {"k": 3, "retention": 0.2}
-_TAYLOR_DEFAULTS = {"interval": 5, "warmup": 3, "order": 1}
+_TAYLOR_DEFAULTS = {"interval": 5, "warmup": 3, "order": 1, "modules": "lite"}
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class CacheSpec:
     threshold: float = 0.0
     calibrate: bool = False
     ratios: tuple[float, ...] = ()
-    options: tuple[tuple[str, float], ...] = ()
+    options: tuple[tuple[str, float | str], ...] = ()
 
     @property
     def enabled(self) -> bool:
@@ -114,9 +118,15 @@ class CacheSpec:
             return _parse_mag(field_name, text, parts)
         options = []
         for part in parts:
-            name, value = _keyed(field_name, part, ("interval", "warmup", "order"))
-            options.append((name, int(_number(field_name, name, value, 1 if name != "warmup" else 0, 1000,
-                                              integer=True))))
+            name, value = _keyed(field_name, part, ("interval", "warmup", "order", "modules"))
+            if name == "modules":
+                if value not in ("lite", "blocks"):
+                    raise ValidationError(field_name, f"modules must be lite or blocks, got {value!r}")
+                if value == "blocks":
+                    options.append((name, value))
+                continue
+            # warmup >= 1: diffusers cannot predict before its first computed step
+            options.append((name, int(_number(field_name, name, value, 1, 1000, integer=True))))
         return cls(kind="taylorseer", options=tuple(sorted(options)))
 
     def text(self) -> str:
@@ -138,7 +148,9 @@ def _syntax() -> str:
     return " | ".join(CACHE_KINDS.values())
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: float | str) -> str:
+    if isinstance(value, str):
+        return value
     return repr(float(value)) if not float(value).is_integer() else str(int(value))
 
 
@@ -347,12 +359,10 @@ class ExpertCache:
         self.branches = branches
         self.tally = Tally()
         self._probe = None
-        if spec.kind == "fbc":
-            self._install_fbc()
-        elif spec.kind == "mag":
-            self._install_mag()
-        elif spec.kind == "taylorseer":
-            self._install_taylorseer()
+        self.finished = False
+        install = {"fbc": self._install_fbc, "mag": self._install_mag, "taylorseer": self._install_taylorseer}
+        if spec.kind in install:
+            self._installed(install[spec.kind])
 
     def _install_fbc(self) -> None:
         from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
@@ -403,15 +413,19 @@ class ExpertCache:
         from diffusers.hooks.taylorseer_cache import TaylorSeerCacheHook
 
         spec = self.spec
+        lite = spec.option("modules") == "lite"
         config = TaylorSeerCacheConfig(cache_interval=int(spec.option("interval")),
                                        disable_cache_before_step=int(spec.option("warmup")),
                                        max_order=int(spec.option("order")), taylor_factors_dtype=torch.float32,
-                                       cache_identifiers=list(self.taylorseer_modules) or None)
+                                       use_lite_mode=lite,
+                                       cache_identifiers=None if lite else list(self.taylorseer_modules) or None)
         self.model.enable_cache(config)
         # Every hooked module follows the same step-driven schedule: the first one tells.
-        self._probe = next(hook for module in self.model.modules()
-                           for hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).values()
-                           if isinstance(hook, TaylorSeerCacheHook))
+        self._probe = next((hook for module in self.model.modules()
+                            for hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).values()
+                            if isinstance(hook, TaylorSeerCacheHook)), None)
+        if self._probe is None:
+            raise ValueError("TaylorSeer found no module to cache in this transformer")
 
     @contextmanager
     def branch(self, name: str):
@@ -419,6 +433,14 @@ class ExpertCache:
         with self.model.cache_context(name):
             yield
             self._after_forward()
+
+    def _installed(self, install) -> None:
+        """Runs ``install``; a failure leaves no hook behind (the next request can cache again)."""
+        try:
+            install()
+        except BaseException:
+            self.remove()
+            raise
 
     def _after_forward(self) -> None:
         """Counts the forward just run for the step-driven caches (FBC counts in its vote)."""
@@ -433,6 +455,10 @@ class ExpertCache:
 
     def remove(self) -> None:
         """Removes the hooks (and so the state) from the expert."""
+        if getattr(self.model, "_cache_config", None) is None and self.spec.kind == "fbc":
+            from diffusers.hooks import FirstBlockCacheConfig
+
+            self.model._cache_config = FirstBlockCacheConfig(threshold=self.spec.threshold)  # a partial install
         if getattr(self.model, "_cache_config", None) is not None:
             self.model.disable_cache()
 
@@ -478,6 +504,13 @@ class ExpertCaches:
         return {name: {"mag_ratios": cache.tally.mag_ratios}
                 for name, cache in self.active.items() if cache.tally.mag_ratios}
 
+    def finish(self, expert: str) -> None:
+        """Frees ``expert``'s cache after its last step (its report stays readable)."""
+        cache = self.active.get(expert)
+        if cache is not None and not cache.finished:
+            cache.remove()
+            cache.finished = True
+
     def enabled(self, expert: str) -> bool:
         """Whether ``expert`` has a cache in the current request."""
         return expert in self.active
@@ -485,5 +518,6 @@ class ExpertCaches:
     def clear(self) -> None:
         """Removes every cache hook."""
         for cache in self.active.values():
-            cache.remove()
+            if not cache.finished:
+                cache.remove()
         self.active = {}

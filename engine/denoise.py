@@ -11,6 +11,7 @@ step-input builder. :meth:`DenoiseRun.snapshot` can be taken after any step.
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -20,6 +21,8 @@ import torch
 
 from relay.engine.experts import LOW
 from relay.engine.state import DenoiseState, capture_solver, restore_solver
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,8 +149,12 @@ class DenoiseRun:
             return 0
         start, target = self._segment_start(self.step_index), self.step_index
         anchor = self._anchor
-        if start == target or anchor is None or anchor["step_index"] != start:
-            return 0  # at the segment start (nothing to replay), or no anchor: the cache starts cold
+        if start == target:
+            return 0  # at the segment start: nothing to replay
+        if anchor is None or anchor["step_index"] != start:
+            log.warning("resuming step %d of a cached %s segment without its anchor: the cache starts cold, so "
+                        "the result may differ from an undisturbed run", target, expert)
+            return 0
         restore_solver(self.scheduler, anchor["solver"], self.device)
         self.latents = anchor["latents"].to(self.device)
         self._generator.set_state(anchor["rng_state"])
@@ -168,8 +175,8 @@ class DenoiseRun:
         if expert not in self.experts:
             raise RuntimeError(f"step {index} needs the {expert} expert, which is not loaded here")
         model = self.experts[expert]
-        if self._cached(expert) and self._segment_start(index) == index:
-            self._anchor = self._progress_fields()  # where this expert's cache starts
+        if self._segment_start(index) == index:  # where this expert's cache starts (none: no anchor)
+            self._anchor = self._progress_fields() if self._cached(expert) else None
         t = self.scheduler.timesteps[index]
         began = time.perf_counter()
         x = self._inputs.model_input(self.latents).to(model.dtype)
@@ -181,6 +188,8 @@ class DenoiseRun:
         skipped, lockstep = min(skipped, forwards), min(lockstep, forwards)  # CFG halves on one branch
         last = index + 1 == len(self._experts) or self._experts[index + 1] != expert
         report = self.caches.report().get(expert) if last and self._cached(expert) else None
+        if last and self._cached(expert):
+            self.caches.finish(expert)  # its tensors are not needed by the other expert or the decode
         kwargs = {"return_dict": False}
         if self._step_takes_generator:
             kwargs["generator"] = self._generator

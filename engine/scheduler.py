@@ -390,9 +390,13 @@ class StageScheduler:
         # A group that just encoded or ran the previous segment continues from what it holds;
         # another group gets the checkpoint (a hand-off).
         begun = time.perf_counter()
-        group.begin(None if held else ticket.state, timeout_s=self._timeout(1, fresh))
+        state = ticket.state
+        cached = (state.request.get("caches") or {}).get(segment.expert, "none") != "none"
+        # A resume in the middle of a cached segment replays it from its anchor inside begin.
+        replay = state.step_index - segment.start if cached and not held and state.anchor is not None else 0
+        group.begin(None if held else state, timeout_s=self._timeout(1 + replay, fresh))
         if not held:
-            ticket.stats.add_seconds("handoff", time.perf_counter() - begun)
+            ticket.stats.add_seconds(segment.expert if replay else "handoff", time.perf_counter() - begun)
         chunks = self._chunks(ticket, ticket.state.step_index, segment.end)
         results = group.advance_chunks(until=segment.end, chunks=chunks,
                                        timeout_s=self._timeout(self.config.checkpoint_every, False))

@@ -82,8 +82,22 @@ class Job:
     stats: dict = field(default_factory=dict)
     submitted: float = field(default_factory=time.monotonic)
     cancel_requested: bool = False
+    #: Submitted to outlive its stream: a disconnect does not cancel it.
+    detached: bool = False
+    #: gRPC streams delivering this job now (a kept result is not dropped under them).
+    streams: int = 0
+    #: When its result was kept (the engine's clock), and whether it has been dropped since.
+    finished_at: float | None = None
+    result_dropped: str = ""
     _events: deque = field(default_factory=deque)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _ended: asyncio.Event = field(default_factory=asyncio.Event)
+    #: For watchers that read the job without consuming its stream (the HTTP events): a count
+    #: of emitted events, the newest event of each kind, and an event set (then replaced) on
+    #: each emit.
+    version: int = 0
+    latest: dict = field(default_factory=dict)
+    tick: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class AsyncEngine:
@@ -101,11 +115,20 @@ class AsyncEngine:
         heartbeat_s: Interval of ``queued`` heartbeats while a job waits.
         keep_finished: How many ended jobs stay visible to :meth:`get`.
         lora_dir: The folder requests name LoRA files in (``None``: requests take no LoRAs).
+        result_ttl_s: How long a finished job's video is kept for a later fetch.
+        result_budget_bytes: The most bytes of finished videos kept at once; beyond it the
+            oldest are dropped first (their jobs stay visible, without a result).
+        clock: Monotonic seconds (tests pass their own to age results without waiting).
     """
 
     def __init__(self, runners: dict, *, default_model: str, max_queue: int = 8,
-                 heartbeat_s: float = 5.0, keep_finished: int = 256, lora_dir=None) -> None:
+                 heartbeat_s: float = 5.0, keep_finished: int = 256, lora_dir=None,
+                 result_ttl_s: float = 3600.0, result_budget_bytes: int = 2 << 30, clock=time.monotonic) -> None:
         self.runners = runners
+        self.result_ttl_s = result_ttl_s
+        self.result_budget_bytes = result_budget_bytes
+        self.clock = clock
+        self._results: deque[Job] = deque()  # finished jobs holding a video, oldest first
         self.lora_dir = lora_dir
         self.default_model = default_model
         self.max_queue = max_queue
@@ -132,6 +155,7 @@ class AsyncEngine:
         """Starts the scheduling task on the running event loop."""
         self._loop = asyncio.get_running_loop()
         self._task = self._loop.create_task(self._schedule(), name="relay-scheduler")
+        self._sweeper = self._loop.create_task(self._sweep(), name="relay-result-sweeper")
 
     async def drain(self, grace_s: float) -> None:
         """Refuses new jobs, cancels queued ones, lets the running one finish within
@@ -167,8 +191,10 @@ class AsyncEngine:
 
     # --- admission ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, *, model: str = "", output_format: str = "mp4",
-               preview_every: int = 0, priority: int = 0, client_request_id: str = "") -> Job:
-        """Validates and admits a job (call on the event loop).
+               preview_every: int = 0, priority: int = 0, client_request_id: str = "",
+               detached: bool = False) -> Job:
+        """Validates and admits a job (call on the event loop). A ``detached`` job keeps running
+        when its stream goes away; its video is kept for a later fetch within the result TTL and budget.
 
         Raises:
             ValidationError: a field is invalid (nothing is queued, no runner is touched).
@@ -199,7 +225,8 @@ class AsyncEngine:
         if self.active_jobs >= limit:
             raise QueueFull(f"{self.active_jobs} jobs running or queued; the limit is {limit}")
         job = Job(job_id=uuid.uuid4().hex[:16], model=name, request=resolved, output_format=output_format,
-                  preview_every=preview_every, priority=priority, client_request_id=client_request_id)
+                  preview_every=preview_every, priority=priority, client_request_id=client_request_id,
+                  detached=detached)
         self.jobs[job.job_id] = job
         heapq.heappush(self._queue, (-priority, next(self._order), job))
         self._emit(job, Event("accepted"))
@@ -238,6 +265,50 @@ class AsyncEngine:
         remaining /= self.slots
         return remaining * self._step_seconds
 
+    # --- results ------------------------------------------------------------------------------
+    def expire_results(self) -> None:
+        """Drops the videos older than ``result_ttl_s``, then the oldest while the kept bytes
+        exceed ``result_budget_bytes`` (the jobs stay visible, marked as dropped)."""
+        now = self.clock()
+        for job in [j for j in self._results if now - j.finished_at > self.result_ttl_s and not j.streams]:
+            self._results.remove(job)
+            self._drop(job, f"expired after {self.result_ttl_s:g} s")
+        for job in [j for j in self._results if not j.streams]:  # oldest first; never under a stream
+            if self.kept_bytes <= self.result_budget_bytes:
+                break
+            self._results.remove(job)
+            self._drop(job, f"dropped: over the {self.result_budget_bytes} byte result budget")
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of finished videos held for fetching."""
+        return sum(len(job.output) for job in self._results)
+
+    def result_expires_in(self, job: Job) -> float:
+        """Seconds until ``job``'s video is dropped by age (0 when it has none)."""
+        if not job.output or job.finished_at is None:
+            return 0.0
+        return max(0.0, self.result_ttl_s - (self.clock() - job.finished_at))
+
+    async def wait_ended(self, job: Job) -> None:
+        """Returns once ``job`` has ended (its events are not consumed)."""
+        await job._ended.wait()
+
+    def release(self, job: Job) -> None:
+        """Frees the video of a job whose stream has delivered it (a job not detached)."""
+        if not job.detached and job.output:
+            self._drop(job, "delivered on its stream (submit detached to fetch it later)", quiet=True)
+
+    def _drop(self, job: Job, why: str, *, quiet: bool = False) -> None:
+        job.output, job.result_dropped = b"", why
+        # A streamed job's video freed after delivery is routine: the one line per request stays one.
+        (log.debug if quiet else log.info)("job %s result %s", job.job_id, why)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, min(60.0, self.result_ttl_s / 4)))
+            self.expire_results()
+
     # --- event streams -----------------------------------------------------------------------
     async def events(self, job: Job):
         """Yields the job's events until it ends (the terminal event is the last one)."""
@@ -274,6 +345,10 @@ class AsyncEngine:
                     break
         events.append(event)
         job._changed.set()
+        job.latest[event.kind] = event
+        job.version += 1
+        tick, job.tick = job.tick, asyncio.Event()
+        tick.set()
 
     def _emit_threadsafe(self, job: Job, event: Event) -> None:
         self._loop.call_soon_threadsafe(self._emit, job, event)
@@ -290,10 +365,21 @@ class AsyncEngine:
         log.info("job %s %s after %.2fs (%s)%s", job.job_id, state.value, time.monotonic() - job.submitted,
                  "ran" if started else "never ran", f": {error}" if error else "")
         kind = {JobState.SUCCEEDED: "done", JobState.FAILED: "failed", JobState.CANCELLED: "cancelled"}[state]
+        if state == JobState.SUCCEEDED and job.output and job.detached:
+            job.finished_at = self.clock()
+            self._results.append(job)
+        elif job.output and not job.streams:  # not detached and its stream is gone: nobody can fetch it
+            self._drop(job, "not delivered: its stream had ended (submit detached to fetch it later)")
         self._emit(job, Event(kind, {"error": error, "reason": reason}))
+        if not job.streams:  # nobody reads this job's stream: keep only the watchers' latest events
+            job._events.clear()
+        job._ended.set()
         self._finished.append(job.job_id)
         while len(self._finished) > self.keep_finished:
-            self.jobs.pop(self._finished.popleft(), None)
+            gone = self.jobs.pop(self._finished.popleft(), None)
+            if gone is not None and gone in self._results:
+                self._results.remove(gone)
+        self.expire_results()
 
     # --- execution ---------------------------------------------------------------------------
     def _free(self, model: str) -> bool:

@@ -65,8 +65,8 @@ class WorkerGroup(Protocol):
         :meth:`engine.denoise.DenoiseRun.progress`); may queue the next chunk on the workers
         before the previous result has been read."""
     def decode(self, state, *, timeout_s: float):
-        """Decodes ``state`` (``None``: the group's current run); returns ``(frames, ranks that
-        took part)``."""
+        """Decodes ``state`` (``None``: the group's current run); returns ``(frames, reports)``,
+        one ``{"rank", "seconds", "peak_bytes", "measure"}`` per rank that took part."""
     def memory(self, *, timeout_s: float) -> list[dict]:
         """Each rank's peak memory since the previous call (see :mod:`engine.stats`)."""
     def ping(self, *, timeout_s: float) -> list:

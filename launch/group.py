@@ -63,12 +63,16 @@ class CallGroup:
         return self.spec.layout.world_size
 
     def describe(self) -> dict:
-        """``{"name", "roles", "ranks", "layout", "backend", "attention"}`` for logs and run
+        """``{"name", "roles", "ranks", "layout", "backend", "attention", "vae"}`` for logs and run
         stats; ``attention`` is the sequence-parallel kernel the ranks choose
         (:func:`parallel.kernels.select` for the group's device, dtype and head size), or
-        ``"sdpa"`` (the library's own attention) when the group does not split the sequence."""
+        ``"sdpa"`` (the library's own attention) when the group does not split the sequence;
+        ``vae`` is how it decodes (:data:`parallel.cost.VAE_MODES`)."""
+        vae = ("parallel" if self.spec.vae_parallel and self.size > 1 else
+               "tiled" if self.spec.vae_tiling else "whole")
         return {"name": self.name, "roles": list(self.roles), "ranks": self.size,
-                "layout": self.spec.layout.spec(), "backend": self.backend, "attention": self.attention_kernel()}
+                "layout": self.spec.layout.spec(), "backend": self.backend, "attention": self.attention_kernel(),
+                "vae": vae}
 
     def attention_kernel(self) -> str:
         """The attention kernel this group's ranks run (see :meth:`describe`)."""

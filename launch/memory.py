@@ -64,31 +64,37 @@ def _planner(model, request: dict, total_bytes: int | None):
     return Planner(work, gpu, load_calibration())
 
 
-def _fits(planner, role: str, ranks: int, layout) -> list[str]:
-    """Alternatives that fit, cheapest first: this group with FSDP over its ranks, with offload,
-    then the fastest fitting group of 2x and 4x the ranks."""
+def _fits(planner, role: str, ranks: int, layout, vae: str = "whole") -> list[str]:
+    """Alternatives that fit, cheapest first: this group splitting its decode (``--vae-parallel``),
+    with FSDP over its ranks, with offload, then the fastest fitting group of 2x and 4x the ranks
+    (with the split decode)."""
     from relay.parallel.layout import ParallelLayout
 
     out = []
     capacity = planner.capacity_gib
+    if ranks > 1 and vae != "parallel" and role in ("fused", "low_noise", "dense"):
+        peak = planner.group(layout, role, vae="parallel").memory.peak_gib
+        if peak <= capacity:
+            out.append(f"--vae-parallel ({peak:.1f} GiB)")
     if ranks > 1 and layout.fsdp_degree < ranks:
         sharded = ParallelLayout(cfg_degree=layout.cfg_degree, ulysses_degree=layout.ulysses_degree,
                                  ring_degree=layout.ring_degree, fsdp_degree=ranks)
-        peak = planner.group(sharded, role).memory.peak_gib
+        peak = planner.group(sharded, role, vae=vae).memory.peak_gib
         if peak <= capacity:
             out.append(f"--fsdp {ranks} ({peak:.1f} GiB)")
-    offloaded = planner.group(layout, role, offload=True).memory.peak_gib
+    offloaded = planner.group(layout, role, offload=True, vae=vae).memory.peak_gib
     if offloaded <= capacity:
         out.append(f"--offload ({offloaded:.1f} GiB)")
     for more in (2 * ranks, 4 * ranks):
         best = planner.best_group(more, role)
         if best is not None:
-            out.append(f"{more} ranks as {best.describe()} ({best.memory.peak_gib:.1f} GiB)")
+            out.append(f"{more} ranks as {best.describe()}{' (--vae-parallel)' if best.vae == 'parallel' else ''} "
+                       f"({best.memory.peak_gib:.1f} GiB)")
             break
     return out
 
 
-def _priced(model, request: dict, roles, layout, oom) -> str | None:
+def _priced(model, request: dict, roles, layout, oom, vae: str = "whole") -> str | None:
     if not str(oom.device).startswith("cuda"):
         return None
     planner = _planner(model, request, oom.total_bytes)
@@ -96,11 +102,11 @@ def _priced(model, request: dict, roles, layout, oom) -> str | None:
         return None
     role = _role(roles)
     ranks = layout.world_size
-    peak = planner.group(layout, role).memory.peak_gib
+    peak = planner.group(layout, role, vae=vae).memory.peak_gib
     text = (f"The planner puts this layout at {peak:.1f} GiB per rank on a {planner.gpu.name} "
             f"({planner.capacity_gib:.1f} GiB usable) for {model.name} at "
             f"{planner.work.width}x{planner.work.height}, {planner.work.frames} frames.")
-    fits = _fits(planner, role, ranks, layout)
+    fits = _fits(planner, role, ranks, layout, vae)
     if fits:
         text += " What fits: " + "; ".join(fits) + "."
     text += (f" `relay plan --gpu {planner.gpu.name} --model {model.name} --size "
@@ -119,7 +125,7 @@ def request_advice(model_dir: str, request: dict, group: dict, oom) -> str:
     priced = None
     if model is not None:
         try:
-            priced = _priced(model, request, group.get("roles", ()), layout, oom)
+            priced = _priced(model, request, group.get("roles", ()), layout, oom, group.get("vae", "whole"))
         except Exception:  # noqa: BLE001 - a size the planner cannot price still gets the advice
             log.debug("no planner figure for this request", exc_info=True)
     if priced is None:

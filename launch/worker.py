@@ -50,6 +50,7 @@ class PeakMemory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.bytes = 0
+        self.previous_peak = 0
         self.measure = "cuda_max_allocated" if device.type == "cuda" else "host_rss_sampled"
 
     def __enter__(self) -> PeakMemory:
@@ -57,6 +58,7 @@ class PeakMemory:
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            self.previous_peak = torch.cuda.max_memory_allocated(self.device)  # what the reset forgets
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
@@ -173,6 +175,8 @@ class StageWorker:
         from relay.parallel.groups import init_groups
 
         quiet_libraries()
+        if spec.vae_parallel and spec.vae_tiling:  # bands would tile by their own heights: ranks diverge
+            raise ValueError("vae_parallel and vae_tiling cannot be combined")
         # One GPU's worker needs few host threads (the GPU computes); eight of them taking every
         # core each would oversubscribe the host. A CPU rank computes with its share.
         torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // info.world_size))
@@ -217,6 +221,7 @@ class StageWorker:
         self._prepared = None
         self._fault: dict | None = None
         self._released = False  # set by an out-of-memory error until the next prepare/begin
+        self._peak_kept = 0  # the CUDA peak before a decode's measurement reset it
         self.run = None
 
     @property
@@ -375,6 +380,7 @@ class StageWorker:
             began = time.perf_counter()
             frames = self.engine.decode(state if state is not None else self.run)
             seconds = time.perf_counter() - began
+        self._peak_kept = max(self._peak_kept, peak.previous_peak)  # memory() still sees the denoise peak
         return frames, {"rank": self.info.rank, "seconds": seconds, "peak_bytes": peak.bytes, "measure": peak.measure}
 
     def memory(self, reset: bool = True) -> dict:
@@ -387,9 +393,10 @@ class StageWorker:
         """
         device = self.groups.device
         if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device)
+            peak = max(torch.cuda.max_memory_allocated(device), self._peak_kept)
             if reset:
                 torch.cuda.reset_peak_memory_stats(device)
+                self._peak_kept = 0
             measure = "cuda_max_allocated"
         else:
             import resource

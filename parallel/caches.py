@@ -7,13 +7,14 @@ and the group's collectives would no longer match. :class:`GroupVote` therefore
 
 1. sums ``|r - r_prev|`` and ``|r_prev|`` over this rank's real tokens (the padding of the last
    chunk is left out) and all-reduces the sums over the sequence-parallel group, so every rank
-   of a branch compares the metric of the whole sequence -- the same number one process
-   computes, up to summation order;
+   of a branch compares the metric of the whole sequence -- what one process computes, up to
+   summation order and precision (fp64 sums here, the model dtype's means in one process: right
+   at the threshold the two may decide differently);
 2. all-reduces the branches' decisions over the whole group: when any branch computes, every
    rank runs the remaining blocks (a branch that decided to skip discards them and returns its
    cached output, exactly as it would alone), so no rank ever skips while another computes.
 
-Two small all-reduces per forward (3 and 2 numbers); every rank calls them in the same order.
+Two small all-reduces per forward (2 numbers each); every rank calls them in the same order.
 """
 
 from __future__ import annotations

@@ -279,7 +279,7 @@ VAE_MODES = ("whole", "parallel", "tiled")
 #: diffusers' ``AutoencoderKLWan`` tiling defaults: 256-pixel tiles every 192 pixels, so each
 #: pixel is decoded (256/192)^2 times and one tile's workspace is live at a time.
 TILE_PIXELS, TILE_STRIDE = 256, 192
-#: Collectives of a row-split decode per latent frame (two halo exchanges per padded
+#: Collectives of a row-split decode per latent frame (one halo all-gather per padded
 #: convolution, the mid-block's key/value gathers): counted on the Wan VAE decoder.
 SPLIT_COLLECTIVES_PER_FRAME = 60
 #: Launch latency of one small collective (NCCL all-gather of a few rows, NVLink or PCIe).
@@ -305,15 +305,15 @@ def decode_seconds(work: Workload, gpu: GpuSpec, cal: Calibration, *, ranks: int
 def decode_workspace_bytes(work: Workload, cal: Calibration, *, ranks: int = 1, mode: str = "whole") -> float:
     """Peak decode memory of the busiest rank above the resident weights: the published
     single-GPU workspace per output pixel, divided over the rows of ``ranks`` (``parallel``; the
-    output rank also receives the other bands' frames) or bounded to one tile (``tiled``; the
-    blended frames stay whole)."""
+    output rank also holds the gathered bands and their concatenation, about two copies of the
+    frames) or bounded to one tile (``tiled``; the blended frames stay whole)."""
     per_pixel = cal.vae[work.model.vae.name].workspace_bytes_per_pixel
     frames_bytes = work.pixels * 3 * 4
     if mode == "tiled":
         return per_pixel * min(TILE_PIXELS, work.width) * min(TILE_PIXELS, work.height) + frames_bytes
     if mode != "parallel" or ranks <= 1:
         return per_pixel * work.width * work.height
-    return per_pixel * work.width * work.height / ranks + frames_bytes * (ranks - 1) / ranks
+    return per_pixel * work.width * work.height / ranks + 2 * frames_bytes
 
 
 def offload_seconds(work: Workload, gpu: GpuSpec, cal: Calibration) -> float:

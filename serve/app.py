@@ -19,7 +19,9 @@ def model_name(path: Path) -> str:
 
 
 async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, max_queue: int = 8,
-                heartbeat_s: float = 5.0, port_file: str | None = None, lora_dir: str | None = None) -> None:
+                heartbeat_s: float = 5.0, port_file: str | None = None, lora_dir: str | None = None,
+                result_ttl_s: float = 3600.0, result_budget_bytes: int = 2 << 30,
+                http_port: int | None = None) -> None:
     """Runs the server until it has drained.
 
     Health is NOT_SERVING (and Generate answers UNAVAILABLE) until every model has loaded.
@@ -29,6 +31,10 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, 
             (called on a worker thread): an :class:`engine.scheduled.ScheduledRunner` over the
             model's executor, whose ``close()`` is called when the server stops.
         lora_dir: The folder requests name LoRA files in (``None``: no LoRAs).
+        result_ttl_s, result_budget_bytes: How long, and how many bytes of, detached jobs'
+            videos are kept for ``GetResult``.
+        http_port: Also serve the HTTP videos API and the web page (:mod:`serve.http`) on this
+            port (0: a free one), with the same tokens and TLS certificate; ``None``: gRPC only.
     """
     from relay.engine.model_info import read_model_info
 
@@ -38,13 +44,24 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, 
         infos[model_name(info.path)] = info
     runners: dict = {}
     engine = AsyncEngine(runners, default_model=next(iter(infos)), max_queue=max_queue,
-                         heartbeat_s=heartbeat_s, lora_dir=lora_dir)
+                         heartbeat_s=heartbeat_s, lora_dir=lora_dir, result_ttl_s=result_ttl_s,
+                         result_budget_bytes=result_budget_bytes)
     server = RelayServer(engine, infos, config)
     await server.start()
     server.install_signal_handlers()
     address = f"{config.host}:{server.port}"
     print(f"relay serve: listening on {address} ({'TLS' if config.tls_cert else 'plaintext'}"
           f"{', token auth' if config.tokens else ''}); loading {', '.join(infos)}", file=sys.stderr, flush=True)
+    http = None
+    if http_port is not None:
+        from relay.serve.http import HttpServer
+
+        http = HttpServer(engine, infos, host=config.host, port=http_port, tokens=config.tokens,
+                          tls_cert=config.tls_cert, tls_key=config.tls_key)
+        bound = await http.start()
+        scheme = "https" if config.tls_cert else "http"
+        print(f"relay serve: HTTP videos API and web page on {scheme}://{config.host}:{bound}/", file=sys.stderr,
+              flush=True)
     if port_file:
         Path(port_file).write_text(f"{server.port}\n")
     try:
@@ -61,6 +78,8 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, 
     finally:
         if not server.stopped:  # a model failed to load: stop listening before the loop ends
             await server.server.stop(0)
+        if http is not None:
+            await http.stop()
         for runner in runners.values():
             close = getattr(runner, "close", None)
             if close is not None:

@@ -80,30 +80,42 @@ class RelayClient:
             grpc.RpcError: the server refused or failed the job (status and message as sent).
             IntegrityError: the assembled file does not match ``done``.
         """
-        chunks, events, job_id, settings, done = [], [], "", None, None
-        expected_offset = 0
-        for event in self.stub.Generate(request, timeout=timeout, metadata=self.metadata):
-            job_id = event.job_id
-            if keep_events:
-                events.append(event)
-            kind = event.WhichOneof("event")
-            if kind == "accepted":
-                settings = event.accepted.settings
-            elif kind == "video_chunk":
-                if event.video_chunk.offset != expected_offset:
-                    raise IntegrityError(f"chunk at offset {event.video_chunk.offset}, expected {expected_offset}")
-                chunks.append(event.video_chunk.data)
-                expected_offset += len(event.video_chunk.data)
-            elif kind == "done":
-                done = event.done
-            if on_event is not None:
-                on_event(event)
-        data = b"".join(chunks)
-        if done is None:
-            raise IntegrityError("stream ended without a done event")
-        if len(data) != done.size or hashlib.sha256(data).hexdigest() != done.sha256:
-            raise IntegrityError("received video does not match the server's size/sha256")
-        return GenerationResult(job_id=job_id, data=data, done=done, settings=settings, events=events)
+        stream = self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
+        return _assemble(stream, on_event=on_event, keep_events=keep_events)
+
+    def submit_detached(self, request: pb.GenerateRequest, *, timeout: float | None = 60.0) -> tuple[str, pb.Accepted]:
+        """Submits ``request`` detached and returns ``(job id, Accepted)`` once the server accepted
+        it; the job runs on without this client (fetch it with :meth:`fetch`).
+
+        Raises:
+            grpc.RpcError: the server refused the job.
+        """
+        detached = pb.GenerateRequest()
+        detached.CopyFrom(request)
+        detached.detach = True
+        stream = self.stub.Generate(detached, timeout=timeout, metadata=self.metadata)
+        try:
+            for event in stream:
+                if event.WhichOneof("event") == "accepted":
+                    accepted = pb.Accepted()
+                    accepted.CopyFrom(event.accepted)
+                    return event.job_id, accepted
+        finally:
+            stream.cancel()  # the job is detached: leaving its stream does not cancel it
+        raise IntegrityError("stream ended before the job was accepted")
+
+    def fetch(self, job_id: str, *, on_event=None, timeout: float | None = None) -> GenerationResult:
+        """The finished video of a detached job (waits for it to end).
+
+        Raises:
+            grpc.RpcError: ``NOT_FOUND`` (no such job, or its result is gone), or the job's failure.
+            IntegrityError: the assembled file does not match ``done``.
+        """
+        settings = self.get_job(job_id).settings  # before: the job may leave the server's list after
+        stream = self.stub.GetResult(pb.GetJobRequest(job_id=job_id), timeout=timeout, metadata=self.metadata)
+        result = _assemble(stream, on_event=on_event, keep_events=False)
+        result.settings = settings
+        return result
 
     def cancel(self, job_id: str) -> pb.CancelResponse:
         """Cancels a job."""
@@ -116,3 +128,31 @@ class RelayClient:
     def list_models(self) -> pb.ListModelsResponse:
         """The served models."""
         return self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata)
+
+
+def _assemble(stream, *, on_event=None, keep_events: bool = True) -> GenerationResult:
+    """Reads a stream of ``GenerateEvent`` into the file it ends with, checking size and sha256."""
+    chunks, events, job_id, settings, done = [], [], "", None, None
+    expected_offset = 0
+    for event in stream:
+        job_id = event.job_id
+        if keep_events:
+            events.append(event)
+        kind = event.WhichOneof("event")
+        if kind == "accepted":
+            settings = event.accepted.settings
+        elif kind == "video_chunk":
+            if event.video_chunk.offset != expected_offset:
+                raise IntegrityError(f"chunk at offset {event.video_chunk.offset}, expected {expected_offset}")
+            chunks.append(event.video_chunk.data)
+            expected_offset += len(event.video_chunk.data)
+        elif kind == "done":
+            done = event.done
+        if on_event is not None:
+            on_event(event)
+    data = b"".join(chunks)
+    if done is None:
+        raise IntegrityError("stream ended without a done event")
+    if len(data) != done.size or hashlib.sha256(data).hexdigest() != done.sha256:
+        raise IntegrityError("received video does not match the server's size/sha256")
+    return GenerationResult(job_id=job_id, data=data, done=done, settings=settings, events=events)

@@ -139,4 +139,6 @@ def job_message(engine, job: Job) -> pb.Job:
     """Engine job -> proto job."""
     return pb.Job(job_id=job.job_id, state=STATES[job.state], step=job.step, total=job.request.steps,
                   queue_position=engine.position(job), error=job.error,
-                  settings=settings(job.model, job.request, job.output_format))
+                  settings=settings(job.model, job.request, job.output_format), detached=job.detached,
+                  has_result=bool(job.output) and job.state == JobState.SUCCEEDED,
+                  result_expires_in_s=engine.result_expires_in(job), result_note=job.result_dropped)

@@ -48,7 +48,7 @@ class RelayServicer(pb_grpc.RelayServicer):
             job = self.engine.submit(
                 convert.to_request(request), model=request.model, output_format=convert.output_format(request),
                 preview_every=request.preview_every, priority=request.priority,
-                client_request_id=request.client_request_id)
+                client_request_id=request.client_request_id, detached=request.detach)
         except ValidationError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}")
         except QueueFull as exc:
@@ -59,10 +59,14 @@ class RelayServicer(pb_grpc.RelayServicer):
         # the handler's task, which may land while this generator is parked at a ``yield``
         # (grpc sending), so no except clause here would see it: the done callback and the
         # ``finally`` (run when the generator is closed) both cancel a job that has not ended.
+        # A detached job outlives its stream: nothing is cancelled when the client goes.
         context.add_done_callback(lambda _: self._abandon(job))
+        job.streams += 1
         try:
             async for event in self.engine.events(job):
                 if event.kind == "done":
+                    if not job.output:
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"result {job.result_dropped}")
                     for message in convert.video_events(job):
                         yield message
                     return
@@ -76,11 +80,14 @@ class RelayServicer(pb_grpc.RelayServicer):
                 if message is not None:
                     yield message
         finally:
+            job.streams -= 1
             self._abandon(job)
+            if job.state.ended:
+                self.engine.release(job)  # a streamed (not detached) job's video: delivered or abandoned
 
     def _abandon(self, job) -> None:
-        """Cancels ``job`` unless it has ended (its stream is gone)."""
-        if not job.state.ended:
+        """Cancels ``job`` unless it has ended or was submitted detached (its stream is gone)."""
+        if not job.state.ended and not job.detached:
             self.engine.cancel(job.job_id)
 
     async def Cancel(self, request, context):  # noqa: N802
@@ -91,10 +98,31 @@ class RelayServicer(pb_grpc.RelayServicer):
         return pb.CancelResponse(cancelled=cancelled, state=convert.STATES[state])
 
     async def GetJob(self, request, context):  # noqa: N802
+        self.engine.expire_results()  # what GetJob says of a result is true now, not at the next sweep
         job = self.engine.jobs.get(request.job_id)
         if job is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no job {request.job_id!r}")
         return convert.job_message(self.engine, job)
+
+    async def GetResult(self, request, context):  # noqa: N802
+        job = self.engine.jobs.get(request.job_id)
+        if job is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no job {request.job_id!r}")
+        await self.engine.wait_ended(job)  # the client's deadline bounds the wait
+        if job.state.name == "FAILED":
+            await context.abort(grpc.StatusCode.INTERNAL, job.error)
+        if job.state.name == "CANCELLED":
+            await context.abort(grpc.StatusCode.CANCELLED, job.error or "cancelled")
+        self.engine.expire_results()
+        if not job.output:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: the result of {job.job_id} is gone: "
+                                                          f"{job.result_dropped or 'never kept'}")
+        job.streams += 1
+        try:
+            for message in convert.video_events(job):
+                yield message
+        finally:
+            job.streams -= 1
 
     async def ListModels(self, request, context):  # noqa: N802
         models = [pb.Model(name=name, kind=info.kind, is_default=name == self.engine.default_model,

@@ -69,6 +69,7 @@ def _skips(events, expert=None) -> int:
 @pytest.mark.parametrize("text,canonical", [
     ("none", "none"), ("fbc:0.05", "fbc:0.05"), ("FBC: 0", "fbc:0"),
     ("taylorseer", "taylorseer"), ("taylorseer:warmup=2,interval=3", "taylorseer:interval=3,warmup=2"),
+    ("taylorseer:modules=lite", "taylorseer"), ("taylorseer:modules=blocks,order=2", "taylorseer:modules=blocks,order=2"),
     ("mag:calibrate", "mag:calibrate"), ("mag:0.1,k=2,ratios=1/1.01/0.99", "mag:0.1,k=2,ratios=1/1.01/0.99"),
 ])
 def test_cache_syntax_is_canonical(text, canonical):
@@ -82,6 +83,7 @@ def test_cache_syntax_is_canonical(text, canonical):
     ("teacache:0.1", "unknown cache"), ("fbc", "one threshold"), ("fbc:-1", "threshold"), ("fbc:x", "number"),
     ("fbc:nan", "threshold"), ("mag:0.1", "ratios"), ("mag:0.1,ratios=1/-2", "positive"),
     ("taylorseer:interval=0", "interval"), ("taylorseer:speed=2", "expected one of"), ("none:1", "no arguments"),
+    ("taylorseer:warmup=0", "warmup"), ("taylorseer:modules=all", "modules"),
 ])
 def test_bad_cache_specs_name_the_field(text, words):
     from relay.engine.caches import CacheSpec
@@ -131,11 +133,12 @@ def test_taylorseer_and_magcache_equal_diffusers(engine, pipe):
     from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig
 
     patterns = list(engine.spec.taylorseer_modules)
-    ours, events = _run(engine, cache="taylorseer:interval=2,warmup=1")
-    config = lambda: TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1,  # noqa: E731
-                                           taylor_factors_dtype=torch.float32, cache_identifiers=patterns)
-    assert _skips(events) == 8  # every other step of each expert after its first
-    np.testing.assert_allclose(ours, _diffusers(pipe, config(), config()), atol=TOLERANCE, rtol=0)
+    for suffix, kwargs in (("", dict(use_lite_mode=True)), (",modules=blocks", dict(cache_identifiers=patterns))):
+        ours, events = _run(engine, cache=f"taylorseer:interval=2,warmup=1{suffix}")
+        config = lambda: TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1,  # noqa: E731
+                                               taylor_factors_dtype=torch.float32, **kwargs)
+        assert _skips(events) == 8, suffix  # every other step of each expert after its first
+        np.testing.assert_allclose(ours, _diffusers(pipe, config(), config()), atol=TOLERANCE, rtol=0)
 
     _, calibration = _run(engine, cache="mag:calibrate")
     ratios = {e.expert: e.cache["mag_ratios"] for e in calibration if e.cache}

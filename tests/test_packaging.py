@@ -53,10 +53,13 @@ def test_wheel_installs_only_the_relay_namespace(wheel):
                      "parallel/data/gpus.json", "parallel/data/calibration.json"):
             assert f"relay/{data}" in names, data
         assert not any(name.startswith("relay/tests/") or "/results/" in name for name in names)
-        # Every module of the checkout ships (a package missing from pyproject would not).
+        assert "relay/serve/web/index.html" in names  # the HTTP port's web page
+        # Every module of the checkout ships (a package missing from pyproject would not), but
+        # the ComfyUI node package, which is copied into ComfyUI, not installed with Relay.
+        assert not any(name.startswith("relay/comfyui/") for name in names)
         shipped = {name for name in names if name.endswith(".py")}
         for name in _checkout_files():
-            if name.endswith(".py") and not name.startswith(("tests/", ".")):
+            if name.endswith(".py") and not name.startswith(("tests/", ".", "comfyui/")):
                 assert f"relay/{name}" in shipped, name
 
 

@@ -39,6 +39,7 @@ class LiveServer:
 
         self.loop = asyncio.new_event_loop()
         self.model_dir = model_dir
+        self.tokens = list(tokens)
         info = read_model_info(model_dir)
         self.name = info.path.name
         # The same runtime as relay serve: a stage scheduler over an in-process group, or over
@@ -77,6 +78,18 @@ class LiveServer:
         self.loop.run_until_complete(boot())
         self.loop.run_forever()
 
+    def start_http(self) -> str:
+        """Starts the HTTP videos API beside the gRPC server (same engine and tokens, port 0);
+        returns its base URL (``stop`` stops it too)."""
+        from relay.engine.model_info import read_model_info
+        from relay.serve.http import HttpServer
+
+        self.http = HttpServer(self.engine, {self.name: read_model_info(self.model_dir)}, host="127.0.0.1", port=0,
+                               tokens=self.tokens)
+        port = asyncio.run_coroutine_threadsafe(self.http.start(), self.loop).result(30)
+        self.http_url = f"http://127.0.0.1:{port}"
+        return self.http_url
+
     def call(self, fn):
         """Runs ``fn()`` on the server loop and returns its result (reads engine state safely)."""
         return asyncio.run_coroutine_threadsafe(_wrap(fn), self.loop).result(10)
@@ -91,6 +104,8 @@ class LiveServer:
         return False
 
     def stop(self):
+        if getattr(self, "http", None) is not None:
+            asyncio.run_coroutine_threadsafe(self.http.stop(), self.loop).result(30)
         asyncio.run_coroutine_threadsafe(self.server.server.stop(0), self.loop).result(10)
         self.call(lambda: self.engine._task.cancel())
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -757,3 +772,118 @@ def test_served_cached_and_plain_requests_in_turn_equal_their_single_process_run
             assert sum(e["skipped"] for e in stats["experts"].values()) == skipped
             assert sum(e.progress.skipped for e in result.events if e.HasField("progress")) == skipped
             assert (skipped > 0) == bool(fields), fields
+
+
+# --- detached jobs ------------------------------------------------------------------------------
+class _Clock:
+    """A monotonic clock the test moves (results age without waiting)."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()  # from the engine's own clock on: kept results stay in age order
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _detached_request(seed):
+    return _request(output_format=pb.OUTPUT_FORMAT_NPY, **{**FAST, "seed": seed})
+
+
+def test_detached_job_outlives_its_client_and_is_fetched_later(live, tiny_models, relay, tmp_path):
+    """Submit detached, drop the client, fetch from another: the frames equal the single-process
+    run; a streamed (not detached) job's video is not kept; the CLI does the same."""
+    from relay.engine import Engine, GenerationRequest, load_model
+    from relay.serve.client import RelayClient
+
+    engine = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu"))
+    settings = {k: v for k, v in FAST.items() if k != "seed"}
+    with RelayClient(live.target) as first:
+        job_id, accepted = first.submit_detached(_detached_request(61))
+    assert accepted.settings.seed == 61
+    with RelayClient(live.target) as second:
+        assert second.get_job(job_id).detached
+        result = second.fetch(job_id, timeout=120)
+        job = second.get_job(job_id)
+        assert job.state == pb.JOB_STATE_SUCCEEDED and job.has_result and job.result_expires_in_s > 0
+        again = second.fetch(job_id, timeout=30)  # kept until it expires, not consumed by a fetch
+    reference = engine.generate(GenerationRequest(prompt="a red kite over the sea", seed=61, **settings))
+    np.testing.assert_allclose(np.load(io.BytesIO(result.data)), reference, atol=1e-5, rtol=0)
+    assert again.data == result.data and result.settings.seed == 61
+
+    with RelayClient(live.target) as client:
+        streamed = client.generate(_detached_request(62))
+        with pytest.raises(grpc.RpcError) as caught:
+            client.fetch(streamed.job_id, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "delivered" in caught.value.details()
+        assert not client.get_job(streamed.job_id).has_result
+
+    # A streaming client of a detached job, SIGKILLed mid-run: the job finishes, the video waits.
+    script = ("import sys; from relay.serve.client import RelayClient; from relay.serve.gen.relay.v1 import relay_pb2 as pb\n"
+              "request = pb.GenerateRequest.FromString(bytes.fromhex(sys.argv[2]))\n"
+              "with RelayClient(sys.argv[1]) as c:\n"
+              "    for event in c.stub.Generate(request):\n"
+              "        if event.WhichOneof('event') == 'progress':\n"
+              "            print(event.job_id, flush=True)\n")
+    request = _detached_request(61)
+    request.detach = True
+    killed = subprocess.Popen([sys.executable, "-c", script, live.target, request.SerializeToString().hex()],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        killed_job = killed.stdout.readline().strip()  # the job is running: its first step is done
+    finally:
+        killed.kill()
+        killed.wait()
+    with RelayClient(live.target) as client:
+        assert client.fetch(killed_job, timeout=120).data == result.data
+
+    printed = relay("submit", "--server", live.target, "--prompt", "a red kite over the sea", "--seed", "61",
+                    *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()], "--output", tmp_path / "x.npy",
+                    "--detach", "--quiet")
+    assert printed.code == 0, printed.err
+    cli_job = printed.out.strip()
+    fetched = relay("fetch", cli_job, "--server", live.target, "--output", tmp_path / "x.npy", "--quiet")
+    assert fetched.code == 0, fetched.err
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), np.load(io.BytesIO(result.data)))
+    wrong = relay("fetch", cli_job, "--server", live.target, "--output", tmp_path / "x.mp4", "--quiet")
+    assert wrong.code == 2 and "--output" in wrong.err
+    missing = relay("fetch", "nosuchjob", "--server", live.target, "--output", tmp_path / "y.npy")
+    assert missing.code == 2 and "NOT_FOUND" in missing.err
+
+
+def test_kept_results_expire_by_age_and_budget(live):
+    """A kept video goes when it is older than the TTL or when newer ones exceed the budget;
+    the job stays visible and says why, and the bytes are freed."""
+    from relay.serve.client import RelayClient
+
+    clock = _Clock()
+    saved = live.call(lambda: (live.engine.clock, live.engine.result_ttl_s, live.engine.result_budget_bytes))
+
+    def configure(ttl, budget):
+        engine = live.engine
+        engine.clock, engine.result_ttl_s, engine.result_budget_bytes = clock, ttl, budget
+
+    live.call(lambda: configure(60.0, 10**9))
+    try:
+        with RelayClient(live.target) as client:
+            old, _ = client.submit_detached(_detached_request(71))
+            size = client.fetch(old, timeout=120).done.size
+            clock.now += 61
+            assert not client.get_job(old).has_result and "expired" in client.get_job(old).result_note
+            with pytest.raises(grpc.RpcError) as caught:
+                client.fetch(old, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "expired" in caught.value.details()
+            assert live.call(lambda: live.engine.kept_bytes) == 0
+
+            live.call(lambda: configure(60.0, int(1.5 * size)))  # room for one result
+            first, _ = client.submit_detached(_detached_request(72))
+            client.fetch(first, timeout=120)
+            second, _ = client.submit_detached(_detached_request(73))
+            client.fetch(second, timeout=120)
+            assert "budget" in client.get_job(first).result_note and client.get_job(second).has_result
+            assert live.call(lambda: live.engine.kept_bytes) == size
+    finally:
+        def restore():
+            engine = live.engine
+            engine.clock, engine.result_ttl_s, engine.result_budget_bytes = saved
+
+        live.call(restore)

@@ -35,7 +35,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "fps", "image", "output_format", "preview_every", "priority", "client_request_id", "boundary", "solver", "timesteps", "preset", "loras", "cache", "cache_high", "cache_low")
+    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "fps", "image", "output_format", "preview_every", "priority", "client_request_id", "boundary", "solver", "timesteps", "preset", "loras", "cache", "cache_high", "cache_low", "detach")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class GenerateRequest(_message.Message):
     CACHE_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIGH_FIELD_NUMBER: _ClassVar[int]
     CACHE_LOW_FIELD_NUMBER: _ClassVar[int]
+    DETACH_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -86,7 +87,8 @@ class GenerateRequest(_message.Message):
     cache: str
     cache_high: str
     cache_low: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., guidance_low: _Optional[float] = ..., shift: _Optional[float] = ..., fps: _Optional[int] = ..., image: _Optional[bytes] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., preview_every: _Optional[int] = ..., priority: _Optional[int] = ..., client_request_id: _Optional[str] = ..., boundary: _Optional[float] = ..., solver: _Optional[str] = ..., timesteps: _Optional[_Iterable[float]] = ..., preset: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., cache: _Optional[str] = ..., cache_high: _Optional[str] = ..., cache_low: _Optional[str] = ...) -> None: ...
+    detach: bool
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., guidance_low: _Optional[float] = ..., shift: _Optional[float] = ..., fps: _Optional[int] = ..., image: _Optional[bytes] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., preview_every: _Optional[int] = ..., priority: _Optional[int] = ..., client_request_id: _Optional[str] = ..., boundary: _Optional[float] = ..., solver: _Optional[str] = ..., timesteps: _Optional[_Iterable[float]] = ..., preset: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., cache: _Optional[str] = ..., cache_high: _Optional[str] = ..., cache_low: _Optional[str] = ..., detach: _Optional[bool] = ...) -> None: ...
 
 class Lora(_message.Message):
     __slots__ = ("name", "scale", "expert")
@@ -286,7 +288,7 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "step", "total", "queue_position", "error", "settings")
+    __slots__ = ("job_id", "state", "step", "total", "queue_position", "error", "settings", "detached", "has_result", "result_expires_in_s", "result_note")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -294,6 +296,10 @@ class Job(_message.Message):
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    DETACHED_FIELD_NUMBER: _ClassVar[int]
+    HAS_RESULT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    RESULT_NOTE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     step: int
@@ -301,7 +307,11 @@ class Job(_message.Message):
     queue_position: int
     error: str
     settings: ResolvedSettings
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., queue_position: _Optional[int] = ..., error: _Optional[str] = ..., settings: _Optional[_Union[ResolvedSettings, _Mapping]] = ...) -> None: ...
+    detached: bool
+    has_result: bool
+    result_expires_in_s: float
+    result_note: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., queue_position: _Optional[int] = ..., error: _Optional[str] = ..., settings: _Optional[_Union[ResolvedSettings, _Mapping]] = ..., detached: _Optional[bool] = ..., has_result: _Optional[bool] = ..., result_expires_in_s: _Optional[float] = ..., result_note: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

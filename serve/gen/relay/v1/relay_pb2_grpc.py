@@ -49,6 +49,11 @@ class RelayStub:
                 request_serializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.Job.FromString,
                 _registered_method=True)
+        self.GetResult = channel.unary_stream(
+                '/relay.v1.Relay/GetResult',
+                request_serializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateEvent.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/relay.v1.Relay/ListModels',
                 request_serializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.ListModelsRequest.SerializeToString,
@@ -81,6 +86,15 @@ class RelayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetResult(self, request, context):
+        """The finished video of a detached job: waits until the job ends, then video_chunk events and
+        done, as at the end of Generate. NOT_FOUND when the job or its result is gone (expired,
+        over the server's result budget, or delivered on the stream of a job not detached).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """The models this server serves, with their size rules and defaults.
         """
@@ -105,6 +119,11 @@ def add_RelayServicer_to_server(servicer, server):
                     servicer.GetJob,
                     request_deserializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GetJobRequest.FromString,
                     response_serializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.Job.SerializeToString,
+            ),
+            'GetResult': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetResult,
+                    request_deserializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GetJobRequest.FromString,
+                    response_serializer=relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateEvent.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -193,6 +212,33 @@ class Relay:
             '/relay.v1.Relay/GetJob',
             relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GetJobRequest.SerializeToString,
             relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/relay.v1.Relay/GetResult',
+            relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GetJobRequest.SerializeToString,
+            relay_dot_serve_dot_gen_dot_relay_dot_v1_dot_relay__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,
