@@ -6,6 +6,7 @@ and the single-process engine run. Groups are real gloo processes.
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import numpy as np
@@ -46,7 +47,8 @@ def _vae_rank(rank, world, model_dirs, port, out_dir):
     from relay.parallel.vae import RowSplitVAE
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A hung peer fails the collectives in 2 minutes instead of gloo's 30 (the test's own timeout).
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
     out = {}
     for kind, model_dir in model_dirs.items():
