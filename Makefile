@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch is pinned in this same pip call so the CPU wheel is used (see requirements/cpu.txt).
-	$(PY) -m pip install --quiet -r requirements/dev.txt -e .
+	$(PY) -m pip install --quiet -r requirements/dev.txt -e ".[engine]"
 	# The web page test drives a real headless Chromium: the distribution's package, where apt
 	# is available to root (elsewhere that test is skipped and says why).
 	@if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \

@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Top-level modules of the [engine] extra: a command that imports one of them on a client-only
+# install gets a plain line naming the install, not a traceback.
+ENGINE_MODULES = frozenset({"torch", "diffusers", "transformers", "accelerate", "xfuser", "yunchang", "ray",
+                            "fastapi", "uvicorn", "starlette", "pydantic", "imageio", "imageio_ffmpeg",
+                            "av", "einops", "numpy", "PIL", "safetensors", "grpc_tools", "grpc_reflection",
+                            "sentencepiece", "ftfy"})
+
+
 def _handler(args):
     """The sub-command's function: a ``"module:function"`` name, imported only now."""
     import importlib
@@ -158,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - one plain line; RELAY_DEBUG=1 shows the traceback
         import os
+
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in ENGINE_MODULES:
+            # A studio machine's client install (wan-relay[client]) has the CLI but not the engine.
+            print(f"relay {args.command}: needs the engine install, which this environment lacks (no module "
+                  f"{exc.name!r}): pip install 'wan-relay[engine]'; submit and fetch work without it",
+                  file=sys.stderr)
+            return 1
 
         if os.environ.get("RELAY_DEBUG"):
             raise

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import io
 
-from .relay_http import RelayHttp
+from relay.serve.http_client import RelayHttp  # the wan-relay[client] install
 
 CACHES = "none"
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -58,3 +60,24 @@ def relay(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+def checkout_files() -> list[str]:
+    """The files a clean checkout has (tracked, plus new files git does not ignore)."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout.split()
+    return [name for name in out if (REPO / name).is_file()]
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel ``pip wheel`` builds from a copy of a clean checkout (no stale build folder, no
+    dependencies, no network)."""
+    source = tmp_path_factory.mktemp("checkout")
+    for name in checkout_files():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(out), str(source)], check=True, capture_output=True, timeout=300)
+    return next(out.glob("*.whl"))

@@ -1,6 +1,5 @@
 """Relay installs under one ``relay`` namespace: nothing generic at the top level of site-packages."""
 
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,27 +20,6 @@ def test_packages_import_from_the_relay_namespace(name):
     assert Path(module.__file__).resolve().parent == REPO / name
 
 
-def _checkout_files() -> list[str]:
-    """The files a clean checkout has (tracked, plus new files git does not ignore)."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout.split()
-    return [name for name in out if (REPO / name).is_file()]
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """The wheel ``pip wheel`` builds from a copy of a clean checkout (no stale build folder, no
-    dependencies, no network)."""
-    source = tmp_path_factory.mktemp("checkout")
-    for name in _checkout_files():
-        (source / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, source / name)
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(out), str(source)], check=True, capture_output=True, timeout=300)
-    return next(out.glob("*.whl"))
-
-
 def test_wheel_installs_only_the_relay_namespace(wheel):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
@@ -58,7 +36,9 @@ def test_wheel_installs_only_the_relay_namespace(wheel):
         # the ComfyUI node package, which is copied into ComfyUI, not installed with Relay.
         assert not any(name.startswith("relay/comfyui/") for name in names)
         shipped = {name for name in names if name.endswith(".py")}
-        for name in _checkout_files():
+        from conftest import checkout_files
+
+        for name in checkout_files():
             if name.endswith(".py") and not name.startswith(("tests/", ".", "comfyui/")):
                 assert f"relay/{name}" in shipped, name
 

@@ -1,5 +1,15 @@
-"""A dependency-free client of Relay's HTTP videos API (``relay serve --http-port``): the
-standard library only, so the node installs into any ComfyUI environment as it is."""
+"""A client of Relay's HTTP videos API (``relay serve --http-port``), on the standard library
+only: part of the ``wan-relay[client]`` install (no torch, no Ray), used by the ComfyUI node
+(``comfyui/``) and by studio scripts::
+
+    from relay.serve.http_client import RelayHttp
+
+    client = RelayHttp("http://gpu-node:8080", token="...")
+    job = client.create({"prompt": "a red kite", "size": "832x480", "seconds": 5})
+    for kind, data in client.events(job["id"]):
+        ...
+    mp4 = client.content(job["id"])
+"""
 
 from __future__ import annotations
 
