@@ -74,6 +74,11 @@ def generation_flags(parser: argparse.ArgumentParser, *, submit: bool = False) -
                         "stats), taylorseer[:interval=N,warmup=W,order=O]; default none")
     g.add_argument("--cache-high", metavar="SPEC", help="the high-noise expert's cache (MoE models), overriding --cache")
     g.add_argument("--cache-low", metavar="SPEC", help="the low-noise expert's cache (MoE models), overriding --cache")
+    g.add_argument("--guidance-terms", metavar="NAME=VALUE,...",
+                   help="LTX-2's guidance beyond --guidance (defaults: diffusers'): audio=7 (the sound's CFG), "
+                        "stg=1 / audio_stg=1 (spatio-temporal guidance, 0 = off), stg_blocks=28 (blocks joined "
+                        "by +), modality=3 / audio_modality=3 (audio-video isolation, 1 = off), rescale=0.7 / "
+                        "audio_rescale=0.7")
     where = "a file in the server's --lora-dir" if submit else "a .safetensors file"
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help=f"LoRA for every expert ({where}; scale default 1.0); repeat to stack")
@@ -295,7 +300,8 @@ def layout_from_args(args, info, *, needs_uncond: bool | None):
         fsdp = args.fsdp
         layout = ParallelLayout.from_flags(nproc=args.nproc, ulysses=args.ulysses, ring=args.ring,
                                            cfg=args.cfg_parallel, fsdp=True if fsdp == -1 else fsdp)
-    layout.check_model(num_heads=info.num_attention_heads, guidance_needs_uncond=needs_uncond)
+    layout.check_model(num_heads=info.num_attention_heads, guidance_needs_uncond=needs_uncond,
+                       supported=info.spec.parallel, family=info.spec.description)
     if layout.world_size > 1 and args.offload and layout.fsdp_degree == 1:
         raise ValidationError("offload", "in a group offloads FSDP shards: add --fsdp")
     return layout
@@ -335,6 +341,8 @@ def check_placement_flags(args, info, layout) -> None:
     """Every placement flag that can be checked without the model's step schedule."""
     from relay.launch.placement import check_placement
 
+    if getattr(args, "vae_parallel", False) and "vae_parallel" not in info.spec.parallel:
+        raise ValidationError("vae_parallel", f"is not available for {info.spec.description} yet")
     if getattr(args, "vae_parallel", False) and args.nproc < 2:
         raise ValidationError("vae_parallel", "splits the decode over a group's ranks: it needs --nproc 2 or more")
     if getattr(args, "vae_parallel", False) and getattr(args, "vae_tiling", False):

@@ -100,7 +100,7 @@ def drive(executor, run: GenerateRun) -> int:
     try:
         ticket = executor.scheduler.submit(run.request, experts=run.experts, state=run.state,
                                            checkpoint_at=run.checkpoint_at, on_event=on_event)
-        frames = ticket.result()
+        clip = ticket.clip()
     except RequestFailed as exc:
         bar.close()
         print(f"relay generate: error: {exc}", file=sys.stderr)
@@ -109,9 +109,10 @@ def drive(executor, run: GenerateRun) -> int:
         bar.close()
     stats = ticket.stats.to_dict()
     say(run.quiet, f"denoised {sum(e['steps'] for e in stats['experts'].values())} step(s); decoded "
-                   f"{frames.shape[0]} frames on {stats['decode'].get('ranks', 1)} rank(s) in "
+                   f"{clip.frames.shape[0]} frames{' with sound' if clip.audio is not None else ''} on "
+                   f"{stats['decode'].get('ranks', 1)} rank(s) in "
                    f"{stats['seconds'].get('decode', 0.0):.1f}s")
-    write_output(frames, Path(run.output), fps=run.fps)
+    write_output(clip, Path(run.output), fps=run.fps)
     say(run.quiet, f"wrote {run.output}")
     if ticket.attempts:
         say(run.quiet, f"recovered from {ticket.attempts} group failure(s)")
@@ -137,6 +138,7 @@ def generate(args: argparse.Namespace) -> int:
             boundary=args.boundary, fps=args.fps, image=read_image(args.image), solver=args.solver,
             timesteps=parse_timesteps(args.timesteps), preset=args.preset, loras=lora_refs(args),
             cache=args.cache, cache_high=args.cache_high, cache_low=args.cache_low,
+            guidance_terms=args.guidance_terms,
         )
         # Every field, before any library is imported (LoRA files, when given, are read and
         # checked against the experts' configs on the meta device here).
@@ -288,7 +290,14 @@ def _show_settings(quiet: bool, info, resolved) -> None:
         source = resolved.sources.get(name, "")
         if name == "timesteps":
             value = ",".join(f"{t:g}" for t in value)
+        elif isinstance(value, float) and len(repr(value)) > 10:  # a computed shift: 1.7971425236824654
+            value = f"{value:.6g}"
         lines.append(f"  {name:<13} {value!s:<10} {flag(name) if source == 'request' else source}")
+    if resolved.guidance_terms:
+        terms = ",".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, tuple) else f'{v:g}'}"
+                         for k, v in resolved.guidance_terms.items())
+        source = resolved.sources.get("guidance_terms", "")
+        lines.append(f"  guidance_terms {terms} ({flag('guidance_terms') if source == 'request' else source})")
     for lora in resolved.loras:
         lines.append(f"  lora          {lora.name} x{lora.scale:g} on {', '.join(lora.experts)} ({lora.format} layout)")
     say(quiet, "settings (source):\n" + "\n".join(lines))
@@ -308,5 +317,8 @@ def make_tiny(args: argparse.Namespace) -> int:
     from relay.engine.tiny import make_tiny as build
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    print(build(args.directory, kind=args.kind, seed=args.seed))
+    if args.kind == "ltx2":
+        print(build(args.directory, kind="ti2v", seed=args.seed, family="ltx2"))
+    else:
+        print(build(args.directory, kind=args.kind, seed=args.seed))
     return EXIT_OK

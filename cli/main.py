@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="relay",
-        description="Relay: distributed inference for the Wan 2.2 video diffusion models.",
+        description="Relay: distributed inference for the Wan 2.2 and LTX-2 video diffusion models.",
     )
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -123,11 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="out/demo.mp4")
     demo.add_argument("--seed", type=int, default=42)
     demo.set_defaults(handler="relay.cli.service:demo")
-    tiny = sub.add_parser("make-tiny", help="write a tiny random Wan 2.2 model (diffusers layout)",
-                          description="Write a random tiny Wan 2.2 model for tests and demos.")
+    tiny = sub.add_parser("make-tiny", help="write a tiny random Wan 2.2 or LTX-2 model (diffusers layout)",
+                          description="Write a random tiny Wan 2.2 or LTX-2 model for tests and demos.")
     tiny.add_argument("directory", help="target folder")
-    tiny.add_argument("--kind", choices=("t2v", "i2v", "ti2v"), default="t2v",
-                      help="t2v / i2v: two experts (MoE); ti2v: dense, 48-channel VAE")
+    tiny.add_argument("--kind", choices=("t2v", "i2v", "ti2v", "ltx2"), default="t2v",
+                      help="t2v / i2v: Wan 2.2 with two experts (MoE); ti2v: Wan 2.2 dense, 48-channel VAE; "
+                           "ltx2: LTX-2 (video and sound, text and an optional first image)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     tiny.set_defaults(handler="relay.cli.generate:make_tiny")
     from relay.cli import bench, plan

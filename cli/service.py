@@ -231,7 +231,7 @@ def _request(args) -> "object":
             setattr(message, name, value)
     if args.image:
         message.image = Path(args.image).read_bytes()
-    for name in ("solver", "preset", "cache", "cache_high", "cache_low"):
+    for name in ("solver", "preset", "cache", "cache_high", "cache_low", "guidance_terms"):
         if getattr(args, name):
             setattr(message, name, getattr(args, name))
     message.timesteps.extend(parse_timesteps(args.timesteps) or ())

@@ -60,6 +60,24 @@ class StepEvent:
     cache: dict | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class StepContext:
+    """What a guidance rule may need besides the model inputs (LTX-2 guides in x0 space, which
+    needs the step's sigma and the fp32 latents).
+
+    Attributes:
+        index: The step's index.
+        latents: The run's current latents (fp32, before the model's dtype cast).
+        scheduler: The run's scheduler (``scheduler.sigmas[index]`` is the step's sigma).
+        request: The resolved request settings.
+    """
+
+    index: int
+    latents: torch.Tensor
+    scheduler: object
+    request: Mapping
+
+
 def guidance_for(request: Mapping, expert: str) -> float:
     """The guidance scale that applies to ``expert`` for this request."""
     return request["guidance_low"] if expert == LOW else request["guidance"]
@@ -77,9 +95,10 @@ class DenoiseRun:
         inputs: ``(conditioning, latents shape, device) -> builder`` whose ``model_input(latents)``
             and ``timestep(t, batch)`` give the transformer's inputs (the family pipeline's
             ``step_inputs``).
-        predict: Optional replacement of the guided noise prediction (e.g. CFG-parallel); called
-            as ``predict(model, x, timestep, conditioning, guidance, branch=...)``, returns
-            ``(noise, forwards)``; ``branch(name)`` is the context of a ``cond`` / ``uncond`` forward.
+        predict: The guided noise prediction, replacing :func:`guided_prediction` (the family's
+            own guidance, CFG-parallel); called as ``predict(model, x, timestep, conditioning,
+            guidance, branch=..., step=...)``, returns ``(noise, forwards)``; ``branch(name)`` is
+            the context of a ``cond`` / ``uncond`` forward, ``step`` the :class:`StepContext`.
         caches: The request's feature caches (:class:`~engine.caches.ExpertCaches`, already
             begun for this request), or ``None``. A state taken in the middle of a cached
             expert's steps is continued by replaying them from ``state.anchor`` (the cache's
@@ -183,7 +202,9 @@ class DenoiseRun:
         timestep = self._inputs.timestep(t, self.latents.shape[0])
         branch = (lambda name: self.caches.branch(expert, name)) if self._cached(expert) else _no_branch
         noise, forwards = self.predict(model, x, timestep, self.cond, guidance_for(self._request, expert),
-                                       branch=branch)
+                                       branch=branch, step=StepContext(index=index, latents=self.latents,
+                                                                       scheduler=self.scheduler,
+                                                                       request=self._request))
         skipped, lockstep = self.caches.take(expert) if self._cached(expert) else (0, 0)
         skipped, lockstep = min(skipped, forwards), min(lockstep, forwards)  # CFG halves on one branch
         last = index + 1 == len(self._experts) or self._experts[index + 1] != expert
@@ -259,7 +280,8 @@ def forward(model, x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
 
 
 def guided_prediction(model, x: torch.Tensor, timestep: torch.Tensor, cond,
-                      guidance: float, *, branch: Callable = _no_branch) -> tuple[torch.Tensor, int]:
+                      guidance: float, *, branch: Callable = _no_branch,
+                      step: StepContext | None = None) -> tuple[torch.Tensor, int]:
     """Classifier-free guidance: ``uncond + g * (cond - uncond)``; a single forward when g <= 1.
 
     Returns:
@@ -273,5 +295,11 @@ def guided_prediction(model, x: torch.Tensor, timestep: torch.Tensor, cond,
 
 
 def _map_conditioning(cond, device: torch.device):
-    return replace(cond, **{name: (value.to(device) if torch.is_tensor(value) else value)
-                            for name, value in vars(cond).items()})
+    def move(value):
+        if torch.is_tensor(value):
+            return value.to(device)
+        if isinstance(value, dict):
+            return {name: move(item) for name, item in value.items()}
+        return value
+
+    return replace(cond, **{name: move(value) for name, value in vars(cond).items()})

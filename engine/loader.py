@@ -42,6 +42,8 @@ class LoadedModel:
             Their host copies stay (pinned on CUDA): a module arrives with asynchronous copies
             from pinned memory and leaves by dropping its device copy -- frozen weights are never
             copied back.
+        components: The family's other modules by name (LTX-2: ``connectors``, ``audio_vae``,
+            ``vocoder``), on ``device``.
     """
 
     info: ModelInfo
@@ -52,6 +54,7 @@ class LoadedModel:
     vae: torch.nn.Module | None
     experts: dict[str, torch.nn.Module] = field(default_factory=dict)
     offload: bool = False
+    components: dict[str, torch.nn.Module] = field(default_factory=dict)
     _resident: str | None = field(default=None, repr=False)  # what offload last put on the device
     _host: dict = field(default_factory=dict, repr=False)  # name -> {tensor: its host copy}
 

@@ -51,6 +51,8 @@ class ModelInfo:
         defaults: Settings used for unset request fields.
         default_sources: Where each default came from (``relay.json``,
             ``scheduler/scheduler_config.json``, ``model_index.json``, ``Wan 2.2 reference (t2v)``).
+        has_audio: The model generates a sound track with the video (LTX-2).
+        audio_sample_rate: Samples per second of that track (the vocoder's output rate).
     """
 
     path: Path
@@ -73,6 +75,8 @@ class ModelInfo:
     defaults: Defaults
     default_sources: Mapping[str, str] = field(default_factory=dict)
     transformer_config: dict = field(repr=False, default_factory=dict)
+    has_audio: bool = False
+    audio_sample_rate: int | None = None
 
     @property
     def is_moe(self) -> bool:

@@ -55,7 +55,11 @@ class Engine:
         from relay.engine.solvers import set_schedule
 
         scheduler = self.spec.build_scheduler(self.info, request.shift, request.solver)
-        set_schedule(scheduler, request.steps, request.timesteps, device=self.device)
+        family_schedule = getattr(self.family, "set_schedule", None)  # LTX-2: size-dependent sigmas
+        if family_schedule is not None:
+            family_schedule(scheduler, request)
+        else:
+            set_schedule(scheduler, request.steps, request.timesteps, device=self.device)
         timesteps = [float(t) for t in scheduler.timesteps.cpu().tolist()]
         experts = self.spec.expert_schedule(self.info, request.steps, request.shift, request.boundary,
                                             solver=request.solver, timesteps=request.timesteps)
@@ -77,7 +81,8 @@ class Engine:
             state, experts=DeviceExperts(self.model),
             scheduler=self.spec.build_scheduler(self.info, float(state.request["shift"]),
                                                 state.request.get("solver")),
-            device=self.device, inputs=self.family.step_inputs, predict=predict,
+            device=self.device, inputs=self.family.step_inputs,
+            predict=predict or getattr(self.family, "predict", None),
             caches=self.caches if self.caches.active else None,
         )
 
@@ -96,10 +101,21 @@ class Engine:
         self.lora_reports = self._adapters.ensure(loras, before=self.model.park if self.model.offload else None)
         return self.lora_reports
 
-    def decode(self, state: DenoiseState | DenoiseRun) -> np.ndarray:
-        """Decodes finished latents to float32 frames ``(F, H, W, 3)`` in ``[0, 1]``."""
+    def decode_clip(self, state: DenoiseState | DenoiseRun):
+        """Decodes finished latents to a :class:`engine.video.Clip`: float32 frames ``(F, H, W,
+        3)`` in ``[0, 1]``, and the sound of a family that makes it (``None`` on a rank of a
+        split decode that does not hold the output)."""
+        from relay.engine.video import as_clip
+
         cond = state.cond if isinstance(state, DenoiseRun) else state.conditioning
-        return self.family.decode(state.latents, cond)
+        media = self.family.decode(state.latents, cond)
+        return None if media is None else as_clip(media)
+
+    def decode(self, state: DenoiseState | DenoiseRun) -> np.ndarray:
+        """Decodes finished latents to float32 frames ``(F, H, W, 3)`` in ``[0, 1]`` (the
+        picture of :meth:`decode_clip`)."""
+        clip = self.decode_clip(state)
+        return None if clip is None else clip.frames
 
     def generate(self, request: GenerationRequest | ResolvedRequest, *,
                  callback: Callable[[StepEvent], object] | None = None) -> np.ndarray:
@@ -108,3 +124,11 @@ class Engine:
         run = self.start(self.prepare(resolved))
         run.run(callback=callback)
         return self.decode(run)
+
+    def generate_clip(self, request: GenerationRequest | ResolvedRequest, *,
+                      callback: Callable[[StepEvent], object] | None = None):
+        """:meth:`generate`, returning the :class:`engine.video.Clip` (frames and sound)."""
+        resolved = request if isinstance(request, ResolvedRequest) else self.resolve(request)
+        run = self.start(self.prepare(resolved))
+        run.run(callback=callback)
+        return self.decode_clip(run)

@@ -61,6 +61,9 @@ class GenerationRequest:
             ``mag:...``, ``taylorseer:...``); default none.
         cache_high, cache_low: The high- / low-noise expert's cache, overriding ``cache``
             (MoE models only).
+        guidance_terms: The family's guidance beyond ``guidance``, as ``name=value`` pairs
+            (``"audio=7,stg=1"``) or a mapping: LTX-2's audio, spatio-temporal and modality
+            scales and rescales (:mod:`engine.models.ltx2.rules`); Wan has none.
     """
 
     prompt: str
@@ -83,6 +86,7 @@ class GenerationRequest:
     cache: str | None = None
     cache_high: str | None = None
     cache_low: str | None = None
+    guidance_terms: str | Mapping | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +98,8 @@ class ResolvedRequest:
     table, or ``random`` (the seed). ``solver`` is the solver's name, ``timesteps`` the explicit
     schedule (``None``: the solver's own spacing), ``loras`` the checked
     :class:`engine.lora.LoraChoice` entries (dicts, as shipped, are turned back into them),
-    ``caches`` the canonical feature-cache spec of each expert (``{expert: "fbc:0.05"}``).
+    ``caches`` the canonical feature-cache spec of each expert (``{expert: "fbc:0.05"}``),
+    ``guidance_terms`` every guidance term of the family with its value (``{}`` for Wan).
     """
 
     prompt: str
@@ -114,6 +119,7 @@ class ResolvedRequest:
     timesteps: tuple[float, ...] | None = None
     loras: tuple = ()
     caches: Mapping[str, str] = field(default_factory=dict)
+    guidance_terms: Mapping[str, object] = field(default_factory=dict)
     sources: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -129,6 +135,7 @@ class ResolvedRequest:
         data = asdict(self)
         data["sources"] = dict(self.sources)
         data["caches"] = dict(self.caches)
+        data["guidance_terms"] = dict(self.guidance_terms)
         if not with_image:
             data["image"] = None
         return data

@@ -78,7 +78,7 @@ class ScheduledRunner:
             if should_stop() and not ticket.cancelled:
                 self.scheduler.cancel(ticket)  # takes effect at the next step boundary
         try:
-            frames = ticket.result()
+            frames = ticket.clip()
         except RequestCancelled:
             raise CANCELLED from None
         output, mime = encode_output(frames, job.output_format, fps=job.request.fps)

@@ -471,16 +471,20 @@ def png_with_size(png: bytes) -> tuple[bytes, int, int]:
         return png, image.width, image.height
 
 
-def encode_output(frames, output_format: str, *, fps: int) -> tuple[bytes, str]:
-    """Frames ``(F, H, W, 3)`` in [0, 1] as the job's output bytes and MIME type (npy or mp4)."""
+def encode_output(media, output_format: str, *, fps: int) -> tuple[bytes, str]:
+    """A decoded video (frames ``(F, H, W, 3)`` in [0, 1] or a :class:`engine.video.Clip`) as
+    the job's output bytes and MIME type: ``.npy`` frames, or an mp4 with the clip's AAC track."""
+    from relay.engine.video import as_clip
+
+    clip = as_clip(media)
     if output_format == "npy":
         import io
 
         import numpy as np
 
         buffer = io.BytesIO()
-        np.save(buffer, frames.astype(np.float32))
+        np.save(buffer, clip.frames.astype(np.float32))
         return buffer.getvalue(), "application/x-npy"
     from relay.engine.video import encode_mp4
 
-    return encode_mp4(frames, fps=fps), "video/mp4"
+    return encode_mp4(clip.frames, fps=fps, audio=clip.audio, sample_rate=clip.sample_rate), "video/mp4"

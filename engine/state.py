@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import io
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -30,6 +30,9 @@ class Conditioning:
         concat: I2V (A14B): mask + image latents concatenated to the noise on channels.
         first_frame: TI2V image mode: clean latents of the first frame, blended in each step.
         first_frame_mask: TI2V image mode: 0 on the first latent frame, 1 elsewhere.
+        extra: The family's own conditioning tensors by name (LTX-2: the audio stream's text
+            embeddings, the connectors' attention masks, the image condition's token mask);
+            shipped, moved and checkpointed like the fields above.
     """
 
     prompt_embeds: torch.Tensor
@@ -37,6 +40,7 @@ class Conditioning:
     concat: torch.Tensor | None = None
     first_frame: torch.Tensor | None = None
     first_frame_mask: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)

@@ -175,8 +175,8 @@ class Ticket:
         """True once the request succeeded, failed or was cancelled."""
         return self._done.is_set()
 
-    def result(self, timeout: float | None = None):
-        """Waits for and returns the frames ``(F, H, W, 3)``.
+    def clip(self, timeout: float | None = None):
+        """Waits for and returns the decoded :class:`engine.video.Clip` (frames and sound).
 
         Raises:
             RequestFailed: the request failed. RequestCancelled: it was cancelled.
@@ -187,6 +187,12 @@ class Ticket:
         if self._error is not None:
             raise self._error
         return self._result
+
+    def result(self, timeout: float | None = None):
+        """Waits for and returns the frames ``(F, H, W, 3)`` (the picture of :meth:`clip`; same
+        errors)."""
+        clip = self.clip(timeout)
+        return None if clip is None else clip.frames
 
 
 def busy_overlap(trace: Sequence[TraceEntry], a: str, b: str) -> float:

@@ -94,7 +94,8 @@ def check_placement(info, *, placement: str = "fused", layout: ParallelLayout | 
     if placement == "fused":
         if replicas < 1:
             raise ValidationError("replicas", f"must be at least 1, got {replicas}")
-        (layout or ParallelLayout()).check_model(num_heads=heads)
+        (layout or ParallelLayout()).check_model(num_heads=heads, supported=info.spec.parallel,
+                                                 family=info.spec.description)
         return None
     if not info.is_moe:
         raise ValidationError("placement", "staged needs a two-expert (MoE) model; this one is dense")

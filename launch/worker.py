@@ -354,7 +354,8 @@ class StageWorker:
         self.run.run(until=end, callback=events.append)
         if not self.is_output_rank:
             return [], None, None
-        png = self.preview_png(self.run.latents) if preview else None
+        # A family whose latents the linear previewer cannot read yet (LTX-2's two streams) sends none.
+        png = self.preview_png(self.run.latents) if preview and getattr(self.engine.family, "previews", True) else None
         return events, self.run.progress(), png
 
     def preview_png(self, latents) -> bytes:
@@ -369,8 +370,8 @@ class StageWorker:
         """The ``decode`` stage of ``state`` (default: the current run).
 
         Returns:
-            On each rank that took part, ``(frames, report)``: the frames ``(F, H, W, 3)`` on the
-            output rank (``None`` on the others) and ``{"rank", "seconds", "peak_bytes",
+            On each rank that took part, ``(clip, report)``: the :class:`engine.video.Clip`
+            (frames ``(F, H, W, 3)``, and sound) on the output rank (``None`` on the others) and ``{"rank", "seconds", "peak_bytes",
             "measure"}`` of this rank's decode. ``None`` on a rank that did not take part
             (without ``--vae-parallel`` only the output rank decodes).
         """
@@ -378,7 +379,7 @@ class StageWorker:
             return None
         with PeakMemory(self.groups.device) as peak:
             began = time.perf_counter()
-            frames = self.engine.decode(state if state is not None else self.run)
+            frames = self.engine.decode_clip(state if state is not None else self.run)
             seconds = time.perf_counter() - began
         self._peak_kept = max(self._peak_kept, peak.previous_peak)  # memory() still sees the denoise peak
         return frames, {"rank": self.info.rank, "seconds": seconds, "peak_bytes": peak.bytes, "measure": peak.measure}

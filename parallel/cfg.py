@@ -24,7 +24,7 @@ class CfgParallelPredictor:
         self.cfg_rank = cfg_rank
 
     def __call__(self, model, x: torch.Tensor, timestep: torch.Tensor, cond,
-                 guidance: float, *, branch=None) -> tuple[torch.Tensor, int]:
+                 guidance: float, *, branch=None, step=None) -> tuple[torch.Tensor, int]:
         """The guided noise prediction and the request's forwards (2: one per half; 1 when the
         step has no unconditional forward and both halves run the same conditional one).
         ``branch(name)`` is the cache context of a forward (:func:`engine.denoise.forward`)."""

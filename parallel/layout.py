@@ -80,14 +80,23 @@ class ParallelLayout:
                 "nproc", f"world size {world_size} != cfg {self.cfg_degree} x ulysses {self.ulysses_degree} "
                 f"x ring {self.ring_degree} = {self.world_size}")
 
-    def check_model(self, *, num_heads: int, guidance_needs_uncond: bool | None = None) -> None:
+    def check_model(self, *, num_heads: int, guidance_needs_uncond: bool | None = None,
+                    supported: frozenset[str] | None = None, family: str = "") -> None:
         """Raises :class:`LayoutError` when the layout cannot split this model.
 
         Args:
             num_heads: Attention heads of the transformer (40 for A14B, 24 for TI2V-5B).
             guidance_needs_uncond: When known, whether any step runs an unconditional forward;
                 CFG-parallel without one leaves half the group idle.
+            supported: The layout flags the model's family runs (its spec's ``parallel``:
+                ``ulysses``, ``ring``, ``cfg_parallel``, ``fsdp``); ``None``: all of them.
+            family: The family's name, for the message.
         """
+        if supported is not None:
+            for attribute, flag in _FIELDS.items():
+                if getattr(self, attribute) > 1 and flag not in supported:
+                    raise LayoutError(flag, f"is not available for {family or 'this model family'} yet "
+                                            f"(it runs {', '.join(sorted(supported)) or 'on one process per group'})")
         if num_heads % self.ulysses_degree:
             raise LayoutError(
                 "ulysses", f"{self.ulysses_degree} must divide the model's {num_heads} attention "

@@ -36,6 +36,7 @@ def to_request(message: pb.GenerateRequest) -> GenerationRequest:
         loras=tuple(LoraRef(path=lora.name, scale=lora.scale if lora.HasField("scale") else 1.0,
                             expert=lora.expert or None) for lora in message.loras),
         cache=message.cache or None, cache_high=message.cache_high or None, cache_low=message.cache_low or None,
+        guidance_terms=message.guidance_terms or None,
     )
 
 

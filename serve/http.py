@@ -74,6 +74,8 @@ class VideoCreate(BaseModel):
     cache: str | None = None
     cache_high: str | None = None
     cache_low: str | None = None
+    guidance_terms: str | None = Field(None, description="LTX-2's guidance terms beyond guidance, "
+                                                         "e.g. audio=7,stg=1,stg_blocks=28 (Wan: none)")
     output_format: Literal["mp4", "npy"] = Field("mp4", description="content: H.264 MP4, or the float32 "
                                                  "frames (F, H, W, 3) in [0, 1] as .npy (exact, for tools)")
 
@@ -142,7 +144,7 @@ def to_request(body: VideoCreate, info):
         steps=body.steps, seed=body.seed, guidance=body.guidance, guidance_low=body.guidance_low, shift=body.shift,
         fps=body.fps, image=image, solver=body.solver, preset=body.preset,
         loras=tuple(LoraRef(path=lora.name, scale=lora.scale, expert=lora.expert) for lora in body.loras),
-        cache=body.cache, cache_high=body.cache_high, cache_low=body.cache_low)
+        cache=body.cache, cache_high=body.cache_high, cache_low=body.cache_low, guidance_terms=body.guidance_terms)
 
 
 def video_out(engine: AsyncEngine, job, created_at: float) -> VideoOut:

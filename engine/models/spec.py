@@ -33,6 +33,7 @@ from pathlib import Path
 #: Registered families: name -> module whose ``SPEC`` is the family's :class:`ModelSpec`.
 FAMILIES: dict[str, str] = {
     "wan2.2": "relay.engine.models.wan",
+    "ltx2": "relay.engine.models.ltx2",
 }
 
 
@@ -78,7 +79,7 @@ class SequenceParallelPlan:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """One model family (see the module docstring). Every field is required.
+    """One model family (see the module docstring). Every field is required but ``parallel``.
 
     Attributes:
         name: Registry name (``wan2.2``).
@@ -117,6 +118,8 @@ class ModelSpec:
         recipes: Named request recipes (``preset``): ``{name: {field: value}}``.
         taylorseer_modules: Module-name patterns (``re.fullmatch``) whose outputs TaylorSeer
             predicts on its cached steps (diffusers' default patterns miss some families).
+        parallel: The group layouts the family runs, as their flags (``ulysses``, ``ring``,
+            ``cfg_parallel``, ``fsdp``, ``vae_parallel``); others are refused naming the flag.
     """
 
     name: str
@@ -144,6 +147,7 @@ class ModelSpec:
     lora_weights: Callable
     recipes: Mapping
     taylorseer_modules: tuple[str, ...]
+    parallel: frozenset[str] = frozenset({"ulysses", "ring", "cfg_parallel", "fsdp", "vae_parallel"})
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -75,6 +75,9 @@ def resolve(request: GenerationRequest, info, *, tokenizer=None) -> ResolvedRequ
         sources[name] = default_sources.get(name, "default")
         return getattr(d, name)
 
+    if request.guidance_terms:
+        raise ValidationError("guidance_terms", "Wan models have no guidance terms beyond guidance and "
+                                                "guidance_low")
     prompt = request.prompt
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValidationError("prompt", "must be a non-empty string")

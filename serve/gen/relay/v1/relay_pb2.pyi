@@ -35,7 +35,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "fps", "image", "output_format", "preview_every", "priority", "client_request_id", "boundary", "solver", "timesteps", "preset", "loras", "cache", "cache_high", "cache_low", "detach")
+    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "fps", "image", "output_format", "preview_every", "priority", "client_request_id", "boundary", "solver", "timesteps", "preset", "loras", "cache", "cache_high", "cache_low", "detach", "guidance_terms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class GenerateRequest(_message.Message):
     CACHE_HIGH_FIELD_NUMBER: _ClassVar[int]
     CACHE_LOW_FIELD_NUMBER: _ClassVar[int]
     DETACH_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_TERMS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -88,7 +89,8 @@ class GenerateRequest(_message.Message):
     cache_high: str
     cache_low: str
     detach: bool
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., guidance_low: _Optional[float] = ..., shift: _Optional[float] = ..., fps: _Optional[int] = ..., image: _Optional[bytes] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., preview_every: _Optional[int] = ..., priority: _Optional[int] = ..., client_request_id: _Optional[str] = ..., boundary: _Optional[float] = ..., solver: _Optional[str] = ..., timesteps: _Optional[_Iterable[float]] = ..., preset: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., cache: _Optional[str] = ..., cache_high: _Optional[str] = ..., cache_low: _Optional[str] = ..., detach: _Optional[bool] = ...) -> None: ...
+    guidance_terms: str
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., guidance_low: _Optional[float] = ..., shift: _Optional[float] = ..., fps: _Optional[int] = ..., image: _Optional[bytes] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., preview_every: _Optional[int] = ..., priority: _Optional[int] = ..., client_request_id: _Optional[str] = ..., boundary: _Optional[float] = ..., solver: _Optional[str] = ..., timesteps: _Optional[_Iterable[float]] = ..., preset: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., cache: _Optional[str] = ..., cache_high: _Optional[str] = ..., cache_low: _Optional[str] = ..., detach: _Optional[bool] = ..., guidance_terms: _Optional[str] = ...) -> None: ...
 
 class Lora(_message.Message):
     __slots__ = ("name", "scale", "expert")
