@@ -267,7 +267,9 @@ def run_under_torchrun(placement, spec, config, driver: str, payload) -> int:
 
 
 def _needs_uncond(resolved) -> bool:
-    return resolved.guidance > 1 or (resolved.guidance_low or 0) > 1
+    """Whether some step runs more than one branch forward (a family's guidance terms, LTX-2's,
+    add branches of their own)."""
+    return resolved.guidance > 1 or (resolved.guidance_low or 0) > 1 or bool(resolved.guidance_terms)
 
 
 def _model_facts(info) -> dict:

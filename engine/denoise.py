@@ -76,6 +76,15 @@ class StepContext:
     latents: torch.Tensor
     scheduler: object
     request: Mapping
+    runner: Callable | None = None
+
+    def run_branches(self, model, calls) -> list:
+        """Runs the step's branch forwards ``calls`` (``[(name, forward)]``, ``forward()`` runs
+        one inside its cache context) and returns their outputs in order: here one after the
+        other, or split over a CFG-parallel group (:class:`parallel.cfg.CfgParallelBranches`)."""
+        if self.runner is not None:
+            return self.runner(model, calls)
+        return [forward() for _, forward in calls]
 
 
 def guidance_for(request: Mapping, expert: str) -> float:
@@ -99,6 +108,8 @@ class DenoiseRun:
             own guidance, CFG-parallel); called as ``predict(model, x, timestep, conditioning,
             guidance, branch=..., step=...)``, returns ``(noise, forwards)``; ``branch(name)`` is
             the context of a ``cond`` / ``uncond`` forward, ``step`` the :class:`StepContext`.
+        runner: How a family's own guidance runs its branch forwards (:meth:`StepContext.run_branches`;
+            ``None``: one after the other).
         caches: The request's feature caches (:class:`~engine.caches.ExpertCaches`, already
             begun for this request), or ``None``. A state taken in the middle of a cached
             expert's steps is continued by replaying them from ``state.anchor`` (the cache's
@@ -107,8 +118,9 @@ class DenoiseRun:
 
     def __init__(self, state: DenoiseState, *, experts: Mapping[str, torch.nn.Module], scheduler,
                  device: torch.device, inputs: Callable, predict: Callable | None = None,
-                 caches=None) -> None:
+                 caches=None, runner: Callable | None = None) -> None:
         self.device = device
+        self.runner = runner
         self.experts = experts
         self.scheduler = scheduler
         self.predict = predict or guided_prediction
@@ -204,7 +216,7 @@ class DenoiseRun:
         noise, forwards = self.predict(model, x, timestep, self.cond, guidance_for(self._request, expert),
                                        branch=branch, step=StepContext(index=index, latents=self.latents,
                                                                        scheduler=self.scheduler,
-                                                                       request=self._request))
+                                                                       request=self._request, runner=self.runner))
         skipped, lockstep = self.caches.take(expert) if self._cached(expert) else (0, 0)
         skipped, lockstep = min(skipped, forwards), min(lockstep, forwards)  # CFG halves on one branch
         last = index + 1 == len(self._experts) or self._experts[index + 1] != expert

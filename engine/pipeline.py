@@ -71,10 +71,14 @@ class Engine:
             conditioning=cond,
         )
 
-    def start(self, state: DenoiseState, *, predict: Callable | None = None) -> DenoiseRun:
+    def start(self, state: DenoiseState, *, predict: Callable | None = None,
+              runner: Callable | None = None) -> DenoiseRun:
         """A :class:`DenoiseRun` that continues ``state`` on this engine's experts, with the
         request's LoRAs fused into them (:meth:`apply_loras`) and fresh feature caches
-        (:meth:`engine.caches.ExpertCaches.begin`: nothing is kept from an earlier request)."""
+        (:meth:`engine.caches.ExpertCaches.begin`: nothing is kept from an earlier request).
+
+        ``predict`` replaces the guided prediction (Wan's CFG-parallel); ``runner`` runs the
+        branch forwards of a family's own guidance (LTX-2's CFG-parallel)."""
         self.apply_loras(state.request.get("loras") or ())
         self.caches.begin(self.model.experts, state.request, list(state.experts))
         return DenoiseRun(
@@ -82,7 +86,7 @@ class Engine:
             scheduler=self.spec.build_scheduler(self.info, float(state.request["shift"]),
                                                 state.request.get("solver")),
             device=self.device, inputs=self.family.step_inputs,
-            predict=predict or getattr(self.family, "predict", None),
+            predict=predict or getattr(self.family, "predict", None), runner=runner,
             caches=self.caches if self.caches.active else None,
         )
 

@@ -216,7 +216,14 @@ class StageWorker:
             from relay.parallel.vae import RowSplitVAE
 
             self.engine.family.vae_split = RowSplitVAE(self.model.vae, dist.group.WORLD)
-        self._predict = CfgParallelPredictor(groups.cfg_group, groups.cfg_rank) if groups.cfg_group else None
+        self._predict = self._runner = None
+        if groups.cfg_group is not None:
+            if hasattr(self.engine.family, "predict"):  # the family's own guidance: split its branches
+                from relay.parallel.cfg import CfgParallelBranches
+
+                self._runner = CfgParallelBranches(groups.cfg_group, groups.cfg_rank)
+            else:
+                self._predict = CfgParallelPredictor(groups.cfg_group, groups.cfg_rank)
         self._previewer = None
         self._prepared = None
         self._fault: dict | None = None
@@ -330,7 +337,7 @@ class StageWorker:
                 if self.run is None:
                     raise RuntimeError("begin(None) with nothing prepared and no run")
                 return
-        self.run = self.engine.start(state, predict=self._predict)
+        self.run = self.engine.start(state, predict=self._predict, runner=self._runner)
 
     @property
     def request(self) -> dict | None:

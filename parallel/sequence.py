@@ -13,7 +13,10 @@ declaration -- diffusers' ``_cp_plan``, taken from the family spec's
 * ``ContextParallelOutput`` on a module: all-gather its output along ``gather_dim`` and drop
   the padding (Wan: after ``proj_out``, before unpatchify);
 * the plan's self-attention modules get the family's processor with this group's kernel:
-  xfuser's long-context (Ulysses + ring) attention; cross-attention to the text stays local.
+  xfuser's long-context (Ulysses + ring) attention; cross-attention to the text stays local;
+* the plan's ``gathered_keys`` modules (a whole stream's queries against the split tokens, e.g.
+  LTX-2's audio attending to the video) get the family's processor with :meth:`SequenceParallel.gather`,
+  which all-gathers their keys and values.
 
 Padding is exact: padded keys are marked (NaN) inside the key tensor and dropped by the
 attention kernel, and padded queries are discarded at the gather. Nothing in the model's code
@@ -98,6 +101,10 @@ class SequenceParallel:
         for attn in plan.self_attention(model):
             self._processors.append((attn, attn.get_processor()))
             attn.set_processor(plan.processor(self.attend))
+        if plan.gathered_keys is not None:
+            for attn in plan.gathered_keys(model):
+                self._processors.append((attn, attn.get_processor()))
+                attn.set_processor(plan.gather_processor(self.gather))
 
     # --- the chunk ------------------------------------------------------------------------------
     def _split(self, tensor: torch.Tensor, spec) -> torch.Tensor:
@@ -184,6 +191,18 @@ class SequenceParallel:
             value = value.clone()
             value[:, chunk.valid:] = 0
         return self.attention(padded)(None, query, key, value)
+
+    def gather(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Each of ``tensors`` (``(batch, local tokens, ...)``, this rank's chunk) over the whole
+        sequence, padding dropped: the keys and values of an attention whose queries are a
+        stream every rank holds whole (the plan's ``gathered_keys``)."""
+        from relay.parallel.groups import all_gather_stacked
+
+        out = []
+        for tensor in tensors:
+            chunks = all_gather_stacked(tensor.contiguous(), self.group)  # (degree, batch, local, ...)
+            out.append(chunks.movedim(0, 1).flatten(1, 2).narrow(1, 0, self.chunk.seq))
+        return out
 
     def remove(self) -> None:
         """Removes every hook and restores the original attention processors."""

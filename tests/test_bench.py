@@ -98,6 +98,7 @@ def test_engine_smoke(relay, tiny_models, tmp_path):
     assert doc["device"] and doc["settings"]["steps"] == 4
 
 
+@pytest.mark.slow  # 30-75 s of multi-process groups on 2 cores: the benchmark runs, its numbers are not tested
 def test_parallel_smoke(relay, tiny_models, tmp_path):
     target = tmp_path / "parallel.json"
     result = relay("bench", "parallel", "--smoke", "--model", tiny_models["t2v"], "--json", target)
@@ -112,6 +113,7 @@ def test_parallel_smoke(relay, tiny_models, tmp_path):
     assert all(len(steps) == 4 for entry in doc["raw"].values() for steps in entry["step_s"])
 
 
+@pytest.mark.slow  # 30-75 s of multi-process groups on 2 cores: the benchmark runs, its numbers are not tested
 def test_serve_smoke(relay, tiny_models, tmp_path):
     result = relay("bench", "serve", "--smoke", "--model", tiny_models["t2v"], "--results", tmp_path)
     assert result.code == 0, result.err
@@ -125,6 +127,7 @@ def test_serve_smoke(relay, tiny_models, tmp_path):
     assert summary["stream_events_per_s"] > 0 and summary["stream_preview_events_per_s"] > 0
 
 
+@pytest.mark.slow  # 30-75 s of multi-process groups on 2 cores: the benchmark runs, its numbers are not tested
 def test_stages_smoke(relay, tiny_models, tmp_path):
     result = relay("bench", "stages", "--smoke", "--model", tiny_models["t2v"], "--results", tmp_path)
     assert result.code == 0, result.err
@@ -137,6 +140,7 @@ def test_stages_smoke(relay, tiny_models, tmp_path):
     assert 0 < summary["utilisation"]["high"] <= 1.0 and 0 < summary["utilisation"]["low"] <= 1.0
 
 
+@pytest.mark.slow  # 30-75 s of multi-process groups on 2 cores: the benchmark runs, its numbers are not tested
 def test_scaling_smoke(relay, tiny_models, tmp_path):
     result = relay("bench", "scaling", "--smoke", "--model", tiny_models["t2v"], "--results", tmp_path)
     assert result.code == 0, result.err

@@ -178,7 +178,7 @@ def test_settings_and_refusals(ltx2, relay, tmp_path):
         assert caught.value.field == name, (fields, caught.value)
     out = tmp_path / "x.mp4"
     for flags, name in ((["--frames", "10"], "--frames"), (["--guidance-terms", "audio"], "--guidance-terms"),
-                        (["--nproc", "2", "--ulysses", "2"], "--ulysses"), (["--nproc", "2", "--cfg-parallel", "2"], "--cfg-parallel")):
+                        (["--nproc", "2", "--vae-parallel"], "--vae-parallel")):
         result = relay("generate", "--model", ltx2, "--prompt", "x", *flags, "--output", out)
         assert result.code == 2 and name in result.err, (flags, result.err)
     assert not out.exists()
@@ -199,3 +199,50 @@ def test_make_tiny_cli_writes_an_ltx2_folder(relay, tmp_path):
     assert result.code == 0, result.err
     index = json.loads((tmp_path / "m" / "model_index.json").read_text())
     assert index["_class_name"] == "LTX2Pipeline" and index["vocoder"][1] == "LTX2Vocoder"
+
+
+SMALL = dict(height=64, width=96, frames=17)
+# name: (layout kwargs, size/frames, image, guidance-term overrides)
+GROUP_CASES = {
+    "ulysses2": (dict(ulysses_degree=2), SMALL, False, {}),
+    # 3 x 3 x 3 = 27 video tokens over a ring of 2: padded (the padded keys are dropped in the
+    # video self-attention and never reach the audio's video-to-audio attention).
+    "ring2-padded": (dict(ring_degree=2), dict(height=96, width=96, frames=17), False, {}),
+    # Per-token timesteps (the image frame's tokens at 0) split with the tokens; FSDP2 from meta.
+    "i2v-ulysses2-fsdp2": (dict(ulysses_degree=2, fsdp_degree=2), SMALL, True, {}),
+    # Four branches (cond, uncond, STG, modality) over two halves: two each.
+    "cfg2": (dict(cfg_degree=2), SMALL, False, {}),
+    # Three branches (modality isolation off): the second half runs one extra, dropped.
+    "cfg2-ulysses2-fsdp2-three-branches": (dict(cfg_degree=2, ulysses_degree=2, fsdp_degree=2), SMALL, False,
+                                           dict(modality=1.0, audio_modality=1.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUP_CASES))
+def test_group_output_equals_single_process(case, ltx2, engine, png_bytes):
+    """``--nproc 2`` on local processes (gloo, fp32): frames and sound equal one process's."""
+    from relay.engine.model_info import read_model_info
+    from relay.engine.stages import request_experts
+    from relay.launch.executor import Executor
+    from relay.launch.placement import plan_groups
+    from relay.launch.worker import WorkerSpec
+    from relay.parallel.layout import ParallelLayout
+
+    layout_kwargs, size, with_image, terms = GROUP_CASES[case]
+    resolved = engine.resolve(_request(image=png_bytes if with_image else None, guidance_terms=_terms(**terms), **size))
+    reference = engine.generate_clip(resolved)
+    layout = ParallelLayout(**layout_kwargs)
+    info = read_model_info(ltx2)
+    spec = WorkerSpec(model=str(ltx2), layout=layout, dtype="fp32", device_type="cpu")
+    with Executor(plan_groups(info, resolved, layout=layout), spec, backend="mp", build_timeout_s=300) as executor:
+        ticket = executor.scheduler.submit(resolved.to_dict(with_image=True), experts=request_experts(info, resolved))
+        clip = ticket.clip(timeout=300)
+        shares = executor.groups[0].call("parameter_bytes", timeout_s=60)
+    forwards = ticket.stats.to_dict()["experts"]["dense"]["forwards"]
+    assert forwards == resolved.steps * (3 if terms else 4)  # the request's branches, however split
+    np.testing.assert_allclose(clip.frames, reference.frames, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(clip.audio, reference.audio, atol=1e-4, rtol=0)
+    assert clip.sample_rate == reference.sample_rate
+    if layout.fsdp_degree > 1:  # each rank holds half the transformer
+        totals = [share["dense"] for share in shares]
+        assert max(totals) < 0.6 * sum(totals), totals

@@ -274,6 +274,7 @@ def _rank_actor_processes(raylet: int) -> set[int]:
     return pids
 
 
+@pytest.mark.slow  # a soak: ten rebuilds (a minute); one kill-and-rebuild runs in the default suite
 def test_ten_kill_restart_cycles_leak_no_actor_or_process(staged, t2v, references):
     import ray
 

@@ -70,11 +70,19 @@ class SequenceParallelPlan:
         processor: ``kernel -> attention processor`` computing that attention locally per token
             (projections, norms, rotary) and calling ``kernel(query, key, value)`` (each
             ``(batch, local tokens, heads, head_dim)``) for the part that spans the group.
+        gathered_keys: ``model -> attention modules`` whose queries are another, whole stream
+            and whose keys and values are the split tokens (LTX-2's video-to-audio attention:
+            the audio attends to every video token); ``None``: there are none.
+        gather_processor: ``gather -> attention processor`` for those modules: it computes the
+            keys and values of this rank's tokens and calls ``gather(key, value)`` (each
+            ``(batch, local tokens, ...)``), which returns them over the whole sequence.
     """
 
     cp_plan: Mapping
     self_attention: Callable
     processor: Callable
+    gathered_keys: Callable | None = None
+    gather_processor: Callable | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -44,11 +44,6 @@ def _no_lora(path):
     raise ModelError(f"{path}: LoRAs are not available for LTX-2 yet")
 
 
-def _no_sequence_parallel():
-    """Sequence parallelism is not available for LTX-2 yet (layouts are refused first)."""
-    raise ModelError("sequence parallelism is not available for LTX-2 yet")
-
-
 SPEC = ModelSpec(
     name=config.FAMILY,
     description="LTX-2 (video with sound)",
@@ -66,7 +61,7 @@ SPEC = ModelSpec(
     meta_transformer=loading.meta_transformer,
     meta_text_encoder=loading.meta_text_encoder,
     pipeline=_lazy("pipeline", "Pipeline"),
-    sequence_parallel=_no_sequence_parallel,
+    sequence_parallel=_lazy("attention", "sequence_parallel_plan"),
     flops=flops.transformer_flops,
     video_tokens=flops.video_tokens,
     catalog=_HERE / "catalog.json",
@@ -75,5 +70,5 @@ SPEC = ModelSpec(
     lora_weights=_no_lora,
     recipes={},
     taylorseer_modules=(),
-    parallel=frozenset(),
+    parallel=frozenset({"ulysses", "ring", "cfg_parallel", "fsdp"}),
 )

@@ -223,43 +223,49 @@ class Pipeline:
         image_mask = cond.extra.get("conditioning_mask")
         video_t = t.unsqueeze(-1) * (1 - image_mask) if image_mask is not None else t
 
-        def run(name: str, embeds, audio_embeds, mask, *, blocks=None, isolate=False):
-            with branch(name):
-                out_video, out_audio = model(
-                    hidden_states=video.to(dtype), audio_hidden_states=audio.to(dtype),
-                    encoder_hidden_states=embeds, audio_encoder_hidden_states=audio_embeds,
-                    timestep=video_t, audio_timestep=t if image_mask is not None else None, sigma=t,
-                    encoder_attention_mask=mask, audio_encoder_attention_mask=mask,
-                    num_frames=layout.frames, height=layout.height, width=layout.width,
-                    fps=float(step.request["fps"]), audio_num_frames=layout.audio_frames,
-                    video_coords=coords[0], audio_coords=coords[1], isolate_modalities=isolate,
-                    spatio_temporal_guidance_blocks=blocks, perturbation_mask=None, use_cross_timestep=True,
-                    return_dict=False)
-            # x0 = x - sigma * v (the pipeline guides in x0 space)
-            return video - out_video.float() * sigma, audio - out_audio.float() * sigma
+        def forward(name: str, embeds, audio_embeds, mask, *, blocks=None, isolate=False):
+            def call():
+                with branch(name):
+                    return model(
+                        hidden_states=video.to(dtype), audio_hidden_states=audio.to(dtype),
+                        encoder_hidden_states=embeds, audio_encoder_hidden_states=audio_embeds,
+                        timestep=video_t, audio_timestep=t if image_mask is not None else None, sigma=t,
+                        encoder_attention_mask=mask, audio_encoder_attention_mask=mask,
+                        num_frames=layout.frames, height=layout.height, width=layout.width,
+                        fps=float(step.request["fps"]), audio_num_frames=layout.audio_frames,
+                        video_coords=coords[0], audio_coords=coords[1], isolate_modalities=isolate,
+                        spatio_temporal_guidance_blocks=blocks, perturbation_mask=None, use_cross_timestep=True,
+                        return_dict=False)
+
+            return name, call
 
         extra = cond.extra
-        video_x0, audio_x0 = run("cond", cond.prompt_embeds, extra["audio_embeds"], extra["mask"])
-        forwards = 1
+        calls = [forward("cond", cond.prompt_embeds, extra["audio_embeds"], extra["mask"])]
+        if cfg:
+            calls.append(forward("uncond", cond.negative_embeds, extra["negative_audio_embeds"], extra["negative_mask"]))
+        if stg:
+            calls.append(forward("stg", cond.prompt_embeds, extra["audio_embeds"], extra["mask"],
+                                 blocks=list(terms["stg_blocks"])))
+        if modality:
+            calls.append(forward("modality", cond.prompt_embeds, extra["audio_embeds"], extra["mask"], isolate=True))
+        # x0 = x - sigma * v of each branch (the pipeline guides in x0 space)
+        x0 = {name: (video - out_video.float() * sigma, audio - out_audio.float() * sigma)
+              for (name, _), (out_video, out_audio) in zip(calls, step.run_branches(model, calls))}
+        video_x0, audio_x0 = x0["cond"]
         video_delta = audio_delta = 0
         if cfg:
-            video_u, audio_u = run("uncond", cond.negative_embeds, extra["negative_audio_embeds"],
-                                   extra["negative_mask"])
-            forwards += 1
+            video_u, audio_u = x0["uncond"]
             video_delta = (guidance - 1) * (video_x0 - video_u)
             audio_delta = (audio_scale - 1) * (audio_x0 - audio_u)
         if stg:
-            video_s, audio_s = run("stg", cond.prompt_embeds, extra["audio_embeds"], extra["mask"],
-                                   blocks=list(terms["stg_blocks"]))
-            forwards += 1
+            video_s, audio_s = x0["stg"]
             video_delta = video_delta + terms["stg"] * (video_x0 - video_s)
             audio_delta = audio_delta + terms["audio_stg"] * (audio_x0 - audio_s)
         if modality:
-            video_m, audio_m = run("modality", cond.prompt_embeds, extra["audio_embeds"], extra["mask"],
-                                   isolate=True)
-            forwards += 1
+            video_m, audio_m = x0["modality"]
             video_delta = video_delta + (terms["modality"] - 1) * (video_x0 - video_m)
             audio_delta = audio_delta + (terms["audio_modality"] - 1) * (audio_x0 - audio_m)
+        forwards = len(calls)
         video_g, audio_g = video_x0 + video_delta, audio_x0 + audio_delta
         if terms["rescale"] > 0:
             video_g = rescale(video_g, video_x0, terms["rescale"])
