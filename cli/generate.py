@@ -296,8 +296,9 @@ def _show_settings(quiet: bool, info, resolved) -> None:
             value = f"{value:.6g}"
         lines.append(f"  {name:<13} {value!s:<10} {flag(name) if source == 'request' else source}")
     if resolved.guidance_terms:
-        terms = ",".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, tuple) else f'{v:g}'}"
-                         for k, v in resolved.guidance_terms.items())
+        from relay.engine.request import guidance_terms_text
+
+        terms = guidance_terms_text(resolved.guidance_terms)
         source = resolved.sources.get("guidance_terms", "")
         lines.append(f"  guidance_terms {terms} ({flag('guidance_terms') if source == 'request' else source})")
     for lora in resolved.loras:

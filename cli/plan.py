@@ -27,16 +27,16 @@ def add_parser(sub) -> None:
         "plan", help="rank parallel layouts for N GPUs with a cost model (no GPU needed)",
         description="Predict seconds per video, requests per hour and memory per GPU of every "
                     "layout (ulysses x ring x cfg x fsdp, fused or staged experts, replicas) of a "
-                    "Wan 2.2 model on N GPUs, from FLOPs, link bandwidths and datasheet figures "
+                    "Wan 2.2 or LTX-2 model on N GPUs, from FLOPs, link bandwidths and datasheet figures "
                     "calibrated on the published Wan 2.2 timings; rank them and say why.")
     p.add_argument("--gpus", type=int, help="GPUs to plan for (with --layout: default the layout's size)")
     p.add_argument("--gpu", required=True, help="GPU kind from parallel/data/gpus.json: h100, h200, a100, "
                                                 "h20, l40s, a6000, 4090 (or an alias such as h800)")
-    p.add_argument("--model", required=True, help="catalog model (engine/models/wan/catalog.json): t2v-a14b, "
-                                                  "i2v-a14b, ti2v-5b")
+    p.add_argument("--model", required=True, help="catalog model (engine/models/*/catalog.json): t2v-a14b, "
+                                                  "i2v-a14b, ti2v-5b (Wan 2.2), ltx2 (LTX-2)")
     p.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1280x720 or 832x480 (default: the model's)")
-    p.add_argument("--frames", type=int, help="frames, 4k+1 (default: the model's, 81 or 121)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 40 or 50)")
+    p.add_argument("--frames", type=int, help="frames, 4k+1 for Wan, 8k+1 for LTX-2 (default: the model's, 81 or 121)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's: 40 or 50 for Wan, 30 for LTX-2)")
     p.add_argument("--preset", help="price a recipe: lightning (4 Euler steps, guidance 1: one forward per step)")
     p.add_argument("--layout", help="price one layout instead of ranking, with the keys of the layout "
                                     "flags: ulysses=8,fsdp=8 | cfg=2,ulysses=4,fsdp=8 | ring=2 | "

@@ -279,6 +279,7 @@ def submit(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(result.data)
+    sound = _write_sound(out, result)
     if args.stats:
         from google.protobuf.json_format import MessageToDict
 
@@ -286,7 +287,7 @@ def submit(args: argparse.Namespace) -> int:
         Path(args.stats).write_text(json.dumps(MessageToDict(result.done.stats), indent=2) + "\n")
     t = result.done.timings
     if not args.quiet:
-        print(f"wrote {out} ({result.done.size} bytes, sha256 {result.done.sha256[:16]}...; seed "
+        print(f"wrote {out}{sound} ({result.done.size} bytes, sha256 {result.done.sha256[:16]}...; seed "
               f"{result.settings.seed}; queued {t.queued_s:.1f}s, denoise {t.denoise_s:.1f}s, "
               f"decode {t.decode_s:.1f}s)", file=sys.stderr)
     return EXIT_OK
@@ -335,9 +336,19 @@ def fetch(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(result.data)
+    sound = _write_sound(out, result)
     if not args.quiet:
-        print(f"wrote {out} ({result.done.size} bytes, sha256 {result.done.sha256[:16]}...)", file=sys.stderr)
+        print(f"wrote {out}{sound} ({result.done.size} bytes, sha256 {result.done.sha256[:16]}...)", file=sys.stderr)
     return EXIT_OK
+
+
+def _write_sound(out: Path, result) -> str:
+    """Writes an npy job's sound as ``.wav`` beside ``out``; `` and X.wav`` for the message."""
+    if not result.done.audio_wav:
+        return ""
+    path = out.with_suffix(".wav")
+    path.write_bytes(result.done.audio_wav)
+    return f" and {path}"
 
 
 class _StreamProgress:

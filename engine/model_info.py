@@ -84,6 +84,12 @@ class ModelInfo:
         return len(self.experts) == 2
 
     @property
+    def tasks(self) -> tuple[str, ...]:
+        """What the model takes: ``("t2v",)`` text, ``("i2v",)`` text and a first image, or
+        both (Wan TI2V-5B, LTX-2)."""
+        return {"t2v": ("t2v",), "i2v": ("i2v",)}.get(self.kind, ("t2v", "i2v"))
+
+    @property
     def spec(self):
         """The family's :class:`~engine.models.spec.ModelSpec`."""
         from relay.engine.models import get_spec

@@ -141,6 +141,13 @@ class ResolvedRequest:
         return data
 
 
+def guidance_terms_text(terms: Mapping) -> str:
+    """Resolved guidance terms as the ``name=value,...`` text a request may give back
+    (block lists joined by ``+``); ``""`` for none."""
+    return ",".join(f"{name}={'+'.join(map(str, value)) if isinstance(value, (tuple, list)) else f'{value:g}'}"
+                    for name, value in terms.items())
+
+
 def check_int(field: str, value, low: int, high: int) -> int:
     """``value`` if it is an integer in ``[low, high]``, else a :class:`ValidationError`."""
     if isinstance(value, bool) or not isinstance(value, int):

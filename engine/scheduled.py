@@ -44,7 +44,7 @@ class ScheduledRunner:
         """Validation only (prompt length included); no worker is touched."""
         return resolve_request(request, self.info, tokenizer=self.tokenizer)
 
-    def run(self, job, emit, should_stop) -> tuple[bytes, str, dict, dict]:
+    def run(self, job, emit, should_stop) -> tuple[tuple[bytes, str, bytes], dict, dict]:
         """Submits the job, relays its events, and returns the encoded video, the timings and
         the run stats (:mod:`engine.stats`).
 
@@ -81,10 +81,10 @@ class ScheduledRunner:
             frames = ticket.clip()
         except RequestCancelled:
             raise CANCELLED from None
-        output, mime = encode_output(frames, job.output_format, fps=job.request.fps)
+        output = encode_output(frames, job.output_format, fps=job.request.fps)
         now = time.monotonic()
         decoding = marks.get("decoding", now)
         timings = {"encode_s": marks.get("denoise", decoding) - marks["submitted"],
                    "denoise_s": decoding - marks.get("denoise", decoding), "decode_s": now - decoding,
                    "retries": ticket.attempts}
-        return output, mime, timings, ticket.stats.to_dict()
+        return output, timings, ticket.stats.to_dict()

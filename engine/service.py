@@ -78,6 +78,9 @@ class Job:
     error: str = ""
     output: bytes = b""
     mime: str = ""
+    #: The sound of an ``npy`` job of a model with an audio stream, as a WAV file (an mp4 holds
+    #: its sound as an AAC track); ``b""`` otherwise.
+    sound: bytes = b""
     timings: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     submitted: float = field(default_factory=time.monotonic)
@@ -282,7 +285,7 @@ class AsyncEngine:
     @property
     def kept_bytes(self) -> int:
         """Bytes of finished videos held for fetching."""
-        return sum(len(job.output) for job in self._results)
+        return sum(len(job.output) + len(job.sound) for job in self._results)
 
     def result_expires_in(self, job: Job) -> float:
         """Seconds until ``job``'s video is dropped by age (0 when it has none)."""
@@ -300,7 +303,7 @@ class AsyncEngine:
             self._drop(job, "delivered on its stream (submit detached to fetch it later)", quiet=True)
 
     def _drop(self, job: Job, why: str, *, quiet: bool = False) -> None:
-        job.output, job.result_dropped = b"", why
+        job.output, job.sound, job.result_dropped = b"", b"", why
         # A streamed job's video freed after delivery is routine: the one line per request stays one.
         (log.debug if quiet else log.info)("job %s result %s", job.job_id, why)
 
@@ -432,7 +435,7 @@ class AsyncEngine:
             self._emit_threadsafe(job, Event(kind, data))
 
         try:
-            output, mime, timings, stats = await asyncio.to_thread(
+            output, timings, stats = await asyncio.to_thread(
                 runner.run, job, emit, lambda: job.cancel_requested)
         except _Cancelled:
             self._finish(job, JobState.CANCELLED, error="cancelled")
@@ -445,7 +448,7 @@ class AsyncEngine:
             log.exception("job %s failed (error id %s)", job.job_id, error_id)
             self._finish(job, JobState.FAILED, error=f"internal error (id {error_id})")
             return
-        job.output, job.mime, job.stats = output, mime, stats
+        (job.output, job.mime, job.sound), job.stats = output, stats
         job.timings.update(timings)
         job.timings["total_s"] = time.monotonic() - job.submitted
         steps = max(job.request.steps, 1)
@@ -471,10 +474,12 @@ def png_with_size(png: bytes) -> tuple[bytes, int, int]:
         return png, image.width, image.height
 
 
-def encode_output(media, output_format: str, *, fps: int) -> tuple[bytes, str]:
+def encode_output(media, output_format: str, *, fps: int) -> tuple[bytes, str, bytes]:
     """A decoded video (frames ``(F, H, W, 3)`` in [0, 1] or a :class:`engine.video.Clip`) as
-    the job's output bytes and MIME type: ``.npy`` frames, or an mp4 with the clip's AAC track."""
-    from relay.engine.video import as_clip
+    the job's output: ``(bytes, MIME type, sound)``. ``mp4``: H.264 with the clip's AAC track;
+    ``npy``: the float frames, with the sound as a 16-bit WAV file beside them (``b""`` for a
+    silent model or an mp4, whose track holds it)."""
+    from relay.engine.video import as_clip, encode_wav
 
     clip = as_clip(media)
     if output_format == "npy":
@@ -484,7 +489,9 @@ def encode_output(media, output_format: str, *, fps: int) -> tuple[bytes, str]:
 
         buffer = io.BytesIO()
         np.save(buffer, clip.frames.astype(np.float32))
-        return buffer.getvalue(), "application/x-npy"
+        sound = encode_wav(clip.audio, clip.sample_rate) if clip.audio is not None else b""
+        return buffer.getvalue(), "application/x-npy", sound
     from relay.engine.video import encode_mp4
 
-    return encode_mp4(clip.frames, fps=fps, audio=clip.audio, sample_rate=clip.sample_rate), "video/mp4"
+    data = encode_mp4(clip.frames, fps=fps, audio=clip.audio, sample_rate=clip.sample_rate)
+    return data, "video/mp4", b""

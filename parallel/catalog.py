@@ -6,7 +6,6 @@ its family's reference settings (the spec's ``presets`` for its kind)."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -50,6 +49,8 @@ class VaeSpec:
     decode_flops_per_pixel: float
     encode_flops_per_pixel: float
     source: str
+    #: A VAE without published timings takes the efficiencies of this one (named in the source).
+    calibration_from: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +85,9 @@ class CatalogModel:
     encodes_video: bool
     defaults: object
     source: str
+    #: Transformer forwards per denoise step at the reference settings when guidance alone does
+    #: not say (LTX-2: 4, its CFG pair, STG and modality isolation); ``None``: 2 with guidance > 1.
+    forwards_per_step: int | None = None
 
     @property
     def heads(self) -> int:
@@ -103,24 +107,23 @@ class CatalogModel:
     @property
     def spatial_multiple(self) -> int:
         """Height and width must be multiples of this (VAE stride x patch)."""
-        return self.vae.spatial_stride * int(self.transformer["patch_size"][1])
+        patch = self.transformer.get("patch_size", 1)
+        return self.vae.spatial_stride * int(patch[1] if isinstance(patch, (list, tuple)) else patch)
 
     @property
     def block_params(self) -> int:
-        """Parameters of one block: self- and cross-attention (q, k, v, out), FFN, norms, modulation."""
-        d, f = self.hidden, int(self.transformer["ffn_dim"])
-        return 8 * (d * d + d) + 2 * d * f + f + d + 4 * d + 2 * d + 6 * d
+        """Parameters of one transformer block (the family's count from the config)."""
+        return int(self._parameters()["block"])
 
     @property
     def expert_params(self) -> int:
-        """Parameters of one expert: blocks plus patch, time and text embeddings and the head."""
-        t, d = self.transformer, self.hidden
-        patch = math.prod(t["patch_size"])
-        embed = int(t["in_channels"]) * patch * d + d
-        time = int(t["freq_dim"]) * d + d + d * d + d + d * 6 * d + 6 * d
-        text = int(t["text_dim"]) * d + d + d * d + d
-        head = d * int(t["out_channels"]) * patch + 2 * d
-        return self.layers * self.block_params + embed + time + text + head
+        """Parameters of one expert: blocks plus embeddings and the head (the family's count)."""
+        return int(self._parameters()["expert"])
+
+    def _parameters(self) -> dict:
+        from relay.engine.models import get_spec
+
+        return get_spec(self.family).parameters(dict(self.transformer))
 
 
 def _lookup(items: Mapping[str, object], name: str, what: str):

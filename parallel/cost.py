@@ -93,6 +93,9 @@ def load_calibration() -> Calibration:
             decode_efficiency=spec.decode_flops_per_pixel * pixels / m["decode_s"] / peak,
             encode_efficiency=spec.encode_flops_per_pixel * pixels / m["encode_s"] / peak,
             workspace_bytes_per_pixel=workspace * (4 / BF16 if m["dtype"] == "bf16" else 1))
+    for name, spec in specs.items():  # a VAE without published timings: a named stand-in's
+        if name not in vae and spec.calibration_from in vae:
+            vae[name] = vae[spec.calibration_from]
     return Calibration(tensor_efficiency=raw["fitted"]["tensor_efficiency"],
                        elementwise_bytes=raw["fitted"]["elementwise_bytes"], vae=vae, **assumed)
 
@@ -110,6 +113,8 @@ class Workload:
     guidance: Mapping[str, float]
     tokens: int
     flops: Mapping[str, float]
+    #: Forwards per step by expert when the model says (``CatalogModel.forwards_per_step``).
+    forwards: Mapping[str, int] | None = None
 
     @property
     def pixels(self) -> int:
@@ -117,7 +122,10 @@ class Workload:
         return self.width * self.height * self.frames
 
     def forwards_per_step(self, expert: str) -> int:
-        """Transformer forwards per step: 2 with classifier-free guidance (> 1), else 1."""
+        """Transformer forwards per step: the model's own count (LTX-2: 4), else 2 with
+        classifier-free guidance (> 1) and 1 without."""
+        if self.forwards is not None:
+            return self.forwards[expert]
         return 2 if self.guidance[expert] > 1 else 1
 
     @property
@@ -159,7 +167,7 @@ def make_workload(model: CatalogModel, *, width: int | None = None, height: int 
         raise ValidationError("size", f"{width}x{height}: width and height must be multiples of {mult} "
                                       f"in {mult}..2048 for {model.name}")
     if (frames - 1) % model.vae.temporal_stride or not 1 <= frames <= 257:
-        raise ValidationError("frames", f"must be 4k+1 in 1..257, got {frames}")
+        raise ValidationError("frames", f"must be {model.vae.temporal_stride}k+1 in 1..257, got {frames}")
     if not 1 <= steps <= 1000:
         raise ValidationError("steps", f"must be in 1..1000, got {steps}")
     family = get_spec(model.family)
@@ -174,8 +182,10 @@ def make_workload(model: CatalogModel, *, width: int | None = None, height: int 
     tokens = family.video_tokens(dict(model.transformer), height=height, width=width, frames=frames,
                                  vae_spatial=model.vae.spatial_stride, vae_temporal=model.vae.temporal_stride)
     flops = family.flops(dict(model.transformer), tokens, model.text_encoder.tokens)
+    forwards = ({name: model.forwards_per_step for name in counts}
+                if model.forwards_per_step is not None and not recipe else None)
     return Workload(model=model, width=width, height=height, frames=frames, steps=steps,
-                    expert_steps=counts, guidance=guidance, tokens=tokens, flops=flops)
+                    expert_steps=counts, guidance=guidance, tokens=tokens, flops=flops, forwards=forwards)
 
 
 def link_bandwidth(gpu: GpuSpec, cal: Calibration, span: int) -> float:
@@ -244,8 +254,8 @@ def step_cost(work: Workload, gpu: GpuSpec, cal: Calibration, layout: ParallelLa
     forwards = work.forwards_per_step(expert)
     per_rank = math.ceil(forwards / layout.cfg_degree)
     cfg = 0.0
-    if layout.cfg_degree == 2 and forwards == 2:  # the halves swap their noise predictions
-        cfg = work.latent_bytes / P / link_bandwidth(gpu, cal, layout.world_size)
+    if layout.cfg_degree == 2 and forwards >= 2:  # the halves swap their branches' predictions
+        cfg = per_rank * work.latent_bytes / P / link_bandwidth(gpu, cal, layout.world_size)
     return StepCost(tensor_s=per_rank * tensor, elementwise_s=per_rank * elementwise,
                     alltoall_s=per_rank * alltoall, ring_s=per_rank * ring, fsdp_s=per_rank * fsdp,
                     cfg_s=cfg)

@@ -163,7 +163,8 @@ class Planner:
             text_encoder = ("sharded" if layout.fsdp_degree > 1 else "device") if encodes else "none"
         decodes = role in (FUSED, LOW, DENSE)
         if vae is None:
-            vae = "parallel" if decodes and layout.world_size > 1 else "whole"
+            splits = "vae_parallel" in self.family_parallel
+            vae = "parallel" if decodes and layout.world_size > 1 and splits else "whole"
         memory = cost.memory_use(self.work, self.cal, layout, experts=len(experts), text_encoder=text_encoder,
                                  decodes=decodes, offload=offload, vae=vae)
         steps = {e: cost.step_cost(self.work, self.gpu, self.cal, layout, e).total_s for e in experts}
@@ -214,17 +215,29 @@ class Planner:
         """Every valid layout of a group of ``n`` GPUs for this model: CFG 1 or 2 (when some step
         runs an unconditional forward), Ulysses dividing the heads, ring the rest, FSDP over none,
         the sequence-parallel ranks or the group."""
-        needs_uncond = any(g > 1 for g in self.work.guidance.values())
+        needs_uncond = any(self.work.forwards_per_step(e) > 1 for e in self.work.expert_steps)
+        supported = self.family_parallel
         out = []
         for cfg in (1, 2):
-            if cfg == 2 and (n % 2 or not needs_uncond):
+            if cfg == 2 and (n % 2 or not needs_uncond or "cfg_parallel" not in supported):
                 continue
             sp = n // cfg
             for ulysses in (u for u in _divisors(sp) if self.work.model.heads % u == 0):
+                if (ulysses > 1 and "ulysses" not in supported) or (sp // ulysses > 1 and "ring" not in supported):
+                    continue
                 for fsdp in sorted({1, sp, n}):
+                    if fsdp > 1 and "fsdp" not in supported:
+                        continue
                     out.append(ParallelLayout(cfg_degree=cfg, ulysses_degree=ulysses,
                                               ring_degree=sp // ulysses, fsdp_degree=fsdp))
         return out
+
+    @property
+    def family_parallel(self) -> frozenset[str]:
+        """The layout flags the model's family runs (its spec's ``parallel``)."""
+        from relay.engine.models import get_spec
+
+        return get_spec(self.work.model.family).parallel
 
     def best_group(self, n: int, role: str, *, must_fit: bool = True) -> GroupPlan | None:
         """The fastest group of ``n`` GPUs for ``role`` (that fits in memory, unless not ``must_fit``)."""

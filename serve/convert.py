@@ -57,6 +57,10 @@ def settings(model: str, request: ResolvedRequest, fmt: str) -> pb.ResolvedSetti
                for lora in request.loras for expert in lora.experts],
         caches=dict(request.caches),
     )
+    if request.guidance_terms:
+        from relay.engine.request import guidance_terms_text
+
+        out.guidance_terms = guidance_terms_text(request.guidance_terms)
     if request.guidance_low is not None:
         out.guidance_low = request.guidance_low
     if request.boundary is not None:
@@ -78,6 +82,11 @@ def model_defaults(model: str, info) -> pb.ResolvedSettings:
         out.guidance_low = d.guidance_low
     if d.boundary is not None:
         out.boundary = d.boundary
+    reference = info.spec.resolve(GenerationRequest(prompt="defaults", seed=0), info)
+    if reference.guidance_terms:  # the family's own terms at their defaults (LTX-2)
+        from relay.engine.request import guidance_terms_text
+
+        out.guidance_terms = guidance_terms_text(reference.guidance_terms)
     return out
 
 
@@ -120,6 +129,13 @@ def video_events(job: Job):
                                       denoise_s=t.get("denoise_s", 0.0), decode_s=t.get("decode_s", 0.0),
                                       total_s=t.get("total_s", 0.0)))
     done.stats.update(_plain(job.stats))
+    if job.sound:  # an npy job's sound (an mp4 holds it as its AAC track)
+        import io
+        import wave
+
+        with wave.open(io.BytesIO(job.sound)) as sound:
+            done.audio_sample_rate = sound.getframerate()
+        done.audio_wav = job.sound
     yield pb.GenerateEvent(job_id=job.job_id, done=done)
 
 

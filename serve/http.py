@@ -204,7 +204,9 @@ def build_app(engine: AsyncEngine, models: dict, *, tokens=()):
         return {"object": "list", "data": [
             {"id": name, "object": "model", "kind": info.kind, "default": name == engine.default_model,
              "size": f"{info.defaults.width}x{info.defaults.height}", "frames": info.defaults.frames,
-             "fps": info.defaults.fps, "steps": info.defaults.steps, "spatial_multiple": info.spatial_multiple}
+             "fps": info.defaults.fps, "steps": info.defaults.steps, "spatial_multiple": info.spatial_multiple,
+             "family": info.family, "tasks": list(info.tasks), "has_audio": info.has_audio,
+             "audio_sample_rate": info.audio_sample_rate}
             for name, info in models.items()]}
 
     @app.post("/v1/videos", dependencies=guarded, response_model=VideoOut)
@@ -239,8 +241,10 @@ def build_app(engine: AsyncEngine, models: dict, *, tokens=()):
         return video_out(engine, job, created.get(video_id, time.time()))
 
     @app.get("/v1/videos/{video_id}/content", dependencies=guarded)
-    async def get_content(video_id: str):
-        """The finished video (MP4, or ``.npy`` frames when created with ``output_format`` npy)."""
+    async def get_content(video_id: str, variant: Literal["video", "audio"] = "video"):
+        """The finished video (MP4, or ``.npy`` frames when created with ``output_format`` npy);
+        ``variant=audio``: the sound of an npy job of a model with sound, as WAV (an MP4 holds
+        its sound as an AAC track)."""
         job = job_or_404(video_id)
         if not job.state.ended:
             raise HttpError(409, "not_ready", f"video {video_id} is {STATUS[job.state]}", "id")
@@ -248,6 +252,12 @@ def build_app(engine: AsyncEngine, models: dict, *, tokens=()):
             raise HttpError(409, "no_content", f"video {video_id} {STATUS[job.state]}: {job.error}", "id")
         if not job.output:
             raise HttpError(404, "gone", f"the content of {video_id} is gone: {job.result_dropped}", "id")
+        if variant == "audio":
+            if not job.sound:
+                why = "its model makes no sound" if job.output_format == "npy" else "an mp4 holds its sound as its AAC track"
+                raise HttpError(404, "no_audio", f"video {video_id} has no separate audio: {why}", "variant")
+            return Response(job.sound, media_type="audio/wav",
+                            headers={"Content-Disposition": f'attachment; filename="{video_id}.wav"'})
         suffix = "npy" if job.output_format == "npy" else "mp4"
         return Response(job.output, media_type=job.mime,
                         headers={"Content-Disposition": f'attachment; filename="{video_id}.{suffix}"'})

@@ -80,6 +80,18 @@ class RelayHttp:
         with self._request("GET", f"/v1/videos/{video_id}/content", timeout=max(self.timeout, 300)) as response:
             return response.read()
 
+    def audio(self, video_id: str) -> bytes | None:
+        """``GET /v1/videos/{id}/content?variant=audio``: the sound of an ``npy`` job of a model
+        with sound, as a WAV file; ``None`` when there is none (a silent model)."""
+        try:
+            with self._request("GET", f"/v1/videos/{video_id}/content?variant=audio",
+                               timeout=max(self.timeout, 300)) as response:
+                return response.read()
+        except RelayError as exc:
+            if exc.status == 404 and exc.field == "variant":
+                return None
+            raise
+
     def events(self, video_id: str):
         """``GET /v1/videos/{id}/events``: yields ``(kind, data)`` until the terminal event;
         keep-alive comments yield ``("keepalive", None)`` so a caller can check for interrupts."""

@@ -127,7 +127,9 @@ class RelayServicer(pb_grpc.RelayServicer):
     async def ListModels(self, request, context):  # noqa: N802
         models = [pb.Model(name=name, kind=info.kind, is_default=name == self.engine.default_model,
                            moe=info.is_moe, spatial_multiple=info.spatial_multiple,
-                           temporal_stride=info.temporal_stride, defaults=convert.model_defaults(name, info))
+                           temporal_stride=info.temporal_stride, defaults=convert.model_defaults(name, info),
+                           family=info.family, tasks=list(info.tasks), has_audio=info.has_audio,
+                           audio_sample_rate=info.audio_sample_rate or 0)
                   for name, info in self.models.items()]
         from relay.engine.lora import list_loras
 

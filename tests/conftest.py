@@ -29,6 +29,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_ltx2(tmp_path_factory) -> Path:
+    """A tiny random LTX-2 (``relay make-tiny --kind ltx2``'s code), in the real diffusers layout."""
+    from relay.engine.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("ltx2") / "tiny-ltx2", kind="ti2v", family="ltx2")
+
+
+@pytest.fixture(scope="session")
 def png_bytes() -> bytes:
     """A 56x40 random RGB PNG (non-square, so resizing is exercised)."""
     from PIL import Image

@@ -81,15 +81,18 @@ def test_node_contract(nodes):
         inputs["optional"])
     for spec in (*inputs["required"].values(), *inputs["optional"].values()):
         assert spec[0] in ("STRING", "INT", "FLOAT") and isinstance(spec[1], dict)
-    assert node.RETURN_TYPES == ("IMAGE",) and callable(getattr(node(), node.FUNCTION)) and node.CATEGORY
+    assert node.RETURN_TYPES == ("IMAGE", "AUDIO") and callable(getattr(node(), node.FUNCTION)) and node.CATEGORY
 
 
 def test_node_returns_the_frames_shows_progress_and_previews(nodes, comfy, server, tiny_models):
     from relay.engine import Engine, GenerationRequest, load_model
 
     node = nodes.NODE_CLASS_MAPPINGS["RelayGenerate"]()
-    (images,) = node.generate(server.http_url, "a red kite over the sea", 48, 32, 5, 4, 9, 4.0, token=TOKEN,
-                              negative_prompt="blurry", cache="fbc:0.1")
+    images, audio = node.generate(server.http_url, "a red kite over the sea", 48, 32, 5, 4, 9, 4.0, token=TOKEN,
+                                  negative_prompt="blurry", cache="fbc:0.1")
+    # A silent model: silence as long as the video (5 frames at the tiny model's 8 fps).
+    assert audio["sample_rate"] == 24000 and tuple(audio["waveform"].shape) == (1, 1, 15000)
+    assert float(audio["waveform"].abs().max()) == 0.0
     assert tuple(images.shape) == (5, 32, 48, 3) and str(images.dtype) == "torch.float32"
     assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
     engine = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu"))
@@ -128,3 +131,27 @@ def test_refusals_name_the_field(nodes, comfy, server):
     with pytest.raises(Exception) as caught:
         node.generate(server.http_url, "x", 48, 32, 5, 4, 1, 4.0, token="wrong")
     assert "401" in str(caught.value)
+
+
+def test_node_returns_the_sound_of_an_ltx2_model(nodes, comfy, tiny_ltx2):
+    """An LTX-2 server: IMAGE and AUDIO equal the engine's frames and waveform (16-bit WAV)."""
+    from test_serve import LiveServer
+
+    from relay.engine import Engine, GenerationRequest, load_model
+
+    live = LiveServer(tiny_ltx2, tokens=[TOKEN])
+    live.start_http()
+    try:
+        node = nodes.NODE_CLASS_MAPPINGS["RelayGenerate"]()
+        images, audio = node.generate(live.http_url, "rain on a tin roof", 64, 64, 9, 3, 4, 3.0, token=TOKEN,
+                                      guidance_terms="stg_blocks=1")
+    finally:
+        live.stop()
+    engine = Engine(load_model(tiny_ltx2, dtype="fp32", device="cpu"))
+    clip = engine.generate_clip(GenerationRequest(prompt="rain on a tin roof", width=64, height=64, frames=9, steps=3,
+                                                  seed=4, guidance=3.0, guidance_terms="stg_blocks=1"))
+    np.testing.assert_allclose(images.numpy(), clip.frames, atol=1e-5, rtol=0)
+    assert audio["sample_rate"] == clip.sample_rate == 24000
+    waveform = audio["waveform"].numpy()[0]
+    assert waveform.shape == clip.audio.shape
+    np.testing.assert_allclose(waveform, np.clip(clip.audio, -1, 1), atol=1.0 / 32767 + 1e-6, rtol=0)

@@ -28,10 +28,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def ltx2(tmp_path_factory):
-    from relay.engine.tiny import make_tiny
-
-    return make_tiny(tmp_path_factory.mktemp("ltx2") / "tiny-ltx2", kind="ti2v", family="ltx2")
+def ltx2(tiny_ltx2):
+    return tiny_ltx2
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +244,67 @@ def test_group_output_equals_single_process(case, ltx2, engine, png_bytes):
     if layout.fsdp_degree > 1:  # each rank holds half the transformer
         totals = [share["dense"] for share in shares]
         assert max(totals) < 0.6 * sum(totals), totals
+
+
+def test_served_beside_a_wan_model(ltx2, tiny_models, engine, relay, tmp_path):
+    """One ``relay serve`` with a Wan and an LTX-2 model: ListModels tells them apart, and each
+    request equals its single-process run (the LTX-2 one with its sound, as ``.wav`` beside
+    the ``.npy``; its ``.mp4`` with an AAC track)."""
+    import signal
+    import subprocess
+    import sys
+
+    from relay.cli.service import _wait_serving
+    from relay.serve.client import RelayClient
+
+    wan = tiny_models["t2v"]
+    port_file = tmp_path / "port"
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve", "--model", str(wan), "--model", str(ltx2),
+                               "--port", "0", "--port-file", str(port_file), "--dtype", "fp32"],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        target = f"127.0.0.1:{_wait_serving(server, port_file, timeout_s=180)}"
+        with RelayClient(target) as client:
+            models = {m.name: m for m in client.list_models().models}
+        assert (models[ltx2.name].family, list(models[ltx2.name].tasks), models[ltx2.name].has_audio,
+                models[ltx2.name].audio_sample_rate) == ("ltx2", ["t2v", "i2v"], True, 24000)
+        assert (models[wan.name].family, list(models[wan.name].tasks), models[wan.name].has_audio) == ("wan2.2", ["t2v"], False)
+        assert models[ltx2.name].defaults.guidance_terms.startswith("audio=7")
+
+        settings = ["--height", "64", "--width", "96", "--frames", "17", "--steps", "3", "--seed", "5", "--guidance", "3"]
+        result = relay("submit", "--server", target, "--model", ltx2.name, "--prompt", PROMPT, "--negative-prompt",
+                       NEGATIVE, *settings, "--guidance-terms", _terms(), "--output", tmp_path / "ltx.npy", "--quiet")
+        assert result.code == 0, result.err
+        reference = engine.generate_clip(_request())
+        np.testing.assert_array_equal(np.load(tmp_path / "ltx.npy"), reference.frames)
+        with wave.open(str(tmp_path / "ltx.wav")) as wav:
+            pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").reshape(-1, 2).T
+        np.testing.assert_array_equal(pcm, np.round(np.clip(reference.audio, -1, 1) * 32767).astype(np.int16))
+        result = relay("submit", "--server", target, "--model", ltx2.name, "--prompt", PROMPT, *settings,
+                       "--output", tmp_path / "ltx.mp4", "--quiet")
+        assert result.code == 0, result.err
+        import av
+
+        with av.open(str(tmp_path / "ltx.mp4")) as container:
+            assert {s.type for s in container.streams} == {"video", "audio"}
+
+        wan_flags = ["--height", "32", "--width", "48", "--frames", "5", "--steps", "4", "--seed", "2"]
+        assert relay("submit", "--server", target, "--model", wan.name, "--prompt", PROMPT, *wan_flags,
+                     "--output", tmp_path / "wan.npy", "--quiet").code == 0
+        assert not (tmp_path / "wan.wav").exists()
+        assert relay("generate", "--model", wan, "--prompt", PROMPT, *wan_flags, "--dtype", "fp32",
+                     "--output", tmp_path / "wan-ref.npy").code == 0
+        np.testing.assert_array_equal(np.load(tmp_path / "wan.npy"), np.load(tmp_path / "wan-ref.npy"))
+        # A Wan model refuses LTX-2's terms, naming the field.
+        refused = relay("submit", "--server", target, "--model", wan.name, "--prompt", PROMPT, *wan_flags,
+                        "--guidance-terms", "audio=7", "--output", tmp_path / "no.npy", "--quiet")
+        assert refused.code == 2 and "guidance_terms" in refused.err
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()

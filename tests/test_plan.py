@@ -123,19 +123,19 @@ def test_tokens_per_rank_saturation_model_fails_the_validation(cal, monkeypatch)
 
 def test_catalogs_cover_the_required_entries_with_sources():
     assert {"h100", "h200", "a100", "h20", "l40s", "a6000", "4090"} <= set(cost.gpus())
-    assert set(cost.models()) == {"t2v-a14b", "i2v-a14b", "ti2v-5b"}
+    assert set(cost.models()) == {"t2v-a14b", "i2v-a14b", "ti2v-5b", "ltx2"}
     for entry in [*cost.gpus().values(), *cost.models().values()]:
-        assert "http" in entry.source or entry.source.startswith("Wan-AI/"), entry.name
+        assert "http" in entry.source or entry.source.startswith(("Wan-AI/", "Lightricks/")), entry.name
     assert cost.find_gpu("H800").name == "h100" and cost.find_model("t2v").name == "t2v-a14b"
     data = cost.calibration_data()
     assert all(v["source"] for v in data["assumed"].values())
 
 
 def test_model_catalog_matches_the_engine():
-    from relay.engine.models.wan.config import PRESETS
+    from relay.engine.models import get_spec
 
     for model in cost.models().values():
-        preset, d = PRESETS[model.kind], model.defaults
+        preset, d = get_spec(model.family).presets[model.kind], model.defaults
         assert (d.width, d.height, d.frames, d.steps, d.shift, d.guidance, d.guidance_low) == (
             preset.width, preset.height, preset.frames, preset.steps, preset.shift, preset.guidance,
             preset.guidance_low)
@@ -146,6 +146,18 @@ def test_model_catalog_matches_the_engine():
     assert work.tokens == 75_600 and work.flops["total"] == pytest.approx(6.5e15, rel=0.03)
     assert dict(work.expert_steps) == {"high_noise": 26, "low_noise": 14}
     assert dict(cost.make_workload(cost.find_model("i2v-a14b")).expert_steps) == {"high_noise": 15, "low_noise": 25}
+    # LTX-2: its parameters counted from the config equal diffusers' module (on the meta device),
+    # 6,144 video tokens at 768x512x121, and four forwards per step.
+    import torch
+    from diffusers import LTX2VideoTransformer3DModel
+
+    ltx2 = cost.find_model("Lightricks/LTX-2")
+    with torch.device("meta"):
+        module = LTX2VideoTransformer3DModel.from_config(dict(ltx2.transformer))
+    assert ltx2.expert_params == sum(p.numel() for p in module.parameters()) == 18_876_174_592
+    assert ltx2.block_params == sum(p.numel() for p in module.transformer_blocks[0].parameters())
+    work = cost.make_workload(ltx2)
+    assert work.tokens == 6_144 and work.forwards_per_step("dense") == 4
 
 
 def test_ulysses_traffic_follows_the_design_formula(cal):

@@ -118,6 +118,8 @@ class ModelSpec:
         flops: ``(transformer config, tokens, text_tokens) -> {"total", "self_attention", ...}``.
         video_tokens: ``(transformer config, *, height, width, frames, vae_spatial,
             vae_temporal) -> tokens``.
+        parameters: ``transformer config -> {"block": n, "expert": n}``: parameters of one
+            block and of one expert (the planner's memory and FSDP traffic).
         catalog: JSON file of the family's published models for the planner.
         preview_projection: JSON file of a published latent-to-RGB projection, or ``None``.
         make_tiny: ``(directory, *, kind, seed) -> Path``: a tiny random model in the real layout.
@@ -149,6 +151,7 @@ class ModelSpec:
     sequence_parallel: Callable
     flops: Callable
     video_tokens: Callable
+    parameters: Callable
     catalog: Path
     preview_projection: Path | None
     make_tiny: Callable

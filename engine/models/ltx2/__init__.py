@@ -64,6 +64,7 @@ SPEC = ModelSpec(
     sequence_parallel=_lazy("attention", "sequence_parallel_plan"),
     flops=flops.transformer_flops,
     video_tokens=flops.video_tokens,
+    parameters=flops.parameter_counts,
     catalog=_HERE / "catalog.json",
     preview_projection=None,
     make_tiny=_lazy("tiny", "make_tiny"),

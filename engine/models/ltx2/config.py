@@ -24,16 +24,6 @@ KINDS = ("ti2v",)
 #: The components every LTX-2 folder has.
 COMPONENTS = ("transformer", "vae", "audio_vae", "vocoder", "text_encoder", "tokenizer", "connectors", "scheduler")
 
-#: diffusers' ``LTX2Pipeline.__call__`` defaults. ``shift`` here is the resolution-dependent
-#: flow shift at this default size (:func:`dynamic_shift`); a request's own size gets its own.
-PRESETS: dict[str, Defaults] = {
-    "ti2v": Defaults(height=512, width=768, frames=121, steps=30, shift=0.0, boundary=None,
-                     guidance=3.0, guidance_low=None, fps=24),
-}
-REFERENCE = "LTX-2 reference (diffusers LTX2Pipeline defaults)"
-SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
-
-
 def dynamic_shift(video_tokens: int, scheduler_config: dict) -> float:
     """The flow shift LTX-2 uses for ``video_tokens`` latent tokens: ``exp(mu)`` with ``mu``
     linear in the token count between the scheduler's base and max sequence lengths (the
@@ -45,6 +35,17 @@ def dynamic_shift(video_tokens: int, scheduler_config: dict) -> float:
     slope = (max_shift - base_shift) / (max_len - base_len)
     mu = video_tokens * slope + (base_shift - slope * base_len)
     return math.exp(mu)
+
+
+#: diffusers' ``LTX2Pipeline.__call__`` defaults. ``shift`` here is the resolution-dependent
+#: flow shift at this size (6,144 video tokens; :func:`dynamic_shift`); a request's own size
+#: gets its own.
+PRESETS: dict[str, Defaults] = {
+    "ti2v": Defaults(height=512, width=768, frames=121, steps=30, shift=dynamic_shift(16 * 16 * 24, {}),
+                     boundary=None, guidance=3.0, guidance_low=None, fps=24),
+}
+REFERENCE = "LTX-2 reference (diffusers LTX2Pipeline defaults)"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 
 def _vae_ratios(vconf: dict) -> tuple[int, int]:

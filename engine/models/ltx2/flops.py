@@ -65,3 +65,40 @@ def video_tokens(config: dict, *, height: int, width: int, frames: int, vae_spat
     p, pt = config.get("patch_size", 1), config.get("patch_size_t", 1)
     latent_frames = (frames - 1) // vae_temporal + 1
     return (latent_frames // pt) * (height // vae_spatial // p) * (width // vae_spatial // p)
+
+
+def _linear(n_in: int, n_out: int) -> int:
+    return n_in * n_out + n_out
+
+
+def _adaln(width: int, mods: int) -> int:
+    """An adaLN-single: the 256-channel timestep embedding to ``width``, then ``mods`` modulations."""
+    return _linear(256, width) + _linear(width, width) + _linear(width, mods * width)
+
+
+def parameter_counts(config: dict) -> dict[str, int]:
+    """Parameters of one ``LTX2VideoTransformer3DModel`` block and of the whole transformer,
+    from its config (equal to the module's own count: ``tests/test_ltx2.py``)."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    a = config.get("audio_num_attention_heads", config["num_attention_heads"]) * config.get("audio_attention_head_dim", 64)
+    dc, ac = config.get("cross_attention_dim", d), config.get("audio_cross_attention_dim", a)
+    cap = config.get("caption_channels", 3840)
+    c_in, a_in = config["in_channels"], config.get("audio_in_channels", 128)
+    c_out = config.get("out_channels") or c_in
+    a_out = config.get("audio_out_channels") or a_in
+    norms = 2  # the q and k RMS norms across heads, one weight per channel each
+    block = (
+        4 * _linear(d, d) + norms * d                                                   # video self-attention
+        + 2 * _linear(d, d) + 2 * _linear(dc, d) + norms * d                            # video text attention
+        + 4 * _linear(a, a) + norms * a                                                 # audio self-attention
+        + 2 * _linear(a, a) + 2 * _linear(ac, a) + norms * a                            # audio text attention
+        + _linear(d, a) + 2 * _linear(a, a) + _linear(a, d) + norms * a                 # audio-to-video
+        + _linear(a, a) + 2 * _linear(d, a) + _linear(a, a) + norms * a                 # video-to-audio
+        + _linear(d, FFN_MULT * d) + _linear(FFN_MULT * d, d)                           # video feed-forward
+        + _linear(a, FFN_MULT * a) + _linear(FFN_MULT * a, a)                           # audio feed-forward
+        + 6 * d + 6 * a + 5 * d + 5 * a                                                 # modulation tables
+    )
+    rest = (_linear(c_in, d) + _linear(a_in, a) + _linear(cap, d) + _linear(d, d) + _linear(cap, a) + _linear(a, a)
+            + _adaln(d, 6) + _adaln(a, 6) + _adaln(d, 4) + _adaln(a, 4) + _adaln(d, 1) + _adaln(a, 1)
+            + _linear(d, c_out) + _linear(a, a_out) + 2 * d + 2 * a)
+    return {"block": block, "expert": int(config["num_layers"]) * block + rest}

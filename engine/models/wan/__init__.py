@@ -55,6 +55,7 @@ SPEC = ModelSpec(
     sequence_parallel=_lazy("attention", "sequence_parallel_plan"),
     flops=flops.transformer_flops,
     video_tokens=flops.video_tokens,
+    parameters=flops.parameter_counts,
     catalog=_HERE / "catalog.json",
     preview_projection=_HERE / "wan21_latent_rgb.json",
     make_tiny=_lazy("tiny", "make_tiny"),

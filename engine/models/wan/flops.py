@@ -51,3 +51,18 @@ def video_tokens(config: dict, *, height: int, width: int, frames: int, vae_spat
     pt, ph, pw = config.get("patch_size", (1, 2, 2))
     latent_frames = (frames - 1) // vae_temporal + 1
     return (latent_frames // pt) * (height // vae_spatial // ph) * (width // vae_spatial // pw)
+
+
+def parameter_counts(config: dict) -> dict[str, int]:
+    """Parameters of one ``WanTransformer3DModel`` block and of the whole expert, from its config:
+    self- and cross-attention (q, k, v, out, with norms), the FFN, the modulation table; plus the
+    patch, time and text embeddings and the head."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    f = int(config["ffn_dim"])
+    block = 8 * (d * d + d) + 2 * d * f + f + d + 4 * d + 2 * d + 6 * d
+    patch = math.prod(config["patch_size"])
+    embed = int(config["in_channels"]) * patch * d + d
+    time = int(config["freq_dim"]) * d + d + d * d + d + d * 6 * d + 6 * d
+    text = int(config["text_dim"]) * d + d + d * d + d
+    head = d * int(config["out_channels"]) * patch + 2 * d
+    return {"block": block, "expert": int(config["num_layers"]) * block + embed + time + text + head}

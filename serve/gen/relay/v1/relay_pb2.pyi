@@ -103,7 +103,7 @@ class Lora(_message.Message):
     def __init__(self, name: _Optional[str] = ..., scale: _Optional[float] = ..., expert: _Optional[str] = ...) -> None: ...
 
 class ResolvedSettings(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "fps", "boundary", "has_image", "output_format", "solver", "timesteps", "loras", "caches")
+    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "frames", "steps", "seed", "guidance", "guidance_low", "shift", "fps", "boundary", "has_image", "output_format", "solver", "timesteps", "loras", "caches", "guidance_terms")
     class CachesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class ResolvedSettings(_message.Message):
     TIMESTEPS_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
     CACHES_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_TERMS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -149,7 +150,8 @@ class ResolvedSettings(_message.Message):
     timesteps: _containers.RepeatedScalarFieldContainer[float]
     loras: _containers.RepeatedCompositeFieldContainer[Lora]
     caches: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., guidance_low: _Optional[float] = ..., shift: _Optional[float] = ..., fps: _Optional[int] = ..., boundary: _Optional[float] = ..., has_image: _Optional[bool] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., solver: _Optional[str] = ..., timesteps: _Optional[_Iterable[float]] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., caches: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    guidance_terms: str
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., guidance_low: _Optional[float] = ..., shift: _Optional[float] = ..., fps: _Optional[int] = ..., boundary: _Optional[float] = ..., has_image: _Optional[bool] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., solver: _Optional[str] = ..., timesteps: _Optional[_Iterable[float]] = ..., loras: _Optional[_Iterable[_Union[Lora, _Mapping]]] = ..., caches: _Optional[_Mapping[str, str]] = ..., guidance_terms: _Optional[str] = ...) -> None: ...
 
 class Accepted(_message.Message):
     __slots__ = ("settings", "client_request_id")
@@ -234,18 +236,22 @@ class Timings(_message.Message):
     def __init__(self, queued_s: _Optional[float] = ..., encode_s: _Optional[float] = ..., denoise_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class Done(_message.Message):
-    __slots__ = ("sha256", "size", "mime", "timings", "stats")
+    __slots__ = ("sha256", "size", "mime", "timings", "stats", "audio_wav", "audio_sample_rate")
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     MIME_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_WAV_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     size: int
     mime: str
     timings: Timings
     stats: _struct_pb2.Struct
-    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., mime: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., stats: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    audio_wav: bytes
+    audio_sample_rate: int
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., mime: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., stats: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., audio_wav: _Optional[bytes] = ..., audio_sample_rate: _Optional[int] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("job_id", "accepted", "queued", "started", "progress", "preview", "decoding", "video_chunk", "done")
@@ -320,7 +326,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "kind", "is_default", "moe", "spatial_multiple", "temporal_stride", "defaults")
+    __slots__ = ("name", "kind", "is_default", "moe", "spatial_multiple", "temporal_stride", "defaults", "family", "tasks", "has_audio", "audio_sample_rate")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -328,6 +334,10 @@ class Model(_message.Message):
     SPATIAL_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     TEMPORAL_STRIDE_FIELD_NUMBER: _ClassVar[int]
     DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    HAS_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     is_default: bool
@@ -335,7 +345,11 @@ class Model(_message.Message):
     spatial_multiple: int
     temporal_stride: int
     defaults: ResolvedSettings
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., is_default: _Optional[bool] = ..., moe: _Optional[bool] = ..., spatial_multiple: _Optional[int] = ..., temporal_stride: _Optional[int] = ..., defaults: _Optional[_Union[ResolvedSettings, _Mapping]] = ...) -> None: ...
+    family: str
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    has_audio: bool
+    audio_sample_rate: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., is_default: _Optional[bool] = ..., moe: _Optional[bool] = ..., spatial_multiple: _Optional[int] = ..., temporal_stride: _Optional[int] = ..., defaults: _Optional[_Union[ResolvedSettings, _Mapping]] = ..., family: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., has_audio: _Optional[bool] = ..., audio_sample_rate: _Optional[int] = ...) -> None: ...
 
 class LoraFile(_message.Message):
     __slots__ = ("name", "size")
