@@ -1,12 +1,13 @@
-"""``relay bench engine``: Relay's engine vs diffusers' ``WanPipeline`` on the same model, in one
-process, with the same settings.
+"""``relay bench engine``: Relay's engine vs diffusers' own pipeline (``WanPipeline``, or
+``LTX2Pipeline`` for an LTX-2 model) on the same model, in one process, with the same settings.
 
 Runs are interleaved (Relay, diffusers, then diffusers, Relay in the next round, ...) so that
 machine noise and any order effect hit both alike; the figure of merit is the median of the
 per-round time ratios Relay / diffusers. Both produce frames from the same seed; the largest
-absolute difference between the two videos is reported (0 on the CPU in fp32). Default: the
-embedded tiny T2V model on the default device (``--model`` for another T2V model, e.g. a small
-bf16 model on a GPU).
+absolute difference between the two videos is reported (0 on the CPU in fp32 for Wan; LTX-2's
+text connectors and guidance run per branch in Relay and batched in diffusers: ~1e-6). Default:
+the embedded tiny Wan T2V model on the default device (``--family ltx2`` for the embedded tiny
+LTX-2, ``--model`` for another folder, e.g. a small bf16 model on a GPU).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ GUIDANCE, GUIDANCE_LOW = 4.0, 3.0
 
 def add_arguments(parser) -> None:
     """The engine bench's flags."""
-    parser.add_argument("--model", help="diffusers Wan 2.2 T2V directory (default: embedded tiny)")
+    parser.add_argument("--model", help="diffusers Wan 2.2 T2V or LTX-2 directory (default: the embedded tiny one "
+                                        "of --family)")
+    parser.add_argument("--family", choices=("wan2.2", "ltx2"), default="wan2.2",
+                        help="the embedded tiny model without --model (default wan2.2)")
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--frames", type=int, default=9)
@@ -45,10 +49,12 @@ def _runners(args, device):
     from relay.engine.tiny import default_model_dir
 
     diffusers_logging.disable_progress_bar()
-    model_dir = args.model or str(default_model_dir("t2v"))
+    model_dir = args.model or str(default_model_dir(*(("ti2v", "ltx2") if args.family == "ltx2" else ("t2v",))))
     dtype = args.dtype or default_dtype(device)
     steps = args.steps or (4 if args.smoke else 8)
     engine = Engine(load_model(model_dir, dtype=dtype, device=device))
+    if engine.info.family == "ltx2":
+        return _ltx2_runners(engine, model_dir, dtype, steps, args, device)
     vae = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32)
     pipe = WanPipeline.from_pretrained(model_dir, vae=vae, dtype=DTYPES[dtype]).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -70,6 +76,40 @@ def _runners(args, device):
     settings = {"model": model_dir, "dtype": dtype, "height": request.height, "width": request.width,
                 "frames": request.frames, "steps": request.steps, "seed": 0, "guidance": GUIDANCE,
                 "guidance_low": GUIDANCE_LOW, "shift": shift}
+    return relay, diffusers, settings
+
+
+def _ltx2_runners(engine, model_dir, dtype, steps, args, device):
+    """Relay's engine and ``LTX2Pipeline`` at the pipeline's default guidance (four forwards per
+    step), STG on the model's last block when it has no block 28."""
+    import torch
+    from diffusers import LTX2Pipeline
+
+    from relay.engine.loader import DTYPES
+    from relay.engine.request import GenerationRequest
+
+    request = engine.resolve(GenerationRequest(prompt=PROMPT, height=args.height, width=args.width,
+                                               frames=args.frames, steps=steps, seed=0, guidance=3.0))
+    terms = request.guidance_terms
+    pipe = LTX2Pipeline.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    def relay():
+        return engine.generate(request)
+
+    def diffusers():
+        return pipe(prompt=PROMPT, height=request.height, width=request.width, num_frames=request.frames,
+                    num_inference_steps=request.steps, frame_rate=float(request.fps), guidance_scale=3.0,
+                    audio_guidance_scale=terms["audio"], stg_scale=terms["stg"], audio_stg_scale=terms["audio_stg"],
+                    modality_scale=terms["modality"], audio_modality_scale=terms["audio_modality"],
+                    guidance_rescale=terms["rescale"], audio_guidance_rescale=terms["audio_rescale"],
+                    spatio_temporal_guidance_blocks=list(terms["stg_blocks"]),
+                    generator=torch.Generator().manual_seed(0), output_type="np", return_dict=False)[0][0]
+
+    settings = {"model": model_dir, "family": "ltx2", "dtype": dtype, "height": request.height,
+                "width": request.width, "frames": request.frames, "steps": request.steps, "seed": 0,
+                "guidance": 3.0, "guidance_terms": {k: list(v) if isinstance(v, tuple) else v for k, v in terms.items()},
+                "shift": request.shift}
     return relay, diffusers, settings
 
 
@@ -108,13 +148,15 @@ def run(args) -> common.BenchResult:
 
 def _table(settings: dict, times: dict, ratio: dict, max_diff: float) -> str:
     rows = []
-    for label, key in (("relay engine", "relay"), ("diffusers WanPipeline", "diffusers")):
+    pipeline = "LTX2Pipeline" if settings.get("family") == "ltx2" else "WanPipeline"
+    for label, key in (("relay engine", "relay"), (f"diffusers {pipeline}", "diffusers")):
         values = times[key]
         rows.append([label, f"{common.median(values):.3f}", f"{min(values):.3f}", f"{max(values):.3f}"])
     frames = "identical" if max_diff == 0.0 else f"max |diff| {max_diff:.2e}"
     title = (f"engine: relay vs diffusers | {settings['model']} | {settings['device']} {settings['dtype']} | "
              f"{settings['width']}x{settings['height']}x{settings['frames']}, {settings['steps']} steps, "
-             f"CFG | {settings['rounds']} interleaved rounds")
+             f"{'CFG+STG+modality' if settings.get('family') == 'ltx2' else 'CFG'} | "
+             f"{settings['rounds']} interleaved rounds")
     notes = [(f"median ratio relay/diffusers: {ratio['median']:.3f} "
               f"(range {ratio['min']:.3f}..{ratio['max']:.3f}); frames {frames}")]
     return common.format_table(["runner", "median s", "min s", "max s"], rows, title=title, notes=notes)

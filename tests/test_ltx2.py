@@ -308,3 +308,32 @@ def test_served_beside_a_wan_model(ltx2, tiny_models, engine, relay, tmp_path):
             server.kill()
             server.wait()
         log.close()
+
+
+@pytest.mark.parametrize("executor", ["torchrun", "ray"])
+def test_generate_on_torchrun_and_ray_equals_one_process(executor, ltx2, engine, tmp_path):
+    """``relay generate --nproc 2 --ulysses 2`` under torchrun and on Ray actors: the same frames
+    and sound (``.npy`` + ``.wav``) as one process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / f"{executor}.npy"
+    args = [sys.executable, "-m", "relay.cli", "generate", "--model", str(ltx2), "--executor", executor,
+            "--nproc", "2", "--ulysses", "2", "--dtype", "fp32", "--device", "cpu", "--prompt", PROMPT,
+            "--negative-prompt", NEGATIVE, "--height", "64", "--width", "96", "--frames", "17", "--steps", "3",
+            "--seed", "5", "--guidance", "3", "--guidance-terms", _terms(), "--output", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    reference = engine.generate_clip(_request())
+    np.testing.assert_allclose(np.load(out), reference.frames, atol=1e-4, rtol=0)
+    with wave.open(str(out.with_suffix(".wav"))) as wav:
+        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").reshape(-1, 2).T.astype(np.float32)
+    np.testing.assert_allclose(pcm / 32767.0, np.clip(reference.audio, -1, 1), atol=2.0 / 32767 + 1e-4, rtol=0)
