@@ -175,6 +175,14 @@ def resume(args: argparse.Namespace) -> int:
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
             raise ValidationError("state", f"cannot read snapshot {args.state}: {exc}") from None
         resolved = ResolvedRequest(**{**state.request, "sources": state.request.get("sources") or {}})
+        from relay.engine.experts import DENSE, HIGH, LOW
+
+        has = (HIGH, LOW) if info.is_moe else (DENSE,)
+        needed = sorted(set(state.experts[state.step_index:]) - set(has))
+        if needed:
+            raise ValidationError("model", f"the snapshot's steps run the {', '.join(needed)} expert(s); {info.path} "
+                                           f"({info.family} {info.kind}) has {', '.join(has)}: resume it with the "
+                                           "--model it was made with")
     except (ValidationError, ModelError) as exc:
         return refuse("resume", exc)
     if state.done:
