@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--http-port", type=int, metavar="PORT",
                      help="also serve the HTTP videos API (/v1/videos, OpenAPI at /openapi.json) and the web page "
                           "at / on this port (0: a free one), with the same tokens and TLS")
+    srv.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="text lines, or one JSON object per line with the request id on every line about a "
+                          "request (workers too)")
+    srv.add_argument("--log-prompts", action="store_true",
+                     help="log each job's prompts in its admission line (never logged otherwise; tokens never are)")
+    srv.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="serve Prometheus metrics at /metrics on this port (0: a free one): requests, queue "
+                          "depth, step and request seconds, group busy time and restarts, forwards, hand-off bytes, "
+                          "the gRPC and HTTP calls")
     srv.add_argument("--max-queue", type=int, default=8, help="jobs that may wait behind the running ones")
     srv.add_argument("--lora-dir", metavar="DIR",
                      help="LoRA files requests may name (by file name inside DIR); ListModels lists them")

@@ -56,6 +56,8 @@ class ServeRun:
     result_ttl_s: float = 3600.0
     result_budget_bytes: int = 2 << 30
     http_port: int | None = None
+    metrics_port: int | None = None
+    log_prompts: bool = False
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -63,7 +65,9 @@ def serve(args: argparse.Namespace) -> int:
     from relay.engine.errors import ModelError
     from relay.serve.server import ServerConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from relay.engine.logs import configure
+
+    configure(args.log_format)
     try:
         tokens = _tokens(args)
         if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
@@ -80,6 +84,10 @@ def serve(args: argparse.Namespace) -> int:
             if args.http_port != 0 and args.http_port == args.port:
                 raise ValidationError("http_port", "must differ from --port")
             check_port(args.host, args.http_port, "http_port")
+        if args.metrics_port is not None:
+            if args.metrics_port != 0 and args.metrics_port in (args.port, args.http_port):
+                raise ValidationError("metrics_port", "must differ from --port and --http-port")
+            check_port(args.host, args.metrics_port, "metrics_port")
         if not args.result_ttl > 0:
             raise ValidationError("result_ttl", f"must be positive seconds, got {args.result_ttl}")
         if not args.result_budget > 0:
@@ -111,7 +119,8 @@ def serve(args: argparse.Namespace) -> int:
     run = ServeRun(models=[str(info.path) for info in infos], config=config, max_queue=args.max_queue,
                    heartbeat_s=args.heartbeat, port_file=args.port_file, plans=plans, spec=spec,
                    scheduler=scheduler, lora_dir=lora_dir, result_ttl_s=args.result_ttl,
-                   result_budget_bytes=int(args.result_budget * 2**30), http_port=args.http_port)
+                   result_budget_bytes=int(args.result_budget * 2**30), http_port=args.http_port,
+                   metrics_port=args.metrics_port, log_prompts=args.log_prompts)
     if args.executor == "torchrun":
         from relay.cli.generate import run_under_torchrun
 
@@ -155,7 +164,9 @@ def _serve(run: ServeRun, build, *, close_executors: bool = True) -> int:
 
     def factory(info, name):
         placement = run.plans[str(info.path)]
-        print(f"relay serve: {name}: {placement.kind} placement, {placement.reason}", file=sys.stderr, flush=True)
+        from relay.serve.app import say
+
+        say(f"relay serve: {name}: {placement.kind} placement, {placement.reason}")
         executor = build(info)
         runner = ScheduledRunner(executor.scheduler, info, name=name, tokenizer=load_tokenizer(info))
         runner.close = executor.close if close_executors else executor.scheduler.close
@@ -168,11 +179,14 @@ def _serve(run: ServeRun, build, *, close_executors: bool = True) -> int:
         asyncio.run(serve_app(run.models, config=run.config, max_queue=run.max_queue, heartbeat_s=run.heartbeat_s,
                               port_file=run.port_file, runner_factory=factory, lora_dir=run.lora_dir,
                               result_ttl_s=run.result_ttl_s, result_budget_bytes=run.result_budget_bytes,
-                              http_port=run.http_port))
+                              http_port=run.http_port, metrics_port=run.metrics_port,
+                              log_prompts=run.log_prompts))
     except ModelError as exc:
         return refuse("serve", exc)
     except GroupFailure as exc:  # a group (or Ray itself) could not be built
-        print(f"relay serve: error: {exc}", file=sys.stderr, flush=True)
+        from relay.serve.app import say
+
+        say(f"relay serve: error: {exc}", level=logging.ERROR)
         return EXIT_FAILED
     return EXIT_OK
 

@@ -73,7 +73,7 @@ class ScheduledRunner:
         ticket = self.scheduler.submit(job.request.to_dict(with_image=True),
                                        experts=request_experts(self.info, job.request),
                                        priority=job.priority, preview_every=job.preview_every,
-                                       on_event=on_event)
+                                       on_event=on_event, label=job.job_id)
         while not ticket._done.wait(CANCEL_POLL_S):
             if should_stop() and not ticket.cancelled:
                 self.scheduler.cancel(ticket)  # takes effect at the next step boundary

@@ -42,6 +42,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from relay.engine.logs import REQUEST_ID
+from relay.engine.metrics import RECORDER, state_bytes
 from relay.engine.stages import DECODE, ENCODE, Segment, segments
 from relay.engine.stats import RunStats
 from relay.engine.tickets import (
@@ -111,7 +113,7 @@ class StageScheduler:
     # --- public API --------------------------------------------------------------------------
     def submit(self, request: dict, *, experts: Sequence[str], state=None, priority: int = 0,
                preview_every: int = 0, checkpoint_at: Sequence[int] = (),
-               on_event: Callable[[str, dict], None] | None = None) -> Ticket:
+               on_event: Callable[[str, dict], None] | None = None, label: str | None = None) -> Ticket:
         """Admits a resolved request, or a snapshot to finish.
 
         Args:
@@ -127,6 +129,8 @@ class StageScheduler:
             on_event: ``on_event(kind, data)``, called on a scheduler thread for queued,
                 started, stage, progress, preview, checkpoint, decoding, retry, done, failed,
                 cancelled.
+            label: The request's id in logs (the service's job id; default ``request-N``):
+                every line logged while a group works on it carries it (:mod:`engine.logs`).
 
         Raises:
             RequestFailed: the queue is full, the scheduler is closed, or no group can serve
@@ -146,7 +150,9 @@ class StageScheduler:
             waiting = sum(1 for t in self._waiting if not t.entered)
             if waiting >= self.config.max_queue:
                 raise RequestFailed(f"queue full ({waiting} requests waiting)")
-            ticket = Ticket(request_id=next(self._ids), request=request, priority=priority,
+            request_id = next(self._ids)
+            ticket = Ticket(request_id=request_id, label=label or f"request-{request_id}", request=request,
+                            priority=priority,
                             on_event=on_event, preview_every=preview_every, stages=stages, state=state,
                             checkpoint_at=frozenset(checkpoint_at), submitted=time.perf_counter(),
                             stats=RunStats.for_request(request, experts=experts, layout=self.layout))
@@ -264,6 +270,7 @@ class StageScheduler:
             if ticket is _HEALTH:
                 fresh = self._check_health(group) or fresh
                 continue
+            token = REQUEST_ID.set(ticket.label)  # this thread works on the ticket: its lines carry its id
             try:
                 self._run_stages(group, ticket, fresh)
                 fresh = False
@@ -290,6 +297,7 @@ class StageScheduler:
                 continue
             finally:
                 self._idle_since[group.name] = time.monotonic()
+                REQUEST_ID.reset(token)
             if ticket.stages:
                 self._requeue(ticket)
 
@@ -396,7 +404,11 @@ class StageScheduler:
         replay = state.step_index - segment.start if cached and not held and state.anchor is not None else 0
         group.begin(None if held else state, timeout_s=self._timeout(1 + replay, fresh))
         if not held:
-            ticket.stats.add_seconds(segment.expert if replay else "handoff", time.perf_counter() - begun)
+            spent = time.perf_counter() - begun
+            ticket.stats.add_seconds(segment.expert if replay else "handoff", spent)
+            RECORDER.inc("relay_stage_busy_seconds_total", spent, group=group.name)
+            if RECORDER.active:
+                RECORDER.inc("relay_handoff_bytes_total", state_bytes(state))
         chunks = self._chunks(ticket, ticket.state.step_index, segment.end)
         results = group.advance_chunks(until=segment.end, chunks=chunks,
                                        timeout_s=self._timeout(self.config.checkpoint_every, False))
@@ -407,12 +419,18 @@ class StageScheduler:
                 self.trace.append(TraceEntry(group.name, ticket.request_id, "step",
                                              called - self._epoch, now - self._epoch))
                 ticket.stats.add_seconds(segment.expert, now - called)
-                ticket.step_seconds.append((now - called) / max(len(events), 1))
+                per_step = (now - called) / max(len(events), 1)
+                ticket.step_seconds.append(per_step)
+                RECORDER.inc("relay_stage_busy_seconds_total", now - called, group=group.name)
                 called = now
                 ticket.state = state = ticket.state.advanced(progress)  # the checkpoint, held here
                 for event in events:
                     ticket.stats.add_step(event.expert, forwards=event.forwards, skipped=event.skipped,
                                           lockstep=event.lockstep, cache=event.cache)
+                    RECORDER.observe("relay_step_seconds", per_step, group=group.name, expert=event.expert)
+                    RECORDER.inc("relay_forwards_total", event.forwards, expert=event.expert, kind="computed")
+                    if event.skipped:
+                        RECORDER.inc("relay_forwards_total", event.skipped, expert=event.expert, kind="skipped")
                     self._progress(ticket, group, event)
                 if png is not None:
                     self._emit(ticket, "preview", step=state.step_index, png=png)
@@ -462,6 +480,7 @@ class StageScheduler:
             return False
         started = time.perf_counter()
         self.restarts[group.name] += 1
+        RECORDER.inc("relay_group_restarts_total", group=group.name)
         back = False
         if self.restarts[group.name] > self.config.max_group_restarts:
             with self._lock:
@@ -560,6 +579,7 @@ class _Timed:
         end = time.perf_counter() - self.scheduler._epoch
         self.scheduler.trace.append(TraceEntry(self.group, self.ticket.request_id, self.kind, self.start, end))
         self.ticket.stats.add_seconds(self.stage, end - self.start)
+        RECORDER.inc("relay_stage_busy_seconds_total", end - self.start, group=self.group)
 
 
 def _name(stage) -> str:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from relay.engine.errors import ValidationError
+from relay.engine.logs import REQUEST_ID, request_context
+from relay.engine.metrics import RECORDER
 from relay.engine.tickets import RequestOutOfMemory
 from relay.engine.request import GenerationRequest, ResolvedRequest
 
@@ -109,7 +111,7 @@ class AsyncEngine:
     Args:
         runners: ``{model name: runner}``; a runner has ``resolve(GenerationRequest) ->
             ResolvedRequest`` (validation, no GPU work) and ``run(job, emit, should_stop) ->
-            (bytes, mime, timings, stats)`` which executes on a worker thread, and optionally a
+            ((bytes, mime, sound), timings, stats)`` which executes on a worker thread, and optionally a
             ``capacity`` (jobs it runs at once, default 1: a stage scheduler overlapping
             requests over several worker groups takes more). :class:`engine.scheduled.ScheduledRunner`
             is the runner over a stage scheduler.
@@ -122,12 +124,16 @@ class AsyncEngine:
         result_budget_bytes: The most bytes of finished videos kept at once; beyond it the
             oldest are dropped first (their jobs stay visible, without a result).
         clock: Monotonic seconds (tests pass their own to age results without waiting).
+        log_prompts: Log each job's prompts in its admission line (off: prompts are never logged).
     """
 
     def __init__(self, runners: dict, *, default_model: str, max_queue: int = 8,
                  heartbeat_s: float = 5.0, keep_finished: int = 256, lora_dir=None,
-                 result_ttl_s: float = 3600.0, result_budget_bytes: int = 2 << 30, clock=time.monotonic) -> None:
+                 result_ttl_s: float = 3600.0, result_budget_bytes: int = 2 << 30, clock=time.monotonic,
+                 log_prompts: bool = False) -> None:
         self.runners = runners
+        #: Whether a job's admission line carries its prompts (never by default).
+        self.log_prompts = log_prompts
         self.result_ttl_s = result_ttl_s
         self.result_budget_bytes = result_budget_bytes
         self.clock = clock
@@ -167,6 +173,7 @@ class AsyncEngine:
         for _, _, job in list(self._queue):
             self._finish(job, JobState.CANCELLED, error="server is shutting down")
         self._queue.clear()
+        self._announce_positions()
         if self._running:
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
@@ -203,7 +210,20 @@ class AsyncEngine:
             ValidationError: a field is invalid (nothing is queued, no runner is touched).
             QueueFull: the running slot and the queue are full.
             Draining: the engine is shutting down.
+
+        A refusal is counted as a ``rejected`` request (``relay_requests_total``).
         """
+        try:
+            return self._admit(request, model=model, output_format=output_format, preview_every=preview_every,
+                               priority=priority, client_request_id=client_request_id, detached=detached)
+        except (ValidationError, QueueFull, Draining):
+            RECORDER.inc("relay_requests_total", model=(model or self.default_model) if (model or self.default_model)
+                         in self.runners else "unknown", outcome="rejected")
+            raise
+
+    def _admit(self, request: GenerationRequest, *, model: str, output_format: str, preview_every: int,
+               priority: int, client_request_id: str, detached: bool) -> Job:
+        """The admission itself (:meth:`submit`)."""
         if self._draining:
             raise Draining("server is draining; no new jobs")
         if not self.ready:
@@ -231,6 +251,10 @@ class AsyncEngine:
                   preview_every=preview_every, priority=priority, client_request_id=client_request_id,
                   detached=detached)
         self.jobs[job.job_id] = job
+        # One line per admission; the prompts only when the operator asked (--log-prompts).
+        prompts = f", prompt {resolved.prompt!r}, negative {resolved.negative_prompt!r}" if self.log_prompts else ""
+        with request_context(job.job_id):
+            log.info("job %s admitted: model %s%s%s", job.job_id, name, " (detached)" if detached else "", prompts)
         heapq.heappush(self._queue, (-priority, next(self._order), job))
         self._emit(job, Event("accepted"))
         self._announce_positions()
@@ -357,17 +381,25 @@ class AsyncEngine:
         self._loop.call_soon_threadsafe(self._emit, job, event)
 
     def _announce_positions(self) -> None:
+        """Tells each queued job its place (and the metrics the queue's depth)."""
         for _, _, job in self._queue:
             self._emit(job, self._queued_event(job))
+        if RECORDER.active:
+            for name in self.runners:
+                RECORDER.set("relay_queue_depth", sum(1 for _, _, job in self._queue if job.model == name), model=name)
 
     def _finish(self, job: Job, state: JobState, *, error: str = "", reason: str = "") -> None:
         started = job.state != JobState.QUEUED
         job.state = state
         job.error = error
         # One line per request at its end (never the prompt or a token).
-        log.info("job %s %s after %.2fs (%s)%s", job.job_id, state.value, time.monotonic() - job.submitted,
-                 "ran" if started else "never ran", f": {error}" if error else "")
+        with request_context(job.job_id):
+            log.info("job %s %s after %.2fs (%s)%s", job.job_id, state.value, time.monotonic() - job.submitted,
+                     "ran" if started else "never ran", f": {error}" if error else "")
         kind = {JobState.SUCCEEDED: "done", JobState.FAILED: "failed", JobState.CANCELLED: "cancelled"}[state]
+        RECORDER.inc("relay_requests_total", model=job.model, outcome=state.value)
+        if state == JobState.SUCCEEDED:
+            RECORDER.observe("relay_request_seconds", time.monotonic() - job.submitted, model=job.model)
         if state == JobState.SUCCEEDED and job.output and job.detached:
             job.finished_at = self.clock()
             self._results.append(job)
@@ -417,6 +449,7 @@ class AsyncEngine:
             self._wakeup.set()
 
     async def _run(self, job: Job) -> None:
+        REQUEST_ID.set(job.job_id)  # this job's task (and the worker thread it runs on): its lines carry its id
         r = job.request
         log.info("job %s started: model %s, %dx%d, %d frames, %d steps, seed %d, %s%s, queued %.2fs",
                  job.job_id, job.model, r.width, r.height, r.frames, r.steps, r.seed, job.output_format,

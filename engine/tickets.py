@@ -144,6 +144,8 @@ class Ticket:
     """
 
     request_id: int
+    #: The id logs carry for this request (the service's job id).
+    label: str = ""
     request: dict
     priority: int = 0
     on_event: Callable[[str, dict], None] | None = None

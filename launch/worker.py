@@ -174,6 +174,9 @@ class StageWorker:
         from relay.parallel.cfg import CfgParallelPredictor
         from relay.parallel.groups import init_groups
 
+        from relay.engine.logs import configure_from_env
+
+        configure_from_env()  # JSON lines in a rank process when the server logs them
         quiet_libraries()
         if spec.vae_parallel and spec.vae_tiling:  # bands would tile by their own heights: ranks diverge
             raise ValueError("vae_parallel and vae_tiling cannot be combined")
@@ -361,17 +364,22 @@ class StageWorker:
         self.run.run(until=end, callback=events.append)
         if not self.is_output_rank:
             return [], None, None
-        # A family whose latents the linear previewer cannot read yet (LTX-2's two streams) sends none.
-        png = self.preview_png(self.run.latents) if preview and getattr(self.engine.family, "previews", True) else None
+        # A family may opt out of previews (``previews = False`` on its pipeline); none does now.
+        png = (self.preview_png(self.run.latents, self.run.cond)
+               if preview and getattr(self.engine.family, "previews", True) else None)
         return events, self.run.progress(), png
 
-    def preview_png(self, latents) -> bytes:
-        """A small PNG of ``latents`` through the family's linear latent-to-RGB projection."""
-        if self._previewer is None:
-            from relay.engine.preview import LatentPreviewer
+    def preview_png(self, latents, cond=None) -> bytes:
+        """A small PNG of ``latents`` through the family's linear latent-to-RGB projection.
 
+        ``cond`` (the run's conditioning) goes to the family's ``preview_latents`` where it has
+        one (LTX-2: the video stream of the flat tokens); Wan's latents are the grid already.
+        """
+        from relay.engine.preview import LatentPreviewer, video_latents
+
+        if self._previewer is None:
             self._previewer = LatentPreviewer.for_vae(self.model.vae, self.model_info.spec.preview_projection)
-        return self._previewer.png(latents)
+        return self._previewer.png(video_latents(self.engine.family, latents, cond))
 
     def decode(self, state=None):
         """The ``decode`` stage of ``state`` (default: the current run).

@@ -21,7 +21,8 @@ def model_name(path: Path) -> str:
 async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, max_queue: int = 8,
                 heartbeat_s: float = 5.0, port_file: str | None = None, lora_dir: str | None = None,
                 result_ttl_s: float = 3600.0, result_budget_bytes: int = 2 << 30,
-                http_port: int | None = None) -> None:
+                http_port: int | None = None, metrics_port: int | None = None,
+                log_prompts: bool = False) -> None:
     """Runs the server until it has drained.
 
     Health is NOT_SERVING (and Generate answers UNAVAILABLE) until every model has loaded.
@@ -35,6 +36,9 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, 
             videos are kept for ``GetResult``.
         http_port: Also serve the HTTP videos API and the web page (:mod:`serve.http`) on this
             port (0: a free one), with the same tokens and TLS certificate; ``None``: gRPC only.
+        metrics_port: Serve Prometheus metrics (:mod:`serve.metrics`, ``/metrics``) on this port
+            (0: a free one); ``None``: none.
+        log_prompts: Log each job's prompts when it is admitted (never otherwise).
     """
     from relay.engine.model_info import read_model_info
 
@@ -45,13 +49,19 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, 
     runners: dict = {}
     engine = AsyncEngine(runners, default_model=next(iter(infos)), max_queue=max_queue,
                          heartbeat_s=heartbeat_s, lora_dir=lora_dir, result_ttl_s=result_ttl_s,
-                         result_budget_bytes=result_budget_bytes)
+                         result_budget_bytes=result_budget_bytes, log_prompts=log_prompts)
     server = RelayServer(engine, infos, config)
     await server.start()
     server.install_signal_handlers()
     address = f"{config.host}:{server.port}"
-    print(f"relay serve: listening on {address} ({'TLS' if config.tls_cert else 'plaintext'}"
-          f"{', token auth' if config.tokens else ''}); loading {', '.join(infos)}", file=sys.stderr, flush=True)
+    say(f"relay serve: listening on {address} ({'TLS' if config.tls_cert else 'plaintext'}"
+         f"{', token auth' if config.tokens else ''}); loading {', '.join(infos)}")
+    metrics = None
+    if metrics_port is not None:
+        from relay.serve.metrics import MetricsServer
+
+        metrics = MetricsServer(config.host, metrics_port)
+        say(f"relay serve: Prometheus metrics on http://{config.host}:{metrics.start()}/metrics")
     http = None
     if http_port is not None:
         from relay.serve.http import HttpServer
@@ -60,8 +70,7 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, 
                           tls_cert=config.tls_cert, tls_key=config.tls_key)
         bound = await http.start()
         scheme = "https" if config.tls_cert else "http"
-        print(f"relay serve: HTTP videos API and web page on {scheme}://{config.host}:{bound}/", file=sys.stderr,
-              flush=True)
+        say(f"relay serve: HTTP videos API and web page on {scheme}://{config.host}:{bound}/")
     if port_file:
         Path(port_file).write_text(f"{server.port}\n")
     try:
@@ -73,15 +82,28 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, 
         engine.start()
         engine.ready = True
         await server.set_serving(True)
-        print(f"relay serve: SERVING on {address}", file=sys.stderr, flush=True)
+        say(f"relay serve: SERVING on {address}")
         await server.wait()
     finally:
         if not server.stopped:  # a model failed to load: stop listening before the loop ends
             await server.server.stop(0)
         if http is not None:
             await http.stop()
+        if metrics is not None:
+            metrics.stop()
         for runner in runners.values():
             close = getattr(runner, "close", None)
             if close is not None:
                 await asyncio.to_thread(close)
-    print("relay serve: drained and stopped", file=sys.stderr, flush=True)
+    say("relay serve: drained and stopped")
+
+
+def say(message: str, *, level: int = logging.INFO) -> None:
+    """A line of the server's own (listening, serving, drained, a failure to start): on stderr,
+    or a log record when logs are JSON lines (so that every line parses)."""
+    from relay.engine.logs import json_logging
+
+    if json_logging():
+        log.log(level, message.removeprefix("relay serve: "))
+    else:
+        print(message, file=sys.stderr, flush=True)

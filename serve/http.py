@@ -161,7 +161,10 @@ def video_out(engine: AsyncEngine, job, created_at: float) -> VideoOut:
 
 def build_app(engine: AsyncEngine, models: dict, *, tokens=()):
     """The FastAPI application of the videos API (and the web page at ``/``)."""
+    from relay.serve.metrics import HttpMetrics
+
     app = FastAPI(title="Relay videos API", version="1", description=__doc__.split("\n\n")[1])
+    app.add_middleware(HttpMetrics)
     created: dict[str, float] = {}
     auth = None
     if tokens:

@@ -118,11 +118,18 @@ class RelayServicer(pb_grpc.RelayServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: the result of {job.job_id} is gone: "
                                                           f"{job.result_dropped or 'never kept'}")
         job.streams += 1
+        streaming = True
         try:
             for message in convert.video_events(job):
+                if message.WhichOneof("event") == "done":
+                    # Every chunk is out: from here the result is the TTL's and the budget's again (a
+                    # client that acts on ``done`` must not find it still held by this stream).
+                    job.streams -= 1
+                    streaming = False
                 yield message
         finally:
-            job.streams -= 1
+            if streaming:
+                job.streams -= 1
 
     async def ListModels(self, request, context):  # noqa: N802
         models = [pb.Model(name=name, kind=info.kind, is_default=name == self.engine.default_model,
@@ -209,11 +216,14 @@ class RelayServer:
 
         self.engine = engine
         self.config = config
+        from relay.serve.metrics import GrpcMetrics
+
         interceptors = [_InternalErrors()]
         if config.tokens:
             from relay.serve.auth import TokenAuthInterceptor
 
             interceptors.insert(0, TokenAuthInterceptor(config.tokens))
+        interceptors.insert(0, GrpcMetrics())  # first: it sees refused calls too
         self.server = grpc.aio.server(interceptors=interceptors, options=KEEPALIVE)
         pb_grpc.add_RelayServicer_to_server(RelayServicer(engine, models), self.server)
         self.health = HealthServicer()

@@ -89,3 +89,16 @@ def wheel(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "-w", str(out), str(source)], check=True, capture_output=True, timeout=300)
     return next(out.glob("*.whl"))
+
+
+def stop_server(proc, timeout_s: float = 60.0) -> None:
+    """Stops a ``relay serve`` subprocess the way an orchestrator does: SIGTERM (a graceful
+    drain), then SIGKILL if it has not exited within ``timeout_s``."""
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

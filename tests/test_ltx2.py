@@ -270,7 +270,6 @@ def test_served_beside_a_wan_model(ltx2, tiny_models, engine, relay, tmp_path):
     """One ``relay serve`` with a Wan and an LTX-2 model: ListModels tells them apart, and each
     request equals its single-process run (the LTX-2 one with its sound, as ``.wav`` beside
     the ``.npy``; its ``.mp4`` with an AAC track)."""
-    import signal
     import subprocess
     import sys
 
@@ -321,12 +320,9 @@ def test_served_beside_a_wan_model(ltx2, tiny_models, engine, relay, tmp_path):
                         "--guidance-terms", "audio=7", "--output", tmp_path / "no.npy", "--quiet")
         assert refused.code == 2 and "guidance_terms" in refused.err
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        from conftest import stop_server
+
+        stop_server(server)
         log.close()
 
 

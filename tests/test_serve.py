@@ -570,16 +570,19 @@ def test_list_models_defaults_are_the_folders_without_placeholders(live, client)
     assert d.solver == "unipc"  # the folder's UniPCMultistepScheduler
 
 
-def test_one_log_line_per_request_start_and_end_without_the_prompt(live, client, caplog):
+def test_one_log_line_per_request_admission_start_and_end_without_the_prompt(live, client, caplog):
     import logging
 
     caplog.set_level(logging.INFO, logger="relay.engine.service")
     result = client.generate(_request(**FAST))
     job_id = result.events[0].job_id
-    lines = [r.getMessage() for r in caplog.records if job_id in r.getMessage()]
-    assert len(lines) == 2, lines
-    assert "started: model" in lines[0] and f"{FAST['steps']} steps" in lines[0] and "32x32" in lines[0]
-    assert "succeeded after" in lines[1]
+    records = [r for r in caplog.records if job_id in r.getMessage()]
+    lines = [r.getMessage() for r in records]
+    assert len(lines) == 3, lines
+    assert "admitted: model" in lines[0]
+    assert "started: model" in lines[1] and f"{FAST['steps']} steps" in lines[1] and "32x32" in lines[1]
+    assert "succeeded after" in lines[2]
+    assert all(r.request_id == job_id for r in records)  # the id logs join on (engine.logs)
     assert not any("kite" in line for line in lines)  # never the prompt
 
 

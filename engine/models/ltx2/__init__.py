@@ -9,11 +9,12 @@ reached through :data:`SPEC`:
   connectors;
 * :mod:`.loading` -- components, the flow-match Euler schedule, meta builds;
 * :mod:`.pipeline` -- both streams' noise, the four-forward guidance, the video and audio decode;
-* :mod:`.flops` -- FLOPs and tokens; :mod:`.tiny` -- tiny random models in the real layout.
+* :mod:`.flops` -- FLOPs, tokens and parameters; ``catalog.json`` -- the published model for the
+  planner; :mod:`.attention` -- the video-token split for Ulysses / ring; :mod:`.tiny` -- tiny
+  random models in the real layout.
 
-Not yet: sequence parallelism, CFG-parallel and FSDP groups (``parallel`` is empty, so such
-layouts are refused naming the flag), feature caches and LoRAs (refused by the rules), and
-planner catalog entries (``catalog.json`` lists none).
+Not yet: ``--vae-parallel`` (``parallel`` leaves it out, so it is refused naming the flag),
+feature caches and LoRAs (refused by the rules).
 """
 
 from __future__ import annotations

@@ -89,9 +89,6 @@ def rescale(guided: torch.Tensor, reference: torch.Tensor, amount: float) -> tor
 class Pipeline:
     """The LTX-2 parts of :class:`engine.pipeline.Engine` for one loaded model."""
 
-    #: Latent previews need a projection of the video stream alone: not built yet.
-    previews = False
-
     def __init__(self, model) -> None:
         from diffusers.video_processor import VideoProcessor
 
@@ -278,7 +275,15 @@ class Pipeline:
             video_v = video_v * (1 - image_mask).unsqueeze(-1)
         return Layout.join(video_v, audio_v), forwards
 
-    # --- decode ------------------------------------------------------------------------------------
+    # --- previews and decode -----------------------------------------------------------------------
+    def preview_latents(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The video stream of the flat ``latents`` as the normalised grid ``(1, C, F, H, W)`` that
+        :class:`engine.preview.LatentPreviewer` reads (the audio stream gets no preview)."""
+        layout = Layout(**cond.extra["layout"])
+        video, _ = layout.split(latents.detach())
+        patch_t, patch, _ = self.info.patch_size
+        return unpack_video(video, layout.frames, layout.height, layout.width, patch, patch_t)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, cond: Conditioning):
         """Both streams decoded: an :class:`engine.video.Clip` of float32 frames ``(F, H, W, 3)``
