@@ -92,18 +92,44 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record comes (never a stream that
+    was replaced and closed since, as a test harness's capture is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):
+        import sys
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # logging.StreamHandler.__init__ sets it
+        pass
+
+
+_handler: logging.Handler | None = None
+
+
 def configure(log_format: str = "text", *, level: int = logging.INFO) -> None:
-    """Sets the root logger to ``log_format`` (``text`` or ``json``) at ``level``, with the
-    request-id filter; worker processes started from here follow (:data:`FORMAT_ENV`)."""
+    """Logs ``log_format`` (``text`` or ``json``) lines to stderr at ``level``; worker processes
+    started from here follow (:data:`FORMAT_ENV`).
+
+    Like ``logging.basicConfig``, a process whose root logger already has handlers (an
+    embedding application, a test harness) keeps them and gets no handler of Relay's; calling
+    it again changes the format of the handler it installed."""
+    global _handler
     if log_format not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {log_format!r}")
-    handler = logging.StreamHandler()
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
+    if _handler is None and not root.handlers:
+        _handler = _StderrHandler()
+        _handler.addFilter(RequestIdFilter())
+        root.addHandler(_handler)
+    if _handler is not None:
+        _handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root.setLevel(level)
     os.environ[FORMAT_ENV] = log_format
 

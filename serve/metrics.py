@@ -127,7 +127,7 @@ def _metered_stream(behaviour, method: str):
     when it ends."""
 
     async def metered(request, context):
-        began, failure = time.monotonic(), None
+        began, failure, result = time.monotonic(), None, None
         try:
             result = behaviour(request, context)
             if hasattr(result, "__aiter__"):
@@ -139,6 +139,11 @@ def _metered_stream(behaviour, method: str):
             failure = exc
             raise
         finally:
+            # Closed while suspended at a yield (the client went away), an async for leaves the
+            # inner generator suspended: close it, so that its own cleanup (the job's stream
+            # count, its cancel) runs now.
+            if hasattr(result, "aclose"):
+                await result.aclose()
             _record(method, context, failure, time.monotonic() - began)
 
     return metered

@@ -165,11 +165,14 @@ class _InternalErrors(grpc.aio.ServerInterceptor):
         inner_stream = handler.unary_stream
 
         async def stream(request, context):
+            messages = inner_stream(request, context)
             try:
-                async for message in inner_stream(request, context):
+                async for message in messages:
                     yield message
             except Exception as exc:  # noqa: BLE001
                 await _internal(context, exc, details.method)
+            finally:  # closed at a yield (the client went away): the handler's own cleanup runs now
+                await messages.aclose()
 
         return grpc.unary_stream_rpc_method_handler(
             stream, handler.request_deserializer, handler.response_serializer)

@@ -87,6 +87,33 @@ def test_guidance_off_terms_equal_diffusers(ltx2, engine):
     np.testing.assert_allclose(clip.audio, audio, atol=TOL, rtol=0)
 
 
+def test_stg_is_skipped_where_it_cannot_perturb(ltx2, tmp_path):
+    """A transformer without perturbable attention (``perturbed_attn`` false, as the published
+    LTX-2.0 config): the STG forward would equal the conditional one, so Relay skips it (3
+    forwards a step, not 4) and still equals diffusers, which runs it."""
+    import shutil
+
+    from relay.engine.loader import load_model
+    from relay.engine.pipeline import Engine
+
+    folder = tmp_path / "ltx2-no-perturb"
+    shutil.copytree(ltx2, folder)
+    config_file = folder / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["perturbed_attn"] = False
+    config_file.write_text(json.dumps(config))
+    engine = Engine(load_model(folder, dtype="fp32", device="cpu"))
+    resolved = engine.resolve(_request())
+    run = engine.start(engine.prepare(resolved))
+    events = []
+    run.run(callback=events.append)
+    clip = engine.decode_clip(run)
+    assert [e.forwards for e in events] == [3, 3, 3]
+    frames, audio, _ = _diffusers(folder)
+    np.testing.assert_allclose(clip.frames, frames, atol=TOL, rtol=0)
+    np.testing.assert_allclose(clip.audio, audio, atol=TOL, rtol=0)
+
+
 def test_image_to_video_equals_diffusers(ltx2, engine, png_bytes):
     from PIL import Image
 

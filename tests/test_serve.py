@@ -870,6 +870,9 @@ def test_kept_results_expire_by_age_and_budget(live):
         with RelayClient(live.target) as client:
             old, _ = client.submit_detached(_detached_request(71))
             size = client.fetch(old, timeout=120).done.size
+            # The submit's stream was cancelled by the client: a barrier until the server has seen
+            # it go (a result is never dropped under an open stream).
+            assert live.wait_idle()
             clock.now += 61
             assert not client.get_job(old).has_result and "expired" in client.get_job(old).result_note
             with pytest.raises(grpc.RpcError) as caught:
@@ -880,8 +883,10 @@ def test_kept_results_expire_by_age_and_budget(live):
             live.call(lambda: configure(60.0, int(1.5 * size)))  # room for one result
             first, _ = client.submit_detached(_detached_request(72))
             client.fetch(first, timeout=120)
+            assert live.wait_idle()
             second, _ = client.submit_detached(_detached_request(73))
             client.fetch(second, timeout=120)
+            assert live.wait_idle()
             assert "budget" in client.get_job(first).result_note and client.get_job(second).has_result
             assert live.call(lambda: live.engine.kept_bytes) == size
     finally:

@@ -96,6 +96,8 @@ class Pipeline:
         self.info = model.info
         self.device = model.device
         self.video_processor = VideoProcessor(vae_scale_factor=self.info.vae_spatial)
+        #: Whether STG changes anything: the transformer's self-attention takes the perturbation.
+        self.perturbs = bool(self.info.transformer_config.get("perturbed_attn", False))
         # The image-to-video pipeline resizes its image bilinearly (the processor's default is lanczos).
         self.image_processor = VideoProcessor(vae_scale_factor=self.info.vae_spatial, resample="bilinear")
         #: Set by a worker with ``--vae-parallel``; LTX-2 decodes whole frames (it stays ``None``).
@@ -215,7 +217,10 @@ class Pipeline:
         dtype = model.dtype
         audio_scale = terms["audio"]
         cfg = guidance > 1.0 or audio_scale > 1.0
-        stg = terms["stg"] > 0.0 or terms["audio_stg"] > 0.0
+        # A transformer without perturbable self-attention (``perturbed_attn`` false: the published
+        # LTX-2.0 config) runs the STG forward exactly as the conditional one, so its delta is
+        # zero: that forward is skipped (a quarter of a default step).
+        stg = (terms["stg"] > 0.0 or terms["audio_stg"] > 0.0) and self.perturbs
         modality = terms["modality"] > 1.0 or terms["audio_modality"] > 1.0
         image_mask = cond.extra.get("conditioning_mask")
         video_t = t.unsqueeze(-1) * (1 - image_mask) if image_mask is not None else t
