@@ -48,6 +48,8 @@ BENCHES: dict[str, tuple[str, str]] = {
                                     "expert, time ratio and max difference, interleaved rounds"),
     "vae": ("relay.bench.vae", "VAE decode split by rows over 1/2/4 ranks (--vae-parallel) and tiled on one: "
                                "seconds, peak memory per rank, difference to one rank"),
+    "simulator": ("relay.bench.simulator", "relay simulate vs the real scheduler on sleep-based stand-in groups: "
+                                           "throughput and p95 within a tenth, overhead per call, staged efficiency"),
     "gpu": ("relay.bench.gpu",
             "full-size A14B expert forward in bf16 at 480p/720p: s/forward, TFLOP/s, MFU, memory (CUDA only)"),
 }

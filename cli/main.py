@@ -1,5 +1,5 @@
 """The ``relay`` command line: ``generate``, ``resume``, ``serve``, ``submit``, ``demo``,
-``make-tiny``, ``plan`` and ``bench``.
+``make-tiny``, ``plan``, ``simulate`` and ``bench``.
 
 The CLI is thin: it parses flags into a :class:`engine.request.GenerationRequest`, validates
 every flag against the model's configs before torch, diffusers or Ray is imported (exit code 2
@@ -140,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "ltx2: LTX-2 (video and sound, text and an optional first image)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     tiny.set_defaults(handler="relay.cli.generate:make_tiny")
-    from relay.cli import bench, plan
+    from relay.cli import bench, plan, simulate
 
     plan.add_parser(sub)
+    simulate.add_parser(sub)
     bench.add_parser(sub)
     return parser
 

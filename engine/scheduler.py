@@ -27,6 +27,11 @@ while request i+1's high-noise steps do. The scheduler:
 * pings a group that has been idle for ``health_period_s`` and rebuilds it when a rank does not
   answer within ``health_timeout_s``, so a frozen worker is replaced before a request finds it.
 
+Every routing decision (stages, admission, which request a free group takes, how long it keeps
+it, how segments are cut into calls) is :class:`engine.policy.SchedulingPolicy`'s, the same
+object the discrete-event simulator (``relay simulate``) schedules with; this module adds the
+threads, the clock, the group calls and the fault handling.
+
 It never imports ray or torch.distributed: a group is anything with the :class:`WorkerGroup`
 methods. Every way of running Relay -- one process, local processes, torchrun, Ray fused or
 staged, the service on any of them -- is this scheduler over the groups of one executor
@@ -44,6 +49,7 @@ from collections.abc import Callable, Sequence
 
 from relay.engine.logs import REQUEST_ID
 from relay.engine.metrics import RECORDER, state_bytes
+from relay.engine.policy import SchedulingPolicy
 from relay.engine.stages import DECODE, ENCODE, Segment, segments
 from relay.engine.stats import RunStats
 from relay.engine.tickets import (
@@ -91,6 +97,7 @@ class StageScheduler:
                  advise: Callable[[dict, dict, BaseException], str] | None = None) -> None:
         self.groups = list(groups)
         self.config = config or SchedulerConfig()
+        self.policy = SchedulingPolicy(self.config)
         self.layout = layout if layout is not None else {"groups": [g.describe() for g in self.groups]}
         self.advise = advise
         self.restarts = {group.name: 0 for group in self.groups}
@@ -136,20 +143,15 @@ class StageScheduler:
             RequestFailed: the queue is full, the scheduler is closed, or no group can serve
                 one of the request's stages.
         """
-        if state is None:
-            stages: list = [ENCODE, *segments(list(experts)), DECODE]
-        else:
-            if list(state.experts) != list(experts):
-                raise RequestFailed(f"the snapshot's expert schedule {state.experts} differs from the model's {list(experts)}")
-            rest = [Segment(s.expert, max(s.start, state.step_index), s.end) for s in segments(list(experts))
-                    if s.end > state.step_index]
-            stages = [*rest, DECODE]
+        if state is not None and list(state.experts) != list(experts):
+            raise RequestFailed(f"the snapshot's expert schedule {state.experts} differs from the model's {list(experts)}")
+        stages = self.policy.stages(experts, resume_at=None if state is None else state.step_index)
         with self._lock:
             if self._closed:
                 raise RequestFailed("the scheduler is shut down")
-            waiting = sum(1 for t in self._waiting if not t.entered)
-            if waiting >= self.config.max_queue:
-                raise RequestFailed(f"queue full ({waiting} requests waiting)")
+            refused = self.policy.admission_error(sum(1 for t in self._waiting if not t.entered))
+            if refused:
+                raise RequestFailed(refused)
             request_id = next(self._ids)
             ticket = Ticket(request_id=request_id, label=label or f"request-{request_id}", request=request,
                             priority=priority,
@@ -197,9 +199,7 @@ class StageScheduler:
         return [g for g in self.groups if stage in g.roles and g.name not in self._retired]
 
     def _rank(self, ticket: Ticket):
-        # In-flight work first (a later stage), then priority, then arrival.
-        progress = -len(ticket.stages) if ticket.entered else 0
-        return (progress, -ticket.priority, ticket.request_id)
+        return self.policy.rank(ticket)
 
     def _leave(self, ticket: Ticket) -> None:
         """The ticket leaves the pipeline (call with the lock held)."""
@@ -215,10 +215,8 @@ class StageScheduler:
             while True:
                 if self._closed or group.name in self._retired:
                     return None
-                candidates = [t for t in self._waiting if t.next_stage in group.roles
-                              and (self.config.overlap or t.entered or self._in_flight == 0)]
-                if candidates:
-                    ticket = min(candidates, key=self._rank)
+                ticket = self.policy.pick(self._waiting, group.roles, self._in_flight)
+                if ticket is not None:
                     self._waiting.remove(ticket)
                     if not ticket.entered:
                         ticket.entered = True
@@ -331,7 +329,7 @@ class StageScheduler:
             self._emit(ticket, "started", group=group.name)
         held = False  # whether the group already holds the ticket's current state
         try:
-            while ticket.stages and ticket.next_stage in group.roles:
+            while self.policy.keeps(ticket, group.roles):
                 if ticket.cancelled or self._closed:
                     raise RequestCancelled(f"request {ticket.request_id} cancelled")
                 stage = ticket.stages[0]
@@ -380,19 +378,10 @@ class StageScheduler:
                 raise
 
     def _chunks(self, ticket: Ticket, start: int, end: int) -> list[tuple[int, bool]]:
-        """``(steps, preview)`` of each group call from step ``start`` to ``end``: at most
-        ``checkpoint_every`` steps, ending at every step a checkpoint is wanted after."""
-        chunks, every, total = [], ticket.preview_every, ticket.state.num_steps
-        step = start
-        while step < end:
-            count = min(self.config.checkpoint_every, end - step)
-            wanted = [k for k in ticket.checkpoint_at if step < k < step + count]
-            if wanted:
-                count = min(wanted) - step
-            preview = bool(every) and any((s + 1) % every == 0 or s + 1 == total for s in range(step, step + count))
-            chunks.append((count, preview))
-            step += count
-        return chunks
+        """``(steps, preview)`` of each group call from step ``start`` to ``end`` (the policy's
+        :meth:`~engine.policy.SchedulingPolicy.chunks`)."""
+        return self.policy.chunks(start, end, total=ticket.state.num_steps, checkpoint_at=ticket.checkpoint_at,
+                                  preview_every=ticket.preview_every)
 
     def _denoise(self, group: WorkerGroup, ticket: Ticket, segment: Segment, fresh: bool, held: bool) -> None:
         # A group that just encoded or ran the previous segment continues from what it holds;
