@@ -11,6 +11,8 @@ from relay.engine.errors import ValidationError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXECUTORS = ("local", "torchrun", "ray")
+#: ``--ray-strategy`` (launch.ray_group.STRATEGIES; repeated here: flags import no Ray).
+RAY_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 
 
 def flag(field: str) -> str:
@@ -182,8 +184,13 @@ def executor_flags(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--decode-on", choices=("high", "low", "own"), default="low",
                    help="staged: group that VAE-decodes (own: a device of its own)")
     e.add_argument("--ray-address", help="ray: an existing cluster (default: start a local Ray)")
-    e.add_argument("--ray-strategy", choices=("STRICT_PACK", "PACK", "SPREAD"), default="STRICT_PACK",
-                   help="ray: placement-group strategy; STRICT_PACK keeps a group on one node")
+    e.add_argument("--ray-strategy", choices=RAY_STRATEGIES, default="STRICT_PACK",
+                   help="ray: placement-group strategy of each group; STRICT_PACK keeps a group on one "
+                        "node, PACK / SPREAD prefer one / many, STRICT_SPREAD puts each rank on its own node")
+    e.add_argument("--ray-resources", metavar="[GROUP=]NAME,...",
+                   help="ray: place groups only on nodes that carry these custom resources (node tags: "
+                        "ray start --resources '{\"NAME\": 1}'); NAME alone: every group, GROUP=NAME: that "
+                        "group (fused0.., high, low, aux), e.g. high=h100,low=a100")
     e.add_argument("--checkpoint-every", type=int, default=1,
                    help="steps between the scheduler's in-memory checkpoints (default 1)")
     e.add_argument("--step-timeout", type=float, default=300.0,
@@ -326,12 +333,35 @@ def scheduler_config(args, **extra):
                            health_timeout_s=args.health_timeout, **extra)
 
 
+_RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def parse_ray_resources(text: str | None) -> dict[str, tuple[str, ...]]:
+    """``--ray-resources``: ``{group: (name, ...)}``, ``"*"`` for the names given alone."""
+    import re
+
+    if not text:
+        return {}
+    mapping: dict[str, tuple[str, ...]] = {}
+    for item in (part.strip() for part in text.split(",")):
+        group, sep, name = item.rpartition("=")
+        group = group.strip() if sep else "*"
+        name = name.strip()
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or (sep and not re.fullmatch(r"[A-Za-z0-9_]+", group)):
+            raise ValidationError("ray_resources", f"must be NAME or GROUP=NAME items separated by commas, got {item!r}")
+        if name in _RESERVED_RESOURCES:
+            raise ValidationError("ray_resources", f"{name} is one of Ray's own resources; name a custom one")
+        mapping[group] = tuple(dict.fromkeys((*mapping.get(group, ()), name)))
+    return mapping
+
+
 def check_executor(args) -> None:
     """Flags that only one executor takes, and what torchrun cannot do."""
     if args.executor != "ray":
-        for name in ("ray_address",):
-            if getattr(args, name):
+        for name in ("ray_address", "ray_resources"):
+            if getattr(args, name, None):
                 raise ValidationError(name, "needs --executor ray")
+    parse_ray_resources(getattr(args, "ray_resources", None))
     if args.executor == "torchrun" and (args.placement != "fused" or args.replicas != 1):
         raise ValidationError("executor", "torchrun runs one group: --placement staged and --replicas "
                                           "need --executor local or ray")
@@ -359,10 +389,16 @@ def placement_from_args(args, info, resolved, layout):
     reads the model's scheduler, so diffusers is imported)."""
     from relay.launch.placement import plan_groups
 
-    return plan_groups(info, resolved, placement=args.placement, layout=layout, replicas=args.replicas,
-                       devices=args.nproc if args.nproc > 1 else None, stage_split=args.stage_split,
-                       high_layout=args.high_layout, low_layout=args.low_layout, encode_on=args.encode_on,
-                       decode_on=args.decode_on)
+    placement = plan_groups(info, resolved, placement=args.placement, layout=layout, replicas=args.replicas,
+                            devices=args.nproc if args.nproc > 1 else None, stage_split=args.stage_split,
+                            high_layout=args.high_layout, low_layout=args.low_layout, encode_on=args.encode_on,
+                            decode_on=args.decode_on)
+    names = [group.name for group in placement.groups]
+    unknown = sorted(set(parse_ray_resources(getattr(args, "ray_resources", None))) - {"*", *names})
+    if unknown:
+        raise ValidationError("ray_resources", f"no group {', '.join(unknown)} in this placement (groups: "
+                                               f"{', '.join(names)})")
+    return placement
 
 
 def common_checks(args):

@@ -31,6 +31,7 @@ from relay.cli.flags import (
     flag,
     layout_from_args,
     lora_refs,
+    parse_ray_resources,
     parse_timesteps,
     placement_from_args,
     read_image,
@@ -231,7 +232,8 @@ def _run(args, command, info, resolved, layout, config, run: GenerateRun, device
 
     try:
         executor = Executor(placement, spec, backend=backend, config=config, ray_address=args.ray_address,
-                            ray_strategy=args.ray_strategy, device_offset=device_index)
+                            ray_strategy=args.ray_strategy, ray_resources=parse_ray_resources(args.ray_resources),
+                            device_offset=device_index)
     except (ValidationError, ModelError) as exc:
         return refuse(command, exc)
     except GroupFailure as exc:

@@ -30,6 +30,7 @@ from relay.cli.flags import (
     lora_refs,
     model_info,
     parse_device,
+    parse_ray_resources,
     parse_timesteps,
     placement_from_args,
     refuse,
@@ -134,7 +135,8 @@ def serve(args: argparse.Namespace) -> int:
         placement = plans[str(info.path)]
         return Executor(placement, replace(spec, model=str(info.path), layout=placement.groups[0].layout),
                         backend=backend_for(args.executor, placement), config=scheduler,
-                        ray_address=args.ray_address, ray_strategy=args.ray_strategy, device_offset=device_index)
+                        ray_address=args.ray_address, ray_strategy=args.ray_strategy,
+                        ray_resources=parse_ray_resources(args.ray_resources), device_offset=device_index)
 
     return _serve(run, build)
 

@@ -106,6 +106,7 @@ class StageScheduler:
         # The newest calls (a long-running server must not grow without bound).
         self.trace: deque[TraceEntry] = deque(maxlen=TRACE_LIMIT)
         self._retired: set[str] = set()
+        self._retired_why: dict[str, str] = {}  # group -> why it retired (said by the errors)
         self._waiting: list[Ticket] = []
         self._in_flight = 0
         self._ids = itertools.count()
@@ -160,7 +161,7 @@ class StageScheduler:
                             stats=RunStats.for_request(request, experts=experts, layout=self.layout))
             missing = [s for s in {_name(s) for s in stages} if not self._servers(s)]
             if missing:
-                raise RequestFailed(f"no live worker group runs stage(s) {sorted(missing)}")
+                raise RequestFailed(self._unserved(missing))
             self._waiting.append(ticket)
             self._lock.notify_all()
         self._emit(ticket, "queued", position=self.position(ticket))
@@ -197,6 +198,15 @@ class StageScheduler:
     # --- routing -----------------------------------------------------------------------------
     def _servers(self, stage: str) -> list[WorkerGroup]:
         return [g for g in self.groups if stage in g.roles and g.name not in self._retired]
+
+    def _unserved(self, stages) -> str:
+        """The error of a request whose ``stages`` no live group runs: which, and why the groups
+        that ran them retired."""
+        stages = sorted(stages)
+        why = [f"group {g.name} retired: {self._retired_why[g.name]}" for g in self.groups
+               if g.name in self._retired_why and any(s in g.roles for s in stages)]
+        names = f"stage {stages[0]}" if len(stages) == 1 else f"stage(s) {stages}"
+        return f"no live worker group runs {names}" + (f" ({'; '.join(why)})" if why else "")
 
     def _rank(self, ticket: Ticket):
         return self.policy.rank(ticket)
@@ -241,7 +251,7 @@ class StageScheduler:
             elif not self._servers(ticket.next_stage):
                 self._leave(ticket)
                 self._finish(ticket, error=RequestFailed(
-                    f"request {ticket.request_id}: no live worker group runs stage {ticket.next_stage}"))
+                    f"request {ticket.request_id}: {self._unserved([ticket.next_stage])}"))
             else:
                 self._waiting.append(ticket)
             self._lock.notify_all()
@@ -474,6 +484,8 @@ class StageScheduler:
         if self.restarts[group.name] > self.config.max_group_restarts:
             with self._lock:
                 self._retired.add(group.name)
+                self._retired_why[group.name] = (f"it failed {self.restarts[group.name]} times "
+                                                f"(max_group_restarts {self.config.max_group_restarts})")
             log.error("group %s retired after %d restarts", group.name, self.restarts[group.name] - 1)
             group.shutdown()
         else:
@@ -484,6 +496,7 @@ class StageScheduler:
                 log.exception("group %s could not be rebuilt", group.name)
                 with self._lock:
                     self._retired.add(group.name)
+                    self._retired_why[group.name] = f"rebuild failed: {rebuild_error}"
                 if ticket is not None:
                     self._emit(ticket, "retry", group=group.name, error=f"rebuild failed: {rebuild_error}")
         self.trace.append(TraceEntry(group.name, -1 if ticket is None else ticket.request_id, "restart",
@@ -500,7 +513,7 @@ class StageScheduler:
                     self._waiting.remove(other)
                     self._leave(other)
                     self._finish(other, error=RequestFailed(
-                        f"request {other.request_id}: no live worker group runs stage {other.next_stage}"))
+                        f"request {other.request_id}: {self._unserved([other.next_stage])}"))
             self._lock.notify_all()
 
     def _on_out_of_memory(self, group: WorkerGroup, ticket: Ticket, exc: GroupOutOfMemory) -> None:

@@ -67,7 +67,10 @@ class Executor:
         backend: ``inprocess``, ``mp`` or ``ray`` (torchrun jobs use :meth:`from_groups`).
         config: Scheduling policy (:class:`engine.tickets.SchedulerConfig`).
         ray_address: Ray cluster address; ``None`` starts a local Ray (dashboard off).
-        ray_strategy: Placement-group strategy of every Ray group.
+        ray_strategy: Placement-group strategy of every Ray group
+            (:data:`launch.ray_group.STRATEGIES`).
+        ray_resources: Custom Ray resources (node tags) a group's nodes must carry, by group
+            name; ``"*"`` applies to every group (:func:`ray_resources_for`).
         build_timeout_s: How long a group may take to start and load.
         device_offset: The first local CUDA device (``inprocess`` and ``mp``): the groups take
             consecutive devices from it.
@@ -81,6 +84,7 @@ class Executor:
 
     def __init__(self, placement, spec, *, backend: str = "inprocess", config=None,
                  ray_address: str | None = None, ray_strategy: str = "STRICT_PACK",
+                 ray_resources: dict[str, tuple[str, ...]] | None = None,
                  build_timeout_s: float = 600.0, device_offset: int = 0) -> None:
         cls = group_class(backend)
         self.backend = backend
@@ -101,7 +105,8 @@ class Executor:
             elif backend == "mp":
                 options.update(device_offset=offset, build_timeout_s=build_timeout_s)
             else:
-                options.update(strategy=ray_strategy, build_timeout_s=build_timeout_s)
+                options.update(strategy=ray_strategy, build_timeout_s=build_timeout_s, peers=groups,
+                               resources=ray_resources_for(ray_resources, plan.name))
             groups.append(cls(**options))
             offset += plan.devices
         self._build(groups)
@@ -187,6 +192,12 @@ class Executor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def ray_resources_for(resources: dict[str, tuple[str, ...]] | None, group: str) -> tuple[str, ...]:
+    """The node tags of ``group``: those given for every group (``"*"``), then its own."""
+    resources = resources or {}
+    return tuple(dict.fromkeys((*resources.get("*", ()), *resources.get(group, ()))))
 
 
 def _built(group) -> BaseException | None:
