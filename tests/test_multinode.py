@@ -171,7 +171,7 @@ def _executor(t2v, address, **options):
     from relay.launch.worker import WorkerSpec
 
     spec = WorkerSpec(model=str(t2v.path), layout=None, dtype="fp32", device_type="cpu", threads=1)
-    placement = {k: options.pop(k) for k in ("placement", "stage_split") if k in options}
+    placement = {k: options.pop(k) for k in ("placement", "stage_split", "layout") if k in options}
     config = SchedulerConfig(step_timeout_s=60.0, load_timeout_s=120.0, health_period_s=0.0)
     return Executor(plan_groups(t2v, _resolved(t2v), **placement), spec, backend="ray", config=config,
                     ray_address=address, build_timeout_s=120.0, **options)
@@ -335,4 +335,21 @@ def test_node_lost_with_no_capacity_left_fails_the_request_clearly(nodes, staged
         assert fused.group("fused0").nodes == [tagged.node_id] and _actor_nodes(fused.group("fused0")) == {tagged.node_id}
         assert _max_diff(_submit(fused, t2v).result(timeout=300), reference) <= 1e-5
         _assert_only([fused])
+    assert not _live_relay_actors() and not _live_relay_placement_groups()
+
+
+def test_one_group_spread_over_two_nodes_equals_one_process(nodes, t2v, reference):
+    """``--ray-strategy STRICT_SPREAD``: a 2-rank Ulysses group with a rank on each of two nodes
+    (its gloo group spans the nodes) makes the single-process video."""
+    from relay.parallel.layout import ParallelLayout
+
+    while len(nodes.workers) < 2:  # the tests above leave two one-CPU nodes; make sure
+        nodes.workers.append(nodes.cluster.add_node(num_cpus=1))
+    with _executor(t2v, nodes.cluster.address, layout=ParallelLayout(ulysses_degree=2),
+                   ray_strategy="STRICT_SPREAD") as spread:
+        group = spread.group("fused0")
+        assert len(group.nodes) == 2 and len(set(group.nodes)) == 2
+        assert {a["Address"]["NodeID"] for a in _live_relay_actors()} == set(group.nodes)
+        assert _max_diff(_submit(spread, t2v).result(timeout=300), reference) <= 1e-5
+        _assert_only([spread])
     assert not _live_relay_actors() and not _live_relay_placement_groups()
