@@ -154,6 +154,7 @@ class AsyncEngine:
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
         self.worker_calls = 0  # jobs handed to a runner (tests: invalid input never gets here)
         self.open_streams = 0
         self._step_seconds: float | None = None
@@ -181,8 +182,9 @@ class AsyncEngine:
                 for job in self._running.values():
                     job.cancel_requested = True  # stops at its next step boundary
                 await self._idle.wait()
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._sweeper):  # the loop may close after this: leave no task pending
+            if task is not None:
+                task.cancel()
 
     @property
     def draining(self) -> bool:
