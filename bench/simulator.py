@@ -80,6 +80,7 @@ def run_real(cluster, arrivals, *, scale: float, config=None):
     """Runs the real scheduler over stand-in groups with requests arriving at ``arrivals``
     (simulated seconds); returns a :class:`~parallel.simulate.SimResult` in simulated seconds."""
     from relay.engine.scheduler import SchedulerConfig, StageScheduler
+    from relay.engine.tickets import UPKEEP_KINDS
     from relay.launch.standin import SleepGroup
     from relay.parallel.simulate import RequestRecord, SimResult
 
@@ -116,7 +117,7 @@ def run_real(cluster, arrivals, *, scale: float, config=None):
         scheduler.close()
     busy = {g.name: 0.0 for g in groups}
     for entry in scheduler.trace:
-        if entry.kind not in ("restart", "health"):
+        if entry.kind not in UPKEEP_KINDS:
             busy[entry.group] += (entry.end - entry.start) / scale
     result = SimResult(records=records, busy_s=busy, gpus={g.name: g.cost.gpus for g in groups})
     result.notes.update(slept_s=sum(g.slept for g in groups), submit_lag_s=lag)

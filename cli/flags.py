@@ -200,6 +200,9 @@ def executor_flags(parser: argparse.ArgumentParser) -> None:
                    help="ping a worker group idle this long; 0: never (default 30)")
     e.add_argument("--health-timeout", type=float, default=10.0, metavar="S",
                    help="seconds every rank has to answer; a group that does not is rebuilt (default 10)")
+    e.add_argument("--rebuild-retry", type=float, default=30.0, metavar="S",
+                   help="a group that could not be rebuilt (a node lost, no room left) tries again this "
+                        "often and serves once built; 0: retire it for good (default 30)")
 
 
 def checkpoint_flags(parser: argparse.ArgumentParser) -> None:
@@ -316,7 +319,7 @@ def layout_from_args(args, info, *, needs_uncond: bool | None):
 
 def scheduler_config(args, **extra):
     """The :class:`engine.tickets.SchedulerConfig` of ``--checkpoint-every``, ``--step-timeout``,
-    ``--max-retries``, ``--health-period`` and ``--health-timeout``."""
+    ``--max-retries``, ``--health-period``, ``--health-timeout`` and ``--rebuild-retry``."""
     from relay.engine.tickets import SchedulerConfig
 
     for name, value, low in (("checkpoint_every", args.checkpoint_every, 1), ("max_retries", args.max_retries, 0)):
@@ -328,9 +331,11 @@ def scheduler_config(args, **extra):
         raise ValidationError("health_period", f"must be a number of seconds >= 0, got {args.health_period}")
     if not 0 < args.health_timeout < float("inf"):
         raise ValidationError("health_timeout", f"must be positive, got {args.health_timeout}")
+    if not args.rebuild_retry >= 0 or args.rebuild_retry == float("inf"):
+        raise ValidationError("rebuild_retry", f"must be a number of seconds >= 0, got {args.rebuild_retry}")
     return SchedulerConfig(checkpoint_every=args.checkpoint_every, step_timeout_s=args.step_timeout,
                            max_request_retries=args.max_retries, health_period_s=args.health_period,
-                           health_timeout_s=args.health_timeout, **extra)
+                           health_timeout_s=args.health_timeout, rebuild_retry_s=args.rebuild_retry, **extra)
 
 
 _RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")

@@ -19,7 +19,8 @@ while request i+1's high-noise steps do. The scheduler:
   actor) by rebuilding the whole group and re-queueing its request from the last checkpoint.
   A request that breaks its group more than ``max_request_retries`` times fails with a clear
   error; a group rebuilt more than ``max_group_restarts`` times is retired. Other requests are
-  never lost;
+  never lost. A group that cannot be rebuilt at all (its node was lost, no room is left) is
+  retired too, but tries to build again every ``rebuild_retry_s`` and serves once it has;
 * fails a request that runs out of memory (:class:`GroupOutOfMemory`) at once, without a
   retry (the same layout would fail again), with a message naming its size, frames and layout
   and what may fit (the executor's ``advise`` hook adds the planner's figures); the group is
@@ -74,6 +75,8 @@ log = logging.getLogger(__name__)
 TRACE_LIMIT = 100_000
 #: What :meth:`StageScheduler._take` returns when an idle group is due a health check.
 _HEALTH = object()
+#: What it returns when a group retired for want of room is due another try at building.
+_REJOIN = object()
 
 
 class StageScheduler:
@@ -107,6 +110,7 @@ class StageScheduler:
         self.trace: deque[TraceEntry] = deque(maxlen=TRACE_LIMIT)
         self._retired: set[str] = set()
         self._retired_why: dict[str, str] = {}  # group -> why it retired (said by the errors)
+        self._retry_at: dict[str, float] = {}  # retired group -> when it next tries to build
         self._waiting: list[Ticket] = []
         self._in_flight = 0
         self._ids = itertools.count()
@@ -195,6 +199,19 @@ class StageScheduler:
         for thread in self._threads:
             thread.join(timeout=5)
 
+    @property
+    def retired(self) -> dict[str, str]:
+        """The retired groups and why each retired (one that cannot be rebuilt keeps trying,
+        every ``rebuild_retry_s``, and leaves this when it serves again)."""
+        with self._lock:
+            return {name: self._retired_why.get(name, "") for name in self._retired}
+
+    def wait_serving(self, name: str, timeout_s: float | None = None) -> bool:
+        """Waits until group ``name`` is not retired; False on timeout or once closed."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._closed or name not in self._retired, timeout_s)
+            return not self._closed and name not in self._retired
+
     # --- routing -----------------------------------------------------------------------------
     def _servers(self, stage: str) -> list[WorkerGroup]:
         return [g for g in self.groups if stage in g.roles and g.name not in self._retired]
@@ -223,8 +240,16 @@ class StageScheduler:
         period = self.config.health_period_s if getattr(group, "health_checked", True) else 0.0
         with self._lock:
             while True:
-                if self._closed or group.name in self._retired:
+                if self._closed:
                     return None
+                if group.name in self._retired:
+                    if group.name not in self._retry_at:
+                        return None
+                    due = self._retry_at[group.name] - time.monotonic()
+                    if due <= 0:
+                        return _REJOIN
+                    self._lock.wait(due)
+                    continue
                 ticket = self.policy.pick(self._waiting, group.roles, self._in_flight)
                 if ticket is not None:
                     self._waiting.remove(ticket)
@@ -277,6 +302,9 @@ class StageScheduler:
                 return
             if ticket is _HEALTH:
                 fresh = self._check_health(group) or fresh
+                continue
+            if ticket is _REJOIN:
+                fresh = self._rejoin(group) or fresh
                 continue
             token = REQUEST_ID.set(ticket.label)  # this thread works on the ticket: its lines carry its id
             try:
@@ -497,12 +525,42 @@ class StageScheduler:
                 with self._lock:
                     self._retired.add(group.name)
                     self._retired_why[group.name] = f"rebuild failed: {rebuild_error}"
+                    if self.config.rebuild_retry_s and getattr(group, "rejoins", False):
+                        self._retry_at[group.name] = time.monotonic() + self.config.rebuild_retry_s
                 if ticket is not None:
                     self._emit(ticket, "retry", group=group.name, error=f"rebuild failed: {rebuild_error}")
         self.trace.append(TraceEntry(group.name, -1 if ticket is None else ticket.request_id, "restart",
                                      started - self._epoch, time.perf_counter() - self._epoch))
         if not back:
             self._fail_stranded()
+        return back
+
+    def _rejoin(self, group: WorkerGroup) -> bool:
+        """Tries to build a group retired because it could not be rebuilt; it serves again
+        when the build succeeds (True), else the next try is ``rebuild_retry_s`` later."""
+        if self._closed:
+            return False
+        started = time.perf_counter()
+        try:
+            group.restart()
+        except Exception as exc:  # noqa: BLE001 - still no room: stay retired, try again later
+            log.info("group %s still cannot be built (next try in %.0fs): %s", group.name,
+                     self.config.rebuild_retry_s, exc)
+            with self._lock:
+                self._retired_why[group.name] = f"rebuild failed: {exc}"
+                self._retry_at[group.name] = time.monotonic() + self.config.rebuild_retry_s
+            back = False
+        else:
+            with self._lock:
+                self._retired.discard(group.name)
+                self._retired_why.pop(group.name, None)
+                self._retry_at.pop(group.name, None)
+                self._idle_since[group.name] = time.monotonic()
+                self._lock.notify_all()
+            log.warning("group %s was built again and serves", group.name)
+            back = True
+        self.trace.append(TraceEntry(group.name, -1, "rejoin", started - self._epoch,
+                                     time.perf_counter() - self._epoch))
         return back
 
     def _fail_stranded(self) -> None:

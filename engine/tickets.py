@@ -93,6 +93,11 @@ class SchedulerConfig:
             not all answer within ``health_timeout_s`` is rebuilt before a request finds it.
             Groups with ``health_checked = False`` (in-process, torchrun) are not pinged.
         health_timeout_s: Seconds every rank has to answer a health check.
+        rebuild_retry_s: A group retired because it could not be rebuilt (its node was lost
+            and no capacity was left) tries to build again this often, and serves again once
+            it has built (capacity came back: a node joined). 0 retires it for good. Groups
+            with ``rejoins = False`` (torchrun) are never retried. A group retired by
+            ``max_group_restarts`` stays retired.
     """
 
     max_queue: int = 64
@@ -104,6 +109,7 @@ class SchedulerConfig:
     overlap: bool = True
     health_period_s: float = 30.0
     health_timeout_s: float = 10.0
+    rebuild_retry_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:
@@ -112,6 +118,8 @@ class SchedulerConfig:
             raise ValueError("max_queue, max_request_retries and max_group_restarts must be >= 0")
         if self.step_timeout_s <= 0:
             raise ValueError(f"step_timeout_s must be positive, got {self.step_timeout_s}")
+        if not self.rebuild_retry_s >= 0:
+            raise ValueError(f"rebuild_retry_s must be >= 0, got {self.rebuild_retry_s}")
         if self.health_period_s < 0 or self.health_timeout_s <= 0:
             raise ValueError(f"health_period_s must be >= 0 and health_timeout_s positive, got "
                              f"{self.health_period_s} and {self.health_timeout_s}")
@@ -197,9 +205,13 @@ class Ticket:
         return None if clip is None else clip.frames
 
 
+#: Trace entries of the scheduler's upkeep of a group, not of serving a request.
+UPKEEP_KINDS = ("restart", "health", "rejoin")
+
+
 def busy_overlap(trace: Sequence[TraceEntry], a: str, b: str) -> float:
     """Seconds during which groups ``a`` and ``b`` were both inside a call."""
-    busy = ("restart", "health")
+    busy = UPKEEP_KINDS
     spans_a = [(e.start, e.end) for e in trace if e.group == a and e.kind not in busy]
     spans_b = [(e.start, e.end) for e in trace if e.group == b and e.kind not in busy]
     return sum(max(0.0, min(ea, eb) - max(sa, sb)) for sa, ea in spans_a for sb, eb in spans_b)

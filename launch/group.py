@@ -42,6 +42,9 @@ class CallGroup:
     #: Whether the scheduler pings the group when idle (its ranks are processes that can freeze
     #: and that it can rebuild).
     health_checked = True
+    #: Whether a group retired because it could not be rebuilt may try again later
+    #: (``SchedulerConfig.rebuild_retry_s``): the backend starts its own ranks.
+    rejoins = True
 
     def __init__(self, *, name: str, roles: tuple[str, ...], spec: WorkerSpec) -> None:
         self.name = name

@@ -100,6 +100,8 @@ class TorchrunGroup(CallGroup):
     backend = "torchrun"
     #: torchrun owns the ranks: an idle group that froze could not be rebuilt anyway.
     health_checked = False
+    #: A lost torchrun rank is gone for good: nothing to build again.
+    rejoins = False
 
     def __init__(self, *, name: str, roles: tuple[str, ...], spec: WorkerSpec, worker: StageWorker, control) -> None:
         super().__init__(name=name, roles=roles, spec=spec)

@@ -8,6 +8,9 @@
   what may fit; nothing is retried; a 2-rank group is rebuilt once (its peer sits in a
   collective), a 1-rank group is kept; the next request completes.
 * A rank that runs out of memory while loading fails the build with the load advice.
+* A group that cannot be rebuilt (no room left) retires, its requests failing with the reason;
+  it tries again every ``rebuild_retry_s`` and serves once it builds (never with 0, nor for a
+  backend whose ranks cannot be started again).
 """
 
 from __future__ import annotations
@@ -177,7 +180,8 @@ def test_the_oom_fault_is_off_unless_armed(t2v):
 
 
 def test_health_flags_are_checked_before_torch(relay):
-    for flag, value in (("--health-period", "-1"), ("--health-timeout", "0"), ("--health-period", "inf")):
+    for flag, value in (("--health-period", "-1"), ("--health-timeout", "0"), ("--health-period", "inf"),
+                        ("--rebuild-retry", "-1"), ("--rebuild-retry", "nan")):
         result = relay("generate", "--prompt", "x", "--output", "x.npy", flag, value)
         assert result.code == 2 and f"error: {flag}:" in result.err, result.err
 
@@ -232,3 +236,81 @@ def test_out_of_memory_on_a_ray_group_fails_at_once_and_rebuilds_it_once(t2v):
     finally:
         if started:
             shutdown()
+
+
+class _Unplaceable:
+    """A stand-in group (sleeps, real states) whose first step fails as if its node were lost,
+    and whose rebuilds fail until ``room`` is set (capacity came back)."""
+
+    def __init__(self, rejoins: bool) -> None:
+        import threading
+
+        from relay.launch.standin import SleepGroup
+        from relay.parallel.simulate import GroupCost
+
+        cost = GroupCost(name="fused0", roles=("encode", "high_noise", "low_noise", "decode"), gpus=1,
+                         step_s={"high_noise": 0.001, "low_noise": 0.001})
+        self.group = SleepGroup(cost)
+        self.group.rejoins = rejoins
+        self.room = threading.Event()
+        self.tried = threading.Semaphore(0)
+        self.tries = 0
+        self.lost = True
+        advance, restart = self.group.advance_chunks, self.group.restart
+
+        def advance_chunks(**kwargs):
+            from relay.engine.tickets import GroupFailure
+
+            if self.lost:
+                self.lost = False
+                raise GroupFailure("group fused0: a worker died during advance (node lost)")
+            yield from advance(**kwargs)
+
+        def rebuild():
+            from relay.engine.tickets import GroupFailure
+
+            self.tries += 1
+            try:
+                if not self.room.is_set():
+                    raise GroupFailure("group fused0 cannot be placed: missing GPU (1 needed, 0 free)")
+                restart()
+            finally:
+                self.tried.release()
+
+        self.group.advance_chunks, self.group.restart = advance_chunks, rebuild
+
+
+@pytest.mark.parametrize("retry_s, rejoins", [(0.05, True), (0.0, True), (0.05, False)])
+def test_a_group_that_cannot_be_rebuilt_retires_then_serves_once_it_builds(retry_s, rejoins):
+    from relay.engine.scheduler import RequestFailed, SchedulerConfig, StageScheduler
+
+    experts = ["high_noise", "high_noise", "low_noise"]
+    flaky = _Unplaceable(rejoins)
+    scheduler = StageScheduler([flaky.group], SchedulerConfig(health_period_s=0.0, rebuild_retry_s=retry_s))
+    why = ("no live worker group runs stage high_noise (group fused0 retired: rebuild failed: "
+           "group fused0 cannot be placed: missing GPU (1 needed, 0 free))")
+    try:
+        with pytest.raises(RequestFailed) as failed:
+            scheduler.submit({"experts": experts}, experts=experts).result(timeout=30)
+        assert why in str(failed.value)
+        assert scheduler.retired == {"fused0": "rebuild failed: group fused0 cannot be placed: missing GPU "
+                                               "(1 needed, 0 free)"}
+        with pytest.raises(RequestFailed, match="group fused0 retired: rebuild failed"):
+            scheduler.submit({"experts": experts}, experts=experts)
+        if not (retry_s and rejoins):  # retired for good: no further try
+            assert not scheduler.wait_serving("fused0", timeout_s=0.5) and flaky.tries == 1
+            return
+        for _ in range(2):  # the first rebuild, then at least one periodic try that still fails
+            assert flaky.tried.acquire(timeout=10)
+        flaky.room.set()  # a node joins
+        assert scheduler.wait_serving("fused0", timeout_s=10) and scheduler.retired == {}
+        events = []
+        ticket = scheduler.submit({"experts": experts}, experts=experts,
+                                  on_event=lambda kind, data: events.append((kind, data.get("step"))))
+        ticket.result(timeout=30)  # raises if the request failed (a stand-in decodes to no frames)
+        assert [step for kind, step in events if kind == "progress"] == [1, 2, 3] and events[-1][0] == "done"
+        assert ticket.attempts == 0
+        assert [e.kind for e in scheduler.trace].count("rejoin") == flaky.tries - 1 >= 2
+        assert scheduler.restarts == {"fused0": 1}  # tries at rejoining are not restarts
+    finally:
+        scheduler.close()

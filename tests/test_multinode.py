@@ -172,7 +172,9 @@ def _executor(t2v, address, **options):
 
     spec = WorkerSpec(model=str(t2v.path), layout=None, dtype="fp32", device_type="cpu", threads=1)
     placement = {k: options.pop(k) for k in ("placement", "stage_split", "layout") if k in options}
-    config = SchedulerConfig(step_timeout_s=60.0, load_timeout_s=120.0, health_period_s=0.0)
+    # No periodic rebuild tries unless asked: a try in flight would hold a pending placement group.
+    config = SchedulerConfig(step_timeout_s=60.0, load_timeout_s=120.0, health_period_s=0.0,
+                             rebuild_retry_s=options.pop("rebuild_retry_s", 0.0))
     return Executor(plan_groups(t2v, _resolved(t2v), **placement), spec, backend="ray", config=config,
                     ray_address=address, build_timeout_s=120.0, **options)
 
@@ -352,4 +354,49 @@ def test_one_group_spread_over_two_nodes_equals_one_process(nodes, t2v, referenc
         assert {a["Address"]["NodeID"] for a in _live_relay_actors()} == set(group.nodes)
         assert _max_diff(_submit(spread, t2v).result(timeout=300), reference) <= 1e-5
         _assert_only([spread])
+    assert not _live_relay_actors() and not _live_relay_placement_groups()
+
+
+def test_a_group_retired_for_want_of_a_node_serves_again_when_one_joins(nodes, t2v, reference):
+    """``rebuild_retry_s``: the low group, retired because no node was left for it, keeps trying
+    to build; a node joins, the group is built there and serves the next request, equal to the
+    undisturbed staged run; the failed tries leave no placement group behind."""
+    import logging
+
+    from relay.engine.scheduler import RequestFailed
+
+    assert "frames" in UNDISTURBED, "runs after the undisturbed staged request"
+    while len(nodes.workers) < 2:
+        nodes.workers.append(nodes.cluster.add_node(num_cpus=1))
+    still = threading.Event()  # a periodic try that found no room (the barrier before a node joins)
+
+    class Tries(logging.Handler):
+        def emit(self, record):
+            if "still cannot be built" in record.getMessage():
+                still.set()
+
+    handler, logger = Tries(), logging.getLogger("relay.engine.scheduler")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # the line of a failed try is an INFO one
+    logger.addHandler(handler)
+    try:
+        with _executor(t2v, nodes.cluster.address, placement="staged", stage_split="1:1",
+                       rebuild_retry_s=0.5) as staged:
+            high, low = staged.group("high"), staged.group("low")
+            assert {n.node_id for n in nodes.workers} == set(high.nodes) | set(low.nodes)  # no spare
+            kill = KillOnStep(nodes, low, SWITCH + 1)
+            with pytest.raises(RequestFailed, match="group low retired: rebuild failed: group low cannot be placed"):
+                _submit(staged, t2v, kill).result(timeout=120)
+            assert still.wait(60)
+            assert "low" in staged.scheduler.retired
+            joined = nodes.cluster.add_node(num_cpus=1)
+            nodes.workers.append(joined)
+            assert staged.scheduler.wait_serving("low", timeout_s=60)
+            assert low.nodes == [joined.node_id] and _actor_nodes(low) == {joined.node_id}
+            ticket = _submit(staged, t2v)
+            assert np.array_equal(ticket.result(timeout=300), UNDISTURBED["frames"]) and ticket.attempts == 0
+            _assert_only([staged])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert not _live_relay_actors() and not _live_relay_placement_groups()
