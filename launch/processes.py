@@ -29,7 +29,7 @@ from relay.engine.errors import ModelError, OutOfMemory
 from relay.engine.tickets import GroupFailure, GroupOutOfMemory
 from relay.launch.group import CallGroup
 from relay.launch.worker import WorkerSpec
-from relay.parallel.groups import RankInfo
+from relay.parallel.groups import RankInfo, collect_released_groups
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ def _error(method: str, exc: BaseException) -> _RankError:
 
 def _rank_main(info: RankInfo, spec: WorkerSpec, conn) -> None:
     """A rank process: build the worker, then serve calls until the driver says stop."""
+    _serve_rank(info, spec, conn)
+    collect_released_groups()  # the worker is out of reach now (see the function)
+
+
+def _serve_rank(info: RankInfo, spec: WorkerSpec, conn) -> None:
     from relay.launch.worker import StageWorker
 
     try:

@@ -30,7 +30,7 @@ from relay.engine.errors import OutOfMemory
 from relay.engine.tickets import GroupFailure, GroupOutOfMemory
 from relay.launch.group import CallGroup
 from relay.launch.worker import StageWorker, WorkerSpec
-from relay.parallel.groups import RankInfo
+from relay.parallel.groups import RankInfo, collect_released_groups
 
 log = logging.getLogger(__name__)
 
@@ -218,4 +218,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    collect_released_groups()  # the worker is out of reach now (see the function)
+    sys.exit(code)

@@ -165,6 +165,21 @@ def destroy_groups(groups: ParallelGroups | None = None) -> None:
         dist.destroy_process_group()
 
 
+def collect_released_groups() -> None:
+    """Frees, now, the process groups a finished rank no longer reaches.
+
+    :func:`destroy_groups` unregisters every group, but the model, its FSDP state and the device
+    mesh hold them in reference cycles, so their C++ backends (gloo keeps two threads per group)
+    would otherwise live until interpreter teardown; freed there, a gloo thread can abort the
+    process (SIGABRT, "terminate called without an active exception") after its job succeeded.
+    A rank's entry point calls this once its worker is out of reach, while the interpreter is
+    whole.
+    """
+    import gc
+
+    gc.collect()
+
+
 def all_gather_stacked(tensor: torch.Tensor, group) -> torch.Tensor:
     """Gathers ``tensor`` from every rank of ``group`` into ``(group size, *tensor.shape)``."""
     size = dist.get_world_size(group)

@@ -187,31 +187,58 @@ def test_from_flags_fills_the_sequence_degrees():
         ParallelLayout.from_flags(nproc=8, ulysses=3)
 
 
-def test_torchrun_ranks_never_parse_argv(tiny_models, engines, tmp_path):
-    """`relay generate --executor torchrun`: the ranks read the job file the driver wrote; a rank
-    that built an argument parser (re-parsing flags from argv) fails the run."""
+# sitecustomize runs in every interpreter on PYTHONPATH. In a torchrun rank (RANK is set) any
+# argparse parse is an error (the driver and torchrun itself may parse). At exit, every process
+# writes how many gloo threads it still has: a process group left to interpreter teardown can
+# abort a rank that finished its job (SIGABRT, "terminate called without an active exception").
+RANK_GUARD = """
+import atexit, os
+if 'RANK' in os.environ:
+    import argparse
+    def refuse(self, *args, **kwargs):
+        raise SystemExit('a torchrun rank parsed argv with argparse')
+    argparse.ArgumentParser.parse_known_args = refuse
+_probe = os.environ.get('RELAY_TEST_EXIT_PROBE')
+if _probe:
+    def _report():  # registered first, so it runs after every other exit handler
+        names = []
+        for task in os.listdir('/proc/self/task'):
+            try:
+                with open(f'/proc/self/task/{task}/comm') as comm:
+                    names.append(comm.read().strip())
+            except OSError:
+                pass
+        with open(os.path.join(_probe, f'{os.getpid()}.txt'), 'w') as out:
+            out.write(str(names.count('pt_gloo_runloop')))
+    atexit.register(_report)
+"""
+
+
+@pytest.mark.parametrize("executor", ["torchrun", "local"])
+def test_rank_processes_never_parse_argv_and_leave_no_process_group(executor, tiny_models, engines, tmp_path):
+    """`relay generate --executor torchrun` (and the spawned ranks of ``local``): the ranks read
+    the job the driver wrote (a torchrun rank that re-parses argv fails the run), the video
+    equals one process's, and every process exits with no gloo thread left for interpreter
+    teardown to tear down."""
     from relay.engine import GenerationRequest
 
     size = dict(height=32, width=48, frames=5)
     reference = engines["t2v"].generate(GenerationRequest(**_settings("t2v", size)))
-    guard = tmp_path / "guard"
+    guard, probe = tmp_path / "guard", tmp_path / "exits"
     guard.mkdir()
-    # sitecustomize runs in every interpreter on PYTHONPATH: in a torchrun rank (RANK is set)
-    # any argparse parse is an error; the driver and torchrun itself may parse.
-    (guard / "sitecustomize.py").write_text(
-        "import os\n"
-        "if 'RANK' in os.environ:\n"
-        "    import argparse\n"
-        "    def refuse(self, *args, **kwargs):\n"
-        "        raise SystemExit('a torchrun rank parsed argv with argparse')\n"
-        "    argparse.ArgumentParser.parse_known_args = refuse\n")
-    out = tmp_path / "torchrun.npy"
+    probe.mkdir()
+    (guard / "sitecustomize.py").write_text(RANK_GUARD)
+    out = tmp_path / "out.npy"
     args = [sys.executable, "-m", "relay.cli", "generate", "--model", str(tiny_models["t2v"]),
-            "--executor", "torchrun", "--nproc", "2", "--cfg-parallel", "2", "--dtype", "fp32",
+            "--executor", executor, "--nproc", "2", "--cfg-parallel", "2", "--dtype", "fp32",
             "--device", "cpu", "--output", str(out)]
     for key, value in _settings("t2v", size).items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, RELAY_TEST_EXIT_PROBE=str(probe),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH")])))
     code, err = _run_group_command(args, env=env)
     assert code == 0, err
     np.testing.assert_allclose(np.load(out), reference, atol=TOLERANCE, rtol=0)
+    exits = {path.stem: int(path.read_text()) for path in probe.glob("*.txt")}
+    assert len(exits) >= 3, exits  # the driver and both ranks (torchrun's agent too)
+    assert not any(exits.values()), f"processes left gloo threads to interpreter teardown: {exits}"
