@@ -206,6 +206,9 @@ class DenoiseRun:
         if expert not in self.experts:
             raise RuntimeError(f"step {index} needs the {expert} expert, which is not loaded here")
         model = self.experts[expert]
+        following = self._experts[index + 1] if index + 1 < len(self._experts) else None
+        if following is not None and following != expert and hasattr(self.experts, "prefetch"):
+            self.experts.prefetch(following)  # offload: the next expert's copies overlap this step
         if self._segment_start(index) == index:  # where this expert's cache starts (none: no anchor)
             self._anchor = self._progress_fields() if self._cached(expert) else None
         t = self.scheduler.timesteps[index]

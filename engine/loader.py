@@ -41,7 +41,9 @@ class LoadedModel:
             in use is on ``device`` (one 14B expert at a time: ~28 GB instead of ~67 GB in bf16).
             Their host copies stay (pinned on CUDA): a module arrives with asynchronous copies
             from pinned memory and leaves by dropping its device copy -- frozen weights are never
-            copied back.
+            copied back. On CUDA the denoise loop asks for the next expert one step ahead
+            (:meth:`prefetch`): where the device holds both, its copies run on a stream of their
+            own during the last step of the expert before it.
         components: The family's other modules by name (LTX-2: ``connectors``, ``audio_vae``,
             ``vocoder``), on ``device``.
     """
@@ -57,6 +59,10 @@ class LoadedModel:
     components: dict[str, torch.nn.Module] = field(default_factory=dict)
     _resident: str | None = field(default=None, repr=False)  # what offload last put on the device
     _host: dict = field(default_factory=dict, repr=False)  # name -> {tensor: its host copy}
+    _incoming: _Prefetch | None = field(default=None, repr=False)  # an expert on its way (CUDA)
+    _copy_stream: object = field(default=None, repr=False)
+    #: Prefetches started and skipped for want of device memory (run logs and tests).
+    prefetches: dict = field(default_factory=lambda: {"started": 0, "no_room": 0}, repr=False)
 
     def __post_init__(self) -> None:
         if self.offload:  # host copies (pinned on CUDA) once, at load, not at the first switch
@@ -86,6 +92,35 @@ class LoadedModel:
             self._leave("text_encoder", self.text_encoder)
         self._resident = name
         return self._arrive(name, module)
+
+    def prefetch(self, name: str) -> bool:
+        """With offload on CUDA: starts copying expert ``name`` to the device on a copy stream
+        of its own, so that it arrives while the resident expert computes; :meth:`on_device`
+        then only orders the compute stream after those copies. Starts only where the device
+        has room for both experts plus the activations seen so far (:func:`prefetch_fits`).
+        Returns whether copies started (``False`` off CUDA, without offload, or without room)."""
+        module = self.experts.get(name)
+        if (module is None or not self.offload or self.device.type != "cuda" or self._resident == name
+                or self._incoming is not None):
+            return False
+        host = self._host_copies(name, module)
+        need = sum(t.numel() * t.element_size() for t in host.values())
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        transient = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        if not prefetch_fits(need, free + cached, transient):
+            self.prefetches["no_room"] += 1
+            return False
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # after what came before
+        with torch.cuda.stream(self._copy_stream):
+            copies = {tensor: copy.to(self.device, non_blocking=True) for tensor, copy in host.items()}
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        self._incoming = _Prefetch(name, copies, done)
+        self.prefetches["started"] += 1
+        return True
 
     def park(self, name: str) -> None:
         """With offload: takes module ``name`` off the run device, so that its host copy is
@@ -122,16 +157,59 @@ class LoadedModel:
         return self._host[name]
 
     def _arrive(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
-        """Puts ``module`` on the run device: asynchronous copies from its (pinned) host copy."""
+        """Puts ``module`` on the run device: the copies a :meth:`prefetch` made, once the
+        compute stream is ordered after them, else asynchronous copies from its (pinned) host
+        copy."""
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None and incoming.name == name:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(incoming.done)
+            for tensor, copy in incoming.copies.items():
+                copy.record_stream(compute)  # made on the copy stream, used and freed on this one
+                tensor.data = copy
+            return module
+        if incoming is not None:  # another module was asked for: that prefetch is not needed
+            incoming.done.synchronize()
         for tensor, host in self._host_copies(name, module).items():
             tensor.data = host.to(self.device, non_blocking=True)
         return module
 
     def _leave(self, name: str, module: torch.nn.Module) -> None:
         """Takes ``module`` off the run device: its tensors point at their host copies again and
-        the device copies are freed (frozen weights: nothing to copy back)."""
+        the device copies are freed (frozen weights: nothing to copy back); a prefetch of it
+        still in flight is waited for and dropped (a LoRA fuse is about to change its host copy)."""
+        if self._incoming is not None and self._incoming.name == name:
+            self._incoming.done.synchronize()
+            self._incoming = None
         for tensor, host in self._host_copies(name, module).items():
             tensor.data = host
+
+
+@dataclass(frozen=True)
+class _Prefetch:
+    """An expert whose device copies are being made on the copy stream."""
+
+    name: str
+    copies: dict  # {tensor: its device copy}
+    done: object  # torch.cuda.Event recorded after the copies
+
+
+#: Device memory a prefetch leaves free beyond the activations already seen (allocator slack).
+PREFETCH_MARGIN = 0.05
+
+
+def prefetch_fits(need: int, available: int, transient: int, *, margin: float = PREFETCH_MARGIN) -> bool:
+    """Whether an expert of ``need`` bytes may be copied in beside the resident one.
+
+    Args:
+        need: The incoming expert's bytes.
+        available: Device bytes not held by tensors (free on the device plus the allocator's
+            cached, unused blocks).
+        transient: The largest amount of activation memory seen above what is allocated now
+            (peak allocated minus allocated): what the step that overlaps the copy still needs.
+        margin: A further fraction of ``need`` kept free.
+    """
+    return need + transient + int(margin * need) <= available
 
 
 class DeviceExperts(Mapping):
@@ -149,6 +227,11 @@ class DeviceExperts(Mapping):
 
     def __contains__(self, name: object) -> bool:
         return name in self._model.experts  # no device moves for a membership test
+
+    def prefetch(self, name: str) -> bool:
+        """Starts bringing expert ``name`` to the device ahead of its first step
+        (:meth:`LoadedModel.prefetch`)."""
+        return self._model.prefetch(name)
 
     def __iter__(self):
         return iter(self._model.experts)

@@ -182,9 +182,12 @@ class AsyncEngine:
                 for job in self._running.values():
                     job.cancel_requested = True  # stops at its next step boundary
                 await self._idle.wait()
-        for task in (self._task, self._sweeper):  # the loop may close after this: leave no task pending
-            if task is not None:
-                task.cancel()
+        tasks = [task for task in (self._task, self._sweeper) if task is not None and task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        # The loop may close right after this: the cancellations are seen through, so no task
+        # is left pending ("Task was destroyed but it is pending" at exit).
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def draining(self) -> bool:

@@ -308,5 +308,23 @@ def test_the_device_checks_skip_every_check_without_a_gpu(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     doc = json.loads(out.read_text())
-    assert set(doc) == {"kernels", "kernels_at_sp_shapes", "parity", "nccl_world1"}
+    assert set(doc) == {"kernels", "kernels_at_sp_shapes", "parity", "nccl_world1", "offload_switch"}
     assert {r["status"] for r in doc.values()} == {"skip"}
+
+
+def test_the_offload_switch_check_runs_its_forwards_on_the_cpu():
+    """The device check's offload measurement, shrunk to the tiny architecture on the CPU: the
+    three variants run interleaved, the outputs with and without the prefetch agree, and off
+    CUDA no prefetch starts (the check says skip)."""
+    sys.path.insert(0, str(REPO / "bench" / "device"))
+    try:
+        import checks
+    finally:
+        sys.path.pop(0)
+    from relay.bench.gpu import TINY
+
+    row = checks.check_offload_switch(torch.device("cpu"), config=TINY, layers=2, size=(32, 32, 5), rounds=2)
+    assert row["status"] == "skip" and row["equal_output"] and row["prefetch_started"] == [False, False]
+    assert {variant: len(times) for variant, times in row["seconds"].items()} == {
+        "no_switch": 2, "switch": 2, "switch_prefetched": 2}
+    assert row["prefetches"] == {"started": 0, "no_room": 0} and row["expert_gib"] > 0

@@ -77,7 +77,13 @@ def test_offload_moves_only_the_expert_in_use_to_the_device(tiny_models, engine)
         leave(name, module)
         assert all(t.data_ptr() == hosts[name][id(t)].data_ptr() for t in module.parameters())  # its host copy
 
-    model._arrive, model._leave = arriving, leaving
+    prefetch = model.prefetch
+
+    def asked_ahead(name):
+        moves.append((name, f"asked ahead while {model._resident} computes"))
+        return prefetch(name)  # off CUDA: nothing starts, the switch copies as before
+
+    model._arrive, model._leave, model.prefetch = arriving, leaving, asked_ahead
     resident = []
     request = GenerationRequest(prompt="a fox", **SETTINGS)
     frames = offloaded.generate(request, callback=lambda event: resident.append((event.expert, model._resident)))
@@ -91,6 +97,27 @@ def test_offload_moves_only_the_expert_in_use_to_the_device(tiny_models, engine)
     assert arrivals == ["high_noise", "low_noise"], moves
     switch = moves.index(("low_noise", "run device"))
     assert ("high_noise", "home") in moves[:switch][-3:], moves
+    # The next expert is asked for once, one step ahead: during the high-noise expert's last step.
+    ahead = [move for move in moves if move[1].startswith("asked ahead")]
+    assert ahead == [("low_noise", "asked ahead while high_noise computes")], moves
+    assert moves.index(ahead[0]) < switch
+    assert model.prefetches == {"started": 0, "no_room": 0}
+
+
+def test_a_prefetch_needs_room_for_the_expert_and_the_steps_activations():
+    """The next expert is copied in beside the resident one only if its bytes, the activation
+    peak already seen and a 5% margin fit in what the device has free (free + allocator cache)."""
+    from relay.engine.loader import prefetch_fits
+
+    gib = 2**30
+    expert = int(26.6 * gib)  # one A14B expert in bf16
+    # An 80 GB H100 with one expert resident (~53 GiB left) and 480p activations: room.
+    assert prefetch_fits(expert, int(52.5 * gib), transient=20 * gib)
+    # 720p activations of ~25 GiB do not leave room for a second expert: switch as before.
+    assert not prefetch_fits(expert, int(52.5 * gib), transient=25 * gib)
+    # A 48 GB A6000 never holds two A14B experts.
+    assert not prefetch_fits(expert, int(20 * gib), transient=0)
+    assert prefetch_fits(100, 100 + 10 + 5, transient=10) and not prefetch_fits(100, 114, transient=10)
 
 
 def test_stop_is_polled_at_step_boundaries(engine):

@@ -46,6 +46,24 @@ def test_offload_lowers_resident_memory(tiny_models):
     assert all(p.device.type == "cpu" for p in high.parameters())  # it left when the low-noise one came
 
 
+def test_offload_prefetch_overlaps_the_switch_and_changes_nothing(tiny_models, monkeypatch):
+    """With offload, the low-noise expert's copies start on the copy stream during the
+    high-noise expert's last step; the video equals the resident model's bit for bit, and equals
+    it too when there is no room to prefetch (the switch copies as before)."""
+    from relay.engine import Engine, GenerationRequest, load_model
+    from relay.engine import loader
+
+    request = GenerationRequest(prompt="a fox", **SETTINGS)
+    resident = Engine(load_model(tiny_models["t2v"], dtype="bf16", device="cuda")).generate(request)
+    offloaded = Engine(load_model(tiny_models["t2v"], dtype="bf16", device="cuda", offload=True))
+    assert np.array_equal(offloaded.generate(request), resident)
+    assert offloaded.model.prefetches == {"started": 1, "no_room": 0}
+    assert offloaded.model._incoming is None  # taken by the switch
+    monkeypatch.setattr(loader, "prefetch_fits", lambda *args, **kwargs: False)
+    assert np.array_equal(offloaded.generate(request), resident)
+    assert offloaded.model.prefetches == {"started": 1, "no_room": 1}
+
+
 def test_xfuser_attention_imports_and_runs_on_cuda(tmp_path):
     """The CUDA branch of xfuser's attention imports (the yunchang NPU import is handled) and a
     1-rank USP attention equals SDPA."""

@@ -107,7 +107,9 @@ class LiveServer:
         if getattr(self, "http", None) is not None:
             asyncio.run_coroutine_threadsafe(self.http.stop(), self.loop).result(30)
         asyncio.run_coroutine_threadsafe(self.server.server.stop(0), self.loop).result(10)
-        self.call(lambda: self.engine._task.cancel())
+        # The engine's scheduler and sweeper end (drain awaits their cancellation): the loop
+        # stops with no task pending.
+        asyncio.run_coroutine_threadsafe(self.engine.drain(0), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.executor.close()

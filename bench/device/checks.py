@@ -10,7 +10,12 @@ Each check records ``status`` (``pass``, ``fail`` or ``skip``) and its figures:
 * ``parity``: tiny T2V, I2V and TI2V models generated on the CPU in fp32 and on this GPU in
   fp32 and bf16 (noise is drawn on the CPU, so the seeds agree): the largest pixel difference;
 * ``nccl_world1``: the 1-rank NCCL process-group path and the sequence-parallel attention on
-  it in bf16 and fp32 (fp32 used to die at the flash op).
+  it in bf16 and fp32 (fp32 used to die at the flash op);
+* ``offload_switch``: ``--offload``'s expert switch with and without the prefetch
+  (:meth:`engine.loader.LoadedModel.prefetch`): two experts of 8 full-size A14B blocks (bf16,
+  random), the high-noise expert's last forward then the low-noise expert's first, at 480p,
+  against the same two forwards with no switch; the switch's cost each way, and the low-noise
+  output with the prefetch equal to the one without.
 
 Run: ``python bench/device/checks.py --out checks.json`` (``--device cpu`` for a dry run of the
 plumbing on a machine without a GPU: the GPU checks report ``skip``).
@@ -152,8 +157,65 @@ def check_nccl_world1(device, work: Path) -> dict:
     return {"status": "pass" if ok else "fail", "attention": rows}
 
 
+def check_offload_switch(device, work: Path | None = None, *, config: dict | None = None, layers: int = 8,
+                         size: tuple[int, int, int] = (480, 832, 81), rounds: int = 3) -> dict:
+    """See the module docstring. ``config`` / ``layers`` / ``size`` shrink it for a CPU dry run
+    (off CUDA no prefetch starts: the check reports ``skip`` with its figures)."""
+    from relay.bench.gpu import A14B, build_model, model_inputs
+    from relay.engine.experts import HIGH, LOW
+    from relay.engine.loader import LoadedModel
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    config = dict(config or A14B, num_layers=layers)
+    torch.manual_seed(0)
+    experts = {name: build_model(config, device, dtype).to("cpu") for name in (HIGH, LOW)}
+    if cuda:
+        torch.cuda.empty_cache()
+    model = LoadedModel(info=None, device=device, dtype=dtype, tokenizer=None, text_encoder=None, vae=None,
+                        experts=experts, offload=True)
+    inputs = model_inputs(config, *size, device, dtype)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def two_forwards(second: str, prefetch: bool):
+        """The high-noise expert's forward, then ``second``'s (asked ahead when ``prefetch``)."""
+        model.on_device(HIGH)(**inputs)  # resident and warm before the clock starts
+        sync()
+        began = time.perf_counter()
+        started = model.prefetch(second) if prefetch else False
+        model.on_device(HIGH)(**inputs)
+        out = model.on_device(second)(**inputs)[0]
+        sync()
+        return time.perf_counter() - began, started, out
+
+    with torch.no_grad():
+        times = {"no_switch": [], "switch": [], "switch_prefetched": []}
+        started, outputs = [], {}
+        for _ in range(rounds):  # interleaved: the machine's drift lands on every variant alike
+            for variant, second, prefetch in (("no_switch", HIGH, False), ("switch", LOW, False),
+                                              ("switch_prefetched", LOW, True)):
+                seconds, began, out = two_forwards(second, prefetch)
+                times[variant].append(seconds)
+                if prefetch:
+                    started.append(began)
+                outputs[variant] = out
+    median = {variant: sorted(values)[len(values) // 2] for variant, values in times.items()}
+    expert_gib = sum(t.numel() * t.element_size() for t in experts[LOW].parameters()) / 2**30
+    same = bool(torch.equal(outputs["switch"], outputs["switch_prefetched"]))
+    row = {"expert_gib": expert_gib, "layers": layers, "size": list(size), "seconds": times, "median_s": median,
+           "switch_cost_s": median["switch"] - median["no_switch"],
+           "prefetched_switch_cost_s": median["switch_prefetched"] - median["no_switch"],
+           "prefetch_started": started, "prefetches": dict(model.prefetches), "equal_output": same}
+    if not cuda:
+        return {"status": "skip", "reason": "no prefetch off CUDA", **row}
+    return {"status": "pass" if same and all(started) else "fail", **row}
+
+
 CHECKS = {"kernels": check_kernels, "kernels_at_sp_shapes": check_kernels_at_sp_shapes,
-          "parity": check_parity, "nccl_world1": check_nccl_world1}
+          "parity": check_parity, "nccl_world1": check_nccl_world1, "offload_switch": check_offload_switch}
 NEEDS_WORK = ("parity", "nccl_world1")
 
 
