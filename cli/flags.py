@@ -352,10 +352,13 @@ def parse_ray_resources(text: str | None) -> dict[str, tuple[str, ...]]:
         group, sep, name = item.rpartition("=")
         group = group.strip() if sep else "*"
         name = name.strip()
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or (sep and not re.fullmatch(r"[A-Za-z0-9_]+", group)):
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]+", name) or (sep and not re.fullmatch(r"[A-Za-z0-9_]+", group)):
             raise ValidationError("ray_resources", f"must be NAME or GROUP=NAME items separated by commas, got {item!r}")
         if name in _RESERVED_RESOURCES:
             raise ValidationError("ray_resources", f"{name} is one of Ray's own resources; name a custom one")
+        if "_group_" in name or name.startswith("node:"):  # Ray's placement-group and per-node names
+            raise ValidationError("ray_resources", f"{name!r} reads as one of Ray's placement-group or node "
+                                                   "resources; name a custom one (ray start --resources)")
         mapping[group] = tuple(dict.fromkeys((*mapping.get(group, ()), name)))
     return mapping
 

@@ -183,7 +183,7 @@ def _serve(run: ServeRun, build, *, close_executors: bool = True) -> int:
                               result_ttl_s=run.result_ttl_s, result_budget_bytes=run.result_budget_bytes,
                               http_port=run.http_port, metrics_port=run.metrics_port,
                               log_prompts=run.log_prompts))
-    except ModelError as exc:
+    except (ModelError, ValidationError) as exc:  # ValidationError: e.g. the Ray cluster lacks GPUs
         return refuse("serve", exc)
     except GroupFailure as exc:  # a group (or Ray itself) could not be built
         from relay.serve.app import say

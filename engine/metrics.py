@@ -48,6 +48,8 @@ DEFINITIONS: dict[str, Metric] = {m.name: m for m in (
            "(encode, denoise steps, hand-offs in, decode)", ("group",)),
     Metric("relay_group_restarts_total", COUNTER, "Worker group rebuilds (after a failure, an "
            "out-of-memory error or a failed health check)", ("group",)),
+    Metric("relay_group_retired", GAUGE, "1 while a worker group is out of service (it failed too often, or "
+           "could not be rebuilt and tries again every --rebuild-retry seconds), else 0", ("group",)),
     Metric("relay_forwards_total", COUNTER, "Transformer forwards by expert: computed, or skipped "
            "(answered by a feature cache)", ("expert", "kind")),
     Metric("relay_handoff_bytes_total", COUNTER, "Bytes of denoise states shipped to another worker "

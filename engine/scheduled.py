@@ -40,6 +40,11 @@ class ScheduledRunner:
         self.tokenizer = tokenizer
         self.capacity = max(1, len(scheduler.groups))
 
+    def unserved(self) -> str | None:
+        """``None`` while every stage has a live worker group, else why not
+        (:meth:`engine.scheduler.StageScheduler.unserved`)."""
+        return self.scheduler.unserved()
+
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
         """Validation only (prompt length included); no worker is touched."""
         return resolve_request(request, self.info, tokenizer=self.tokenizer)

@@ -117,6 +117,8 @@ class StageScheduler:
         self._lock = threading.Condition()
         self._closed = False
         self._epoch = time.perf_counter()
+        for group in self.groups:
+            RECORDER.set("relay_group_retired", 0, group=group.name)
         self._threads = [threading.Thread(target=self._serve, args=(group,), name=f"relay-{group.name}",
                                           daemon=True) for group in self.groups]
         for thread in self._threads:
@@ -207,10 +209,26 @@ class StageScheduler:
             return {name: self._retired_why.get(name, "") for name in self._retired}
 
     def wait_serving(self, name: str, timeout_s: float | None = None) -> bool:
-        """Waits until group ``name`` is not retired; False on timeout or once closed."""
+        """Waits until group ``name`` is not retired; False on timeout, once closed, or at once
+        when it is retired for good (it will not try to build again).
+
+        Raises:
+            ValueError: no group is called ``name``.
+        """
+        if name not in {g.name for g in self.groups}:
+            raise ValueError(f"no group {name!r} (groups: {', '.join(g.name for g in self.groups)})")
         with self._lock:
-            self._lock.wait_for(lambda: self._closed or name not in self._retired, timeout_s)
+            self._lock.wait_for(lambda: (self._closed or name not in self._retired
+                                         or name not in self._retry_at), timeout_s)
             return not self._closed and name not in self._retired
+
+    def unserved(self) -> str | None:
+        """``None`` while every stage of the placement has a live group; else why not (which
+        stages, why their groups retired, whether they try again). Health checks read this."""
+        with self._lock:
+            stages = {stage for group in self.groups for stage in group.roles}
+            missing = [stage for stage in stages if not self._servers(stage)]
+            return self._unserved(missing) if missing else None
 
     # --- routing -----------------------------------------------------------------------------
     def _servers(self, stage: str) -> list[WorkerGroup]:
@@ -220,8 +238,10 @@ class StageScheduler:
         """The error of a request whose ``stages`` no live group runs: which, and why the groups
         that ran them retired."""
         stages = sorted(stages)
-        why = [f"group {g.name} retired: {self._retired_why[g.name]}" for g in self.groups
-               if g.name in self._retired_why and any(s in g.roles for s in stages)]
+        again = (f"; it tries to build again every {self.config.rebuild_retry_s:g}s"
+                 if self.config.rebuild_retry_s else "")
+        why = [f"group {g.name} retired: {self._retired_why[g.name]}" + (again if g.name in self._retry_at else "")
+               for g in self.groups if g.name in self._retired_why and any(s in g.roles for s in stages)]
         names = f"stage {stages[0]}" if len(stages) == 1 else f"stage(s) {stages}"
         return f"no live worker group runs {names}" + (f" ({'; '.join(why)})" if why else "")
 
@@ -510,10 +530,8 @@ class StageScheduler:
         RECORDER.inc("relay_group_restarts_total", group=group.name)
         back = False
         if self.restarts[group.name] > self.config.max_group_restarts:
-            with self._lock:
-                self._retired.add(group.name)
-                self._retired_why[group.name] = (f"it failed {self.restarts[group.name]} times "
-                                                f"(max_group_restarts {self.config.max_group_restarts})")
+            self._retire(group, f"it failed {self.restarts[group.name]} times "
+                                f"(max_group_restarts {self.config.max_group_restarts})", retry=False)
             log.error("group %s retired after %d restarts", group.name, self.restarts[group.name] - 1)
             group.shutdown()
         else:
@@ -522,11 +540,8 @@ class StageScheduler:
                 back = True
             except Exception as rebuild_error:  # noqa: BLE001 - a group that cannot rebuild retires
                 log.exception("group %s could not be rebuilt", group.name)
-                with self._lock:
-                    self._retired.add(group.name)
-                    self._retired_why[group.name] = f"rebuild failed: {rebuild_error}"
-                    if self.config.rebuild_retry_s and getattr(group, "rejoins", False):
-                        self._retry_at[group.name] = time.monotonic() + self.config.rebuild_retry_s
+                self._retire(group, f"rebuild failed: {rebuild_error}",
+                             retry=bool(self.config.rebuild_retry_s) and getattr(group, "rejoins", False))
                 if ticket is not None:
                     self._emit(ticket, "retry", group=group.name, error=f"rebuild failed: {rebuild_error}")
         self.trace.append(TraceEntry(group.name, -1 if ticket is None else ticket.request_id, "restart",
@@ -534,6 +549,18 @@ class StageScheduler:
         if not back:
             self._fail_stranded()
         return back
+
+    def _retire(self, group: WorkerGroup, why: str, *, retry: bool) -> None:
+        """Takes ``group`` out of service (``retry``: it tries to build again every
+        ``rebuild_retry_s``)."""
+        with self._lock:
+            self._retired.add(group.name)
+            self._retired_why[group.name] = why
+            if retry:
+                self._retry_at[group.name] = time.monotonic() + self.config.rebuild_retry_s
+            else:
+                self._retry_at.pop(group.name, None)
+        RECORDER.set("relay_group_retired", 1, group=group.name)
 
     def _rejoin(self, group: WorkerGroup) -> bool:
         """Tries to build a group retired because it could not be rebuilt; it serves again
@@ -557,6 +584,7 @@ class StageScheduler:
                 self._retry_at.pop(group.name, None)
                 self._idle_since[group.name] = time.monotonic()
                 self._lock.notify_all()
+            RECORDER.set("relay_group_retired", 0, group=group.name)
             log.warning("group %s was built again and serves", group.name)
             back = True
         self.trace.append(TraceEntry(group.name, -1, "rejoin", started - self._epoch,

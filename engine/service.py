@@ -189,6 +189,17 @@ class AsyncEngine:
         # is left pending ("Task was destroyed but it is pending" at exit).
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def unserved(self) -> dict[str, str]:
+        """The models that cannot run every request now (a stage with no live worker group),
+        each with why; empty while all can (runners without the check always can)."""
+        out = {}
+        for name, runner in list(self.runners.items()):
+            check = getattr(runner, "unserved", None)
+            why = check() if check is not None else None
+            if why:
+                out[name] = why
+        return out
+
     @property
     def draining(self) -> bool:
         """True once :meth:`drain` has begun."""

@@ -118,8 +118,8 @@ class SchedulerConfig:
             raise ValueError("max_queue, max_request_retries and max_group_restarts must be >= 0")
         if self.step_timeout_s <= 0:
             raise ValueError(f"step_timeout_s must be positive, got {self.step_timeout_s}")
-        if not self.rebuild_retry_s >= 0:
-            raise ValueError(f"rebuild_retry_s must be >= 0, got {self.rebuild_retry_s}")
+        if not 0 <= self.rebuild_retry_s < float("inf"):
+            raise ValueError(f"rebuild_retry_s must be a number of seconds >= 0, got {self.rebuild_retry_s}")
         if self.health_period_s < 0 or self.health_timeout_s <= 0:
             raise ValueError(f"health_period_s must be >= 0 and health_timeout_s positive, got "
                              f"{self.health_period_s} and {self.health_timeout_s}")

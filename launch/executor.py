@@ -20,9 +20,13 @@ uni / mp / ray / external-launcher executors is the model); each builds the same
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("inprocess", "mp", "torchrun", "ray")
 
@@ -91,7 +95,7 @@ class Executor:
         self.placement = placement
         self._ray_started = False
         if backend == "ray":
-            self._connect_ray(ray_address, spec, placement)
+            self._connect_ray(ray_address, spec, placement, build_timeout_s)
         local = backend in ("inprocess", "mp") or (backend == "ray" and ray_address is None)
         if spec.threads is None and local and placement.devices > 1:
             # Groups run at the same time: share this machine's cores among all their ranks
@@ -112,7 +116,7 @@ class Executor:
         self._build(groups)
         self._start(groups, config)
 
-    def _connect_ray(self, address: str | None, spec, placement) -> None:
+    def _connect_ray(self, address: str | None, spec, placement, wait_s: float) -> None:
         import ray
 
         from relay.engine.errors import ValidationError
@@ -120,12 +124,16 @@ class Executor:
 
         self._ray_started = connect(address)
         if spec.device_type == "cuda":
-            have = int(ray.cluster_resources().get("GPU", 0))
+            # An existing cluster's worker nodes may still be joining (a cluster launcher or
+            # KubeRay starts them after the head): wait for them; a local Ray has what it has.
+            have = wait_for_resource(lambda: ray.cluster_resources().get("GPU", 0), placement.devices,
+                                     timeout_s=0.0 if self._ray_started else wait_s, what="GPUs")
             if have < placement.devices:
                 if self._ray_started:
                     shutdown()
+                waited = "" if self._ray_started else f" after waiting {wait_s:.0f}s for nodes to join"
                 raise ValidationError("nproc", f"the placement needs {placement.devices} GPUs, the Ray "
-                                               f"cluster has {have}")
+                                               f"cluster has {have:g}{waited}")
 
     @classmethod
     def from_groups(cls, placement, groups: list, *, config=None, backend: str = "torchrun") -> Executor:
@@ -177,10 +185,13 @@ class Executor:
         return next(g for g in self.groups if g.name == name)
 
     def close(self) -> None:
-        """Stops scheduling and tears every group down (a Ray this executor started stops too)."""
+        """Stops scheduling and tears every group down (a Ray this executor started stops too);
+        a group being rebuilt in the background gives up its build first."""
+        for group in self.groups:
+            group.stop_building()
         self.scheduler.close()
         for group in self.groups:
-            group.teardown()
+            group.shutdown()
         if self._ray_started:
             from relay.launch.ray_group import shutdown
 
@@ -192,6 +203,22 @@ class Executor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def wait_for_resource(available, need: float, *, timeout_s: float, what: str, poll_s: float = 2.0,
+                      clock=time.monotonic, sleep=time.sleep) -> float:
+    """Polls ``available()`` until it reaches ``need`` or ``timeout_s`` passes (logging what is
+    still missing every 30 s); returns the last amount seen."""
+    began = clock()
+    said = began
+    have = available()
+    while have < need and clock() - began < timeout_s:
+        if clock() - said >= 30.0:
+            log.warning("waiting for the Ray cluster: %g of %g %s so far (nodes still joining?)", have, need, what)
+            said = clock()
+        sleep(min(poll_s, max(0.0, timeout_s - (clock() - began))))
+        have = available()
+    return have
 
 
 def ray_resources_for(resources: dict[str, tuple[str, ...]] | None, group: str) -> tuple[str, ...]:

@@ -59,6 +59,9 @@ class CallGroup:
         # build, restart and teardown exclude each other: an executor closing while the
         # scheduler rebuilds the group waits for the build, then tears the new ranks down.
         self._lifecycle = threading.RLock()
+        # Set by shutdown (before it waits for the lifecycle lock): a build in progress gives up
+        # at its next poll and no new one starts, so closing never waits out a placement.
+        self._closing = threading.Event()
 
     @property
     def size(self) -> int:
@@ -125,6 +128,8 @@ class CallGroup:
             GroupFailure: a rank failed to start or load within the backend's timeout.
         """
         with self._lifecycle:
+            if self._closing.is_set():
+                raise GroupFailure(f"group {self.name} is shut down")
             self._broken = None
             self._unsent = set(self._faults)
             began = time.monotonic()
@@ -147,8 +152,19 @@ class CallGroup:
         with self._lifecycle:
             self._teardown()
 
+    def stop_building(self) -> None:
+        """Makes a build in progress give up at its next poll and refuses new ones (returns at
+        once; :meth:`shutdown` then tears down whatever was built)."""
+        self._closing.set()
+
+    @property
+    def closing(self) -> bool:
+        """Whether the group is being shut down for good (no build may start or finish)."""
+        return self._closing.is_set()
+
     def shutdown(self) -> None:
-        """Ends the group for good (same as :meth:`teardown`)."""
+        """Ends the group for good: a build in progress gives up, then every rank ends."""
+        self.stop_building()
         self.teardown()
 
     # --- calls --------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -177,6 +178,7 @@ class RayWorkerGroup(CallGroup):
         self.nodes: list[str] = []
         self.placement_group = None
         self._uid = uuid.uuid4().hex[:8]  # names are unique per cluster: executors may share one
+        self._attempts = 0
 
     def _bundle(self) -> dict:
         bundle = {"GPU": 1, "CPU": 1} if self.spec.device_type == "cuda" else {"CPU": 1}
@@ -188,34 +190,32 @@ class RayWorkerGroup(CallGroup):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         lost = self._lost_nodes()  # before a rebuild: the nodes of the last build that died
+        self._attempts += 1  # names are unique per try: a failed try's actors may still be dying
         self.placement_group = placement_group([self._bundle()] * self.size, strategy=self.strategy,
-                                               name=f"relay-{self.name}-{self._uid}-{self.builds}")
+                                               name=f"relay-{self.name}-{self._uid}-{self._attempts}")
         try:
             self._wait_placed(lost)
-        except GroupFailure:
-            self.teardown()
-            raise
-        self.nodes = [placement_group_table(self.placement_group)["bundles_to_node_id"][rank]
-                      for rank in range(self.size)]
-        remote = ray.remote(RankActor)
-        gpu = self.spec.device_type == "cuda"
-        self.actors = [
-            remote.options(
-                num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0, max_concurrency=1,
-                name=f"relay-{self.name}-r{rank}-{self._uid}-{self.builds}",
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group, placement_group_bundle_index=rank),
-            ).remote()
-            for rank in range(self.size)
-        ]
-        try:
-            init = ray.get(self.actors[0].rendezvous.remote(), timeout=self.build_timeout_s)
+            self.nodes = [placement_group_table(self.placement_group)["bundles_to_node_id"][rank]
+                          for rank in range(self.size)]
+            remote = ray.remote(RankActor)
+            gpu = self.spec.device_type == "cuda"
+            self.actors = [
+                remote.options(
+                    num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0, max_concurrency=1,
+                    name=f"relay-{self.name}-r{rank}-{self._uid}-{self._attempts}",
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=self.placement_group, placement_group_bundle_index=rank),
+                ).remote()
+                for rank in range(self.size)
+            ]
+            init = self._gather([self.actors[0].rendezvous.remote()], "rendezvous", self.build_timeout_s,
+                                building=True)[0]
             # Each actor sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES): local rank 0.
             infos = [RankInfo(rank=r, local_rank=0, world_size=self.size, init_method=init)
                      for r in range(self.size)]
             self.pids = self._gather([a.setup.remote(i, self.spec) for a, i in zip(self.actors, infos, strict=True)],
-                                     "setup", self.build_timeout_s)
-        except (GroupFailure, ModelError):
+                                     "setup", self.build_timeout_s, building=True)
+        except BaseException:  # whatever stopped the build (a node lost, shut down): nothing is left placed
             self.teardown()
             raise
         log.info("group %s placed (%s) on node(s) %s", self.name, self.strategy,
@@ -238,6 +238,8 @@ class RayWorkerGroup(CallGroup):
             done, _ = ray.wait([ready], timeout=max(0.0, min(PLACEMENT_POLL_S, deadline - time.monotonic())))
             if done:
                 return
+            if self.closing:
+                raise GroupFailure(f"group {self.name} is shut down (it was waiting for a placement)")
             nodes = ray.nodes()
             missing = shortfall(self._bundle(), self.size, self.strategy, self._room(nodes))
             now = time.monotonic()
@@ -282,15 +284,21 @@ class RayWorkerGroup(CallGroup):
         dead = {n["NodeID"]: n for n in ray.nodes() if not n.get("Alive")}
         return [dead[node] for node in dict.fromkeys(self.nodes) if node in dead]
 
-    def _gather(self, refs: list, what: str, timeout_s: float) -> list:
-        """Waits for every rank's result; the first error or the deadline fails the group."""
+    def _gather(self, refs: list, what: str, timeout_s: float, *, building: bool = False) -> list:
+        """Waits for every rank's result; the first error or the deadline fails the group (and,
+        ``building``, a shutdown: a build gives up when the group is being closed)."""
         import ray
 
         deadline = time.monotonic() + timeout_s
         pending = list(refs)
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            left = max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, PLACEMENT_POLL_S) if building else left)
             if not ready:
+                if building and self.closing:
+                    raise GroupFailure(f"group {self.name} is shut down (it was building: {what})")
+                if time.monotonic() < deadline:
+                    continue
                 raise GroupFailure(f"group {self.name}: {what} exceeded its {timeout_s:.0f}s watchdog")
             try:
                 ray.get(ready[0])
@@ -395,7 +403,8 @@ def _free_now() -> dict[str, dict[str, float]]:
 
 def _synthetic(key: str) -> bool:
     """Ray's own per-node and per-placement-group resources (not capacity)."""
-    return key.startswith("node:") or "_group_" in key or key in ("memory", "object_store_memory")
+    return (key.startswith("node:") or key in ("memory", "object_store_memory")
+            or re.search(r"_group_(\d+_)?[0-9a-f]{16,}$", key) is not None)  # CPU_group_[i_]<pg id>
 
 
 def _amount(value: float) -> str:

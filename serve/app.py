@@ -25,7 +25,8 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, 
                 log_prompts: bool = False) -> None:
     """Runs the server until it has drained.
 
-    Health is NOT_SERVING (and Generate answers UNAVAILABLE) until every model has loaded.
+    Health is NOT_SERVING (and Generate answers UNAVAILABLE) until every model has loaded, and
+    again while a model has a stage that no live worker group runs (:meth:`RelayServer.watch_capacity`).
 
     Args:
         runner_factory: ``runner_factory(info, name) -> runner`` builds each model's runner
@@ -83,7 +84,12 @@ async def serve(model_dirs: list[str], *, config: ServerConfig, runner_factory, 
         engine.ready = True
         await server.set_serving(True)
         say(f"relay serve: SERVING on {address}")
-        await server.wait()
+        watch = asyncio.ensure_future(server.watch_capacity())  # NOT_SERVING while a stage has no group
+        try:
+            await server.wait()
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
     finally:
         if not server.stopped:  # a model failed to load: stop listening before the loop ends
             await server.server.stop(0)

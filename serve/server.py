@@ -24,6 +24,8 @@ from relay.serve.gen.relay.v1 import relay_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE = "relay.v1.Relay"
+#: How often the server compares its health with what the engine can serve (seconds).
+CAPACITY_POLL_S = 1.0
 MAX_MESSAGE = 40 * 1024 * 1024  # a 32 MiB image plus the rest of the request
 
 #: Long idle streams (a job waiting in the queue) stay alive through proxies: ping every 30 s,
@@ -272,6 +274,24 @@ class RelayServer:
         await self.engine.drain(self.config.grace_s)
         await self.server.stop(grace=5.0)
         self._stopped.set()
+
+    async def watch_capacity(self, period_s: float = CAPACITY_POLL_S) -> None:
+        """Keeps health in step with what the engine can serve, from the moment it is SERVING
+        until the server drains: NOT_SERVING while a model has a stage that no live worker group
+        runs (its group retired -- it may be trying to build again, see ``--rebuild-retry``), so
+        that a load balancer or a readiness probe sends work elsewhere; SERVING once every stage
+        has a group again. Requests that come anyway fail at once, saying why."""
+        serving = True
+        while not self.engine.draining and not self.stopped:
+            unserved = self.engine.unserved()
+            if (not unserved) != serving and not self.engine.draining:
+                serving = not unserved
+                await self.set_serving(serving)
+                if serving:
+                    log.warning("health SERVING again: every model's stages have a live worker group")
+                else:
+                    log.error("health NOT_SERVING: %s", "; ".join(f"{m}: {why}" for m, why in unserved.items()))
+            await asyncio.sleep(period_s)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT start a drain."""

@@ -380,6 +380,11 @@ def _container(template: dict, name: str) -> dict:
     return found
 
 
+#: The ports ``ray start --head`` binds that KubeRay sets when ``rayStartParams`` leaves them out.
+KUBERAY_HEAD_PORTS = {"port": 6379, "dashboard-port": 8265, "ray-client-server-port": 10001,
+                      "metrics-export-port": 8080, "dashboard-agent-listen-port": 52365}
+
+
 def _served_command(script: str) -> list[str]:
     """The ``relay serve`` line of a container script (continuations joined, ``&`` dropped)."""
     joined = script.replace("\\\n", " ")
@@ -415,6 +420,15 @@ def test_kuberay_cluster_is_wired_to_relay_serve():
         "grpc": args.port, "http": args.http_port, "metrics": args.metrics_port}
     assert (ports["grpc"], ports["http"], ports["metrics"]) == (args.port, args.http_port, args.metrics_port)
     assert head["readinessProbe"]["grpc"]["port"] == args.port
+    # Nothing Ray binds on the head takes one of relay serve's ports: KubeRay's defaults for the
+    # ray start parameters it fills in (its operator's constants), as overridden here.
+    bound = dict(KUBERAY_HEAD_PORTS, **{k: int(v) for k, v in spec["headGroupSpec"]["rayStartParams"].items()
+                                        if k in KUBERAY_HEAD_PORTS})
+    relay_ports = {args.port, args.http_port, args.metrics_port}
+    assert not relay_ports & set(bound.values()), f"relay serve {sorted(relay_ports)} vs Ray's {bound}"
+    # relay serve starts once the workers' GPUs have joined (they download the weights first)
+    (wanted,) = re.findall(r'get\("GPU", 0\) < (\d+)', head["args"][0])
+    assert int(wanted) == args.nproc * args.replicas
     assert service["metadata"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
     # the weights: the served folder, fetched once per node into the hostPath /models
     assert args.model == [MODEL_DIR]
@@ -540,7 +554,9 @@ def test_dockerfile_entry_point_is_relay_serve():
     args = _relay_args(argv[1:])
     assert args.command == "serve" and args.host == "0.0.0.0" and args.model == [MODEL_DIR]
     exposed = {int(p) for value in _instructions("EXPOSE") for p in value.split()}
-    assert {args.port, args.metrics_port, 8080, 6379, 8265} <= exposed
+    assert {args.port, args.metrics_port, args.http_port, 6379, 8265} <= exposed
+    # one 8-GPU machine, the layout the runbook's plan picks for it
+    assert (args.device, args.nproc, args.layout) == ("cuda", GPUS_PER_NODE, "cfg=2,ring=4,fsdp=4")
 
 
 def _free_port() -> int:
@@ -653,6 +669,21 @@ def test_runbook_ray_commands_parse_with_rays_cli():
         if config:
             assert (REPO / config).resolve() == RAY_YAML, config
     assert {"up", "exec", "rsync-up", "rsync-down", "down"} <= seen
+
+
+def test_runbook_deletes_the_weights_on_every_machine_it_puts_them_on():
+    """Each route ends by deleting the weights on every machine it used (rented machines go back
+    clean): the machines of its ``ssh`` lines, head included."""
+    text = RUNBOOK.read_text()
+    launcher, kuberay = text.split("## 4. KubeRay route")
+    launcher = launcher.split("## 3. Ray cluster launcher route")[1]
+    for name, section in (("launcher", launcher), ("kuberay", kuberay)):
+        words = [w for block in re.findall(r"^```bash\n(.*?)^```", section, flags=re.S | re.M)
+                 for line in block.splitlines() if line.strip() for w in [shlex.split(line)]]
+        hosts = {w[1] for w in words if w[0] == "ssh" and "@" in w[1]}
+        cleaned = {w[1] for w in words if w[0] == "ssh" and w[2:5] == ["sudo", "rm", "-rf"]
+                   and w[5] == f"{MODEL_DIR}"}
+        assert len(hosts) >= 2 and cleaned == hosts, (name, hosts, cleaned)
 
 
 def test_runbook_files_and_image_are_the_kits():

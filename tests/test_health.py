@@ -181,9 +181,14 @@ def test_the_oom_fault_is_off_unless_armed(t2v):
 
 def test_health_flags_are_checked_before_torch(relay):
     for flag, value in (("--health-period", "-1"), ("--health-timeout", "0"), ("--health-period", "inf"),
-                        ("--rebuild-retry", "-1"), ("--rebuild-retry", "nan")):
+                        ("--rebuild-retry", "-1"), ("--rebuild-retry", "nan"), ("--rebuild-retry", "inf")):
         result = relay("generate", "--prompt", "x", "--output", "x.npy", flag, value)
         assert result.code == 2 and f"error: {flag}:" in result.err, result.err
+    from relay.engine.tickets import SchedulerConfig
+
+    for value in (-1.0, float("nan"), float("inf")):  # the API refuses what the flag refuses
+        with pytest.raises(ValueError, match="rebuild_retry_s"):
+            SchedulerConfig(rebuild_retry_s=value)
 
 
 @pytest.mark.parametrize("load_timeout_s, builds", [(60.0, True), (2.0, False)])
@@ -284,26 +289,40 @@ class _Unplaceable:
 def test_a_group_that_cannot_be_rebuilt_retires_then_serves_once_it_builds(retry_s, rejoins):
     from relay.engine.scheduler import RequestFailed, SchedulerConfig, StageScheduler
 
+    from relay.engine.metrics import RECORDER
+
     experts = ["high_noise", "high_noise", "low_noise"]
     flaky = _Unplaceable(rejoins)
+    gauge = _Gauge("relay_group_retired")
+    RECORDER.add_sink(gauge)
     scheduler = StageScheduler([flaky.group], SchedulerConfig(health_period_s=0.0, rebuild_retry_s=retry_s))
+    retrying = bool(retry_s and rejoins)
     why = ("no live worker group runs stage high_noise (group fused0 retired: rebuild failed: "
-           "group fused0 cannot be placed: missing GPU (1 needed, 0 free))")
+           "group fused0 cannot be placed: missing GPU (1 needed, 0 free)"
+           + ("; it tries to build again every 0.05s)" if retrying else ")"))
     try:
         with pytest.raises(RequestFailed) as failed:
             scheduler.submit({"experts": experts}, experts=experts).result(timeout=30)
         assert why in str(failed.value)
         assert scheduler.retired == {"fused0": "rebuild failed: group fused0 cannot be placed: missing GPU "
                                                "(1 needed, 0 free)"}
+        assert gauge.values == {"fused0": [0, 1]}
         with pytest.raises(RequestFailed, match="group fused0 retired: rebuild failed"):
             scheduler.submit({"experts": experts}, experts=experts)
-        if not (retry_s and rejoins):  # retired for good: no further try
-            assert not scheduler.wait_serving("fused0", timeout_s=0.5) and flaky.tries == 1
+        # What health checks read: every stage of the placement, and why it is not served.
+        assert scheduler.unserved() == why.replace("stage high_noise", f"stage(s) {sorted(set(flaky.group.roles))}")
+        with pytest.raises(ValueError, match="no group 'nope'"):
+            scheduler.wait_serving("nope")
+        if not retrying:  # retired for good: no further try, and nothing to wait for
+            began = time.monotonic()
+            assert not scheduler.wait_serving("fused0", timeout_s=60) and flaky.tries == 1
+            assert time.monotonic() - began < 30
             return
         for _ in range(2):  # the first rebuild, then at least one periodic try that still fails
             assert flaky.tried.acquire(timeout=10)
         flaky.room.set()  # a node joins
         assert scheduler.wait_serving("fused0", timeout_s=10) and scheduler.retired == {}
+        assert scheduler.unserved() is None and gauge.values == {"fused0": [0, 1, 0]}
         events = []
         ticket = scheduler.submit({"experts": experts}, experts=experts,
                                   on_event=lambda kind, data: events.append((kind, data.get("step"))))
@@ -312,5 +331,77 @@ def test_a_group_that_cannot_be_rebuilt_retires_then_serves_once_it_builds(retry
         assert ticket.attempts == 0
         assert [e.kind for e in scheduler.trace].count("rejoin") == flaky.tries - 1 >= 2
         assert scheduler.restarts == {"fused0": 1}  # tries at rejoining are not restarts
+    finally:
+        scheduler.close()
+        RECORDER.remove_sink(gauge)
+
+
+class _Gauge:
+    """A metrics sink keeping the values one gauge was set to, by its ``group`` label."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.values = name, {}
+
+    def record(self, metric, op, value, labels) -> None:
+        if metric.name == self.name and op == "set":
+            self.values.setdefault(labels["group"], []).append(int(value))
+
+
+def test_grpc_health_is_not_serving_while_a_stage_has_no_worker_group(tiny_models):
+    """``relay serve``'s health follows what the engine can serve: NOT_SERVING once the only
+    group is retired (its rebuild found no room), SERVING again once a periodic try built it --
+    so a readiness probe or a load balancer stops sending work that would be refused."""
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from relay.engine.model_info import read_model_info
+    from relay.engine.scheduled import ScheduledRunner
+    from relay.engine.scheduler import RequestFailed, SchedulerConfig, StageScheduler
+    from relay.engine.service import AsyncEngine
+    from relay.serve.server import RelayServer, ServerConfig
+
+    experts = ["high_noise", "high_noise", "low_noise"]
+    flaky = _Unplaceable(rejoins=True)
+    scheduler = StageScheduler([flaky.group], SchedulerConfig(health_period_s=0.0, rebuild_retry_s=0.05))
+    info = read_model_info(tiny_models["t2v"])
+    SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def main():
+        engine = AsyncEngine({"m": ScheduledRunner(scheduler, info, name="m", tokenizer=None)}, default_model="m")
+        server = RelayServer(engine, {"m": info}, ServerConfig(port=0))
+        await server.start()
+        engine.start()
+        await server.set_serving(True)
+        watch = asyncio.ensure_future(server.watch_capacity(period_s=0.02))
+        seen = []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            async def until(status) -> None:
+                for _ in range(1000):  # the watcher looks every 20 ms
+                    now = (await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)).status
+                    if not seen or seen[-1] != now:
+                        seen.append(now)
+                    if now == status:
+                        return
+                    await asyncio.sleep(0.02)
+                raise AssertionError(f"health never became {status}: {seen}")
+
+            await until(SERVING)
+            ticket = scheduler.submit({"experts": experts}, experts=experts)
+            with pytest.raises(RequestFailed, match="retired"):
+                await asyncio.to_thread(ticket.result, 30)
+            await until(NOT_SERVING)  # retired, trying again every 50 ms
+            flaky.room.set()  # a node joins: the next try builds the group
+            await until(SERVING)
+            assert await asyncio.to_thread(scheduler.wait_serving, "fused0", 10)
+        await server.drain()
+        await asyncio.wait_for(watch, 10)  # the watcher ends with the drain
+        return seen
+
+    try:
+        assert asyncio.run(main()) == [SERVING, NOT_SERVING, SERVING]
     finally:
         scheduler.close()

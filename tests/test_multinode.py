@@ -73,13 +73,40 @@ def test_ray_resources_flag_is_parsed_and_checked():
     from relay.launch.ray_group import STRATEGIES
 
     assert RAY_STRATEGIES == STRATEGIES
-    parsed = parse_ray_resources("relay, high=h100,low=a100,low=spot")
-    assert parsed == {"*": ("relay",), "high": ("h100",), "low": ("a100", "spot")}
-    assert ray_resources_for(parsed, "low") == ("relay", "a100", "spot") and ray_resources_for(None, "x") == ()
-    for bad in ("high=", "=x", "a b", "CPU", "high=GPU"):
+    parsed = parse_ray_resources("relay, high=h100,low=a100,low=spot,accelerator_type:A6000")
+    assert parsed == {"*": ("relay", "accelerator_type:A6000"), "high": ("h100",), "low": ("a100", "spot")}
+    assert ray_resources_for(parsed, "low") == ("relay", "accelerator_type:A6000", "a100", "spot")
+    assert ray_resources_for(None, "x") == ()
+    # Ray's own names: a placement group's bundle resources and the per-node ones are not tags.
+    for bad in ("high=", "=x", "a b", "CPU", "high=GPU", "relay_group_a", "node:10.0.0.1"):
         with pytest.raises(ValidationError) as caught:
             parse_ray_resources(bad)
         assert caught.value.field == "ray_resources"
+
+
+def test_an_existing_cluster_is_waited_for_until_its_gpus_join():
+    """Workers of a launched cluster join after the head (their weights download first): the
+    executor waits for the GPUs a placement needs, up to its build timeout, on a clock of its
+    own (here a counting one: no real waiting)."""
+    from relay.launch.executor import wait_for_resource
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+        def sleep(self, seconds):
+            self.now += seconds
+
+    joined = iter([0, 0, 8, 8, 16])  # GPUs seen at each look: one node, then the second
+    clock = Clock()
+    assert wait_for_resource(lambda: next(joined), 16, timeout_s=600, what="GPUs", clock=clock, sleep=clock.sleep) == 16
+    assert clock.now == 8.0  # four 2 s polls
+    clock = Clock()
+    assert wait_for_resource(lambda: 8, 16, timeout_s=60, what="GPUs", clock=clock, sleep=clock.sleep) == 8
+    assert clock.now == 60.0  # gave up at the timeout
+    assert wait_for_resource(lambda: 8, 16, timeout_s=0, what="GPUs") == 8  # a local Ray: no wait
 
 
 @pytest.mark.parametrize("flags, flag", [
@@ -399,4 +426,54 @@ def test_a_group_retired_for_want_of_a_node_serves_again_when_one_joins(nodes, t
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+    assert not _live_relay_actors() and not _live_relay_placement_groups()
+
+
+def test_shutting_down_a_group_that_waits_for_room_gives_up_its_build_at_once(nodes, t2v):
+    """A group whose nodes could hold it but whose resources another placement holds waits up to
+    its build timeout; shutting it down (what closing an executor does to a group being rebuilt
+    in the background) makes the build give up at its next poll, not after the timeout, and
+    leaves no placement group or actor behind."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from relay.engine.tickets import GroupFailure
+    from relay.launch.ray_group import RayWorkerGroup
+    from relay.launch.worker import WorkerSpec
+    from relay.parallel.layout import ParallelLayout
+
+    free = int(ray.available_resources().get("CPU", 0))
+    holder = placement_group([{"CPU": 1}] * free, strategy="SPREAD") if free else None
+    if holder is not None:
+        assert holder.wait(60)  # every free CPU is held by someone else: the group must wait
+    spec = WorkerSpec(model=str(t2v.path), layout=ParallelLayout(), dtype="fp32", device_type="cpu", threads=1)
+    group = RayWorkerGroup(name="waiting", roles=("encode", "high_noise", "low_noise", "decode"), spec=spec,
+                           build_timeout_s=600.0)
+    outcome: dict = {}
+
+    def build():
+        began = time.monotonic()
+        try:
+            group.build()
+        except GroupFailure as exc:
+            outcome["error"] = str(exc)
+        outcome["seconds"] = time.monotonic() - began
+
+    builder = threading.Thread(target=build)
+    try:
+        builder.start()
+        deadline = time.monotonic() + 30
+        while group.placement_group is None and time.monotonic() < deadline:  # the build is waiting
+            time.sleep(0.02)
+        assert group.placement_group is not None
+        group.shutdown()  # returns once the build has given up and torn down
+        builder.join(30)
+        assert not builder.is_alive()
+        assert "is shut down" in outcome["error"] and outcome["seconds"] < 60, outcome
+        with pytest.raises(GroupFailure, match="is shut down"):
+            group.build()  # and no new build starts
+    finally:
+        builder.join(30)
+        if holder is not None:
+            remove_placement_group(holder)
     assert not _live_relay_actors() and not _live_relay_placement_groups()
