@@ -140,6 +140,7 @@ class DenoiseRun:
         self._anchor_sent = state.anchor
         self._started = time.perf_counter()
         self._steps_run = 0
+        self._ran: set[str] = set()  # experts that ran a step in this run (on this worker)
         self.replayed = self._catch_up()
 
     @property
@@ -207,8 +208,11 @@ class DenoiseRun:
             raise RuntimeError(f"step {index} needs the {expert} expert, which is not loaded here")
         model = self.experts[expert]
         following = self._experts[index + 1] if index + 1 < len(self._experts) else None
-        if following is not None and following != expert and hasattr(self.experts, "prefetch"):
-            self.experts.prefetch(following)  # offload: the next expert's copies overlap this step
+        if (following is not None and following != expert and expert in self._ran
+                and hasattr(self.experts, "prefetch")):
+            # Offload: the next expert's copies overlap this step. Only once this expert has run
+            # a step here: its activations then hold their memory, which the copies leave alone.
+            self.experts.prefetch(following)
         if self._segment_start(index) == index:  # where this expert's cache starts (none: no anchor)
             self._anchor = self._progress_fields() if self._cached(expert) else None
         t = self.scheduler.timesteps[index]
@@ -232,6 +236,7 @@ class DenoiseRun:
         self.latents = self.scheduler.step(noise, t, self.latents, **kwargs)[0]
         self.step_index += 1
         self._steps_run += 1
+        self._ran.add(expert)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # honest per-step timing for progress and ETA
         now = time.perf_counter()

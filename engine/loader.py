@@ -39,11 +39,12 @@ class LoadedModel:
             otherwise. Any of them may be absent when a stage loads only the expert it runs.
         offload: When true, the text encoder and the experts live on the CPU and only the one
             in use is on ``device`` (one 14B expert at a time: ~28 GB instead of ~67 GB in bf16).
-            Their host copies stay (pinned on CUDA): a module arrives with asynchronous copies
-            from pinned memory and leaves by dropping its device copy -- frozen weights are never
-            copied back. On CUDA the denoise loop asks for the next expert one step ahead
-            (:meth:`prefetch`): where the device holds both, its copies run on a stream of their
-            own during the last step of the expert before it.
+            Their host copies stay (pinned on CUDA, packed into 1 GiB buffers: pinning tensor
+            by tensor would round each up to a power of two, ~1.5x the bytes): a module arrives
+            with asynchronous copies from pinned memory and leaves by dropping its device copy --
+            frozen weights are never copied back. On CUDA the denoise loop asks for the next
+            expert one step ahead (:meth:`prefetch`): where the device has room for both, its
+            copies run on a stream of their own during the last step of the expert before it.
         components: The family's other modules by name (LTX-2: ``connectors``, ``audio_vae``,
             ``vocoder``), on ``device``.
     """
@@ -61,6 +62,7 @@ class LoadedModel:
     _host: dict = field(default_factory=dict, repr=False)  # name -> {tensor: its host copy}
     _incoming: _Prefetch | None = field(default=None, repr=False)  # an expert on its way (CUDA)
     _copy_stream: object = field(default=None, repr=False)
+    _prefetched: set = field(default_factory=set, repr=False)  # resident modules a prefetch brought
     #: Prefetches started and skipped for want of device memory (run logs and tests).
     prefetches: dict = field(default_factory=lambda: {"started": 0, "no_room": 0}, repr=False)
 
@@ -88,7 +90,7 @@ class LoadedModel:
         for other_name, other in self.experts.items():
             if other_name != name:
                 self._leave(other_name, other)
-        if self.text_encoder is not None:
+        if self.text_encoder is not None and "text_encoder" in self._host:  # an offloaded one
             self._leave("text_encoder", self.text_encoder)
         self._resident = name
         return self._arrive(name, module)
@@ -96,31 +98,50 @@ class LoadedModel:
     def prefetch(self, name: str) -> bool:
         """With offload on CUDA: starts copying expert ``name`` to the device on a copy stream
         of its own, so that it arrives while the resident expert computes; :meth:`on_device`
-        then only orders the compute stream after those copies. Starts only where the device
-        has room for both experts plus the activations seen so far (:func:`prefetch_fits`).
-        Returns whether copies started (``False`` off CUDA, without offload, or without room)."""
+        then only orders the compute stream after those copies.
+
+        Call it when the resident expert has already run a step of this request (its
+        activations then hold their memory in the allocator's cache, which the copies do not
+        touch: they take device memory no one holds, and start only where that fits the whole
+        expert, :func:`prefetch_fits`). Returns whether copies started: ``False`` off CUDA,
+        without offload, for the resident or a missing module, or without room (counted in
+        :attr:`prefetches`)."""
         module = self.experts.get(name)
         if (module is None or not self.offload or self.device.type != "cuda" or self._resident == name
                 or self._incoming is not None):
             return False
         host = self._host_copies(name, module)
         need = sum(t.numel() * t.element_size() for t in host.values())
-        free, _ = torch.cuda.mem_get_info(self.device)
-        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        transient = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
-        if not prefetch_fits(need, free + cached, transient):
+        if not prefetch_fits(need, torch.cuda.mem_get_info(self.device)[0]):
             self.prefetches["no_room"] += 1
             return False
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
-        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # after what came before
-        with torch.cuda.stream(self._copy_stream):
-            copies = {tensor: copy.to(self.device, non_blocking=True) for tensor, copy in host.items()}
-            done = torch.cuda.Event()
-            done.record(self._copy_stream)
+        copies: dict = {}
+        try:
+            with torch.cuda.stream(self._copy_stream):  # allocated from the copy stream's own pool
+                for tensor, copy in host.items():
+                    copies[tensor] = copy.to(self.device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self._copy_stream)
+        except torch.OutOfMemoryError:  # fragmentation: the switch will copy as before
+            self._copy_stream.synchronize()
+            copies.clear()
+            torch.cuda.empty_cache()
+            self.prefetches["no_room"] += 1
+            return False
         self._incoming = _Prefetch(name, copies, done)
         self.prefetches["started"] += 1
         return True
+
+    def drop_prefetch(self) -> None:
+        """Lets go of a prefetch no step took (a run that stopped before the switch): its
+        device memory goes back to the device. A no-op when there is none."""
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            incoming.done.synchronize()
+            incoming.copies.clear()
+            torch.cuda.empty_cache()  # the copy stream's pool: back to the device for everyone
 
     def park(self, name: str) -> None:
         """With offload: takes module ``name`` off the run device, so that its host copy is
@@ -133,8 +154,10 @@ class LoadedModel:
             self._resident = None
 
     def encoder_on_device(self) -> torch.nn.Module:
-        """The text encoder on the run device; with offload, the experts leave it first."""
-        if self.offload and self._resident != "text_encoder":
+        """The text encoder where it encodes: with offload, on the run device, the experts
+        leaving it first -- unless it was placed elsewhere on purpose (``--text-encoder cpu``
+        or ``fsdp``: set after loading, so offload never took it over) and stays there."""
+        if self.offload and "text_encoder" in self._host and self._resident != "text_encoder":
             for name, module in self.experts.items():
                 self._leave(name, module)
             self._arrive("text_encoder", self.text_encoder)
@@ -146,30 +169,30 @@ class LoadedModel:
         yield from module.buffers()
 
     def _host_copies(self, name: str, module: torch.nn.Module) -> dict:
-        """``{tensor: host copy}`` of ``module`` (made once; pinned when the device is CUDA, so
-        that copies to it are asynchronous)."""
+        """``{tensor: host copy}`` of ``module`` (made once; on CUDA pinned, so that copies to
+        the device are asynchronous, and packed into a few large buffers, :func:`pack_host`)."""
         if name not in self._host:
-            pin = self.device.type == "cuda"
-            self._host[name] = {t: (t.data.pin_memory() if pin and not t.data.is_pinned() else t.data)
-                                for t in self._tensors(module)}
-            for tensor, host in self._host[name].items():
-                tensor.data = host
+            tensors = list(self._tensors(module))
+            if self.device.type == "cuda":
+                self._host[name] = pack_host(tensors, pin=True)
+            else:
+                self._host[name] = {t: t.data for t in tensors}
         return self._host[name]
 
     def _arrive(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
         """Puts ``module`` on the run device: the copies a :meth:`prefetch` made, once the
         compute stream is ordered after them, else asynchronous copies from its (pinned) host
         copy."""
-        incoming, self._incoming = self._incoming, None
-        if incoming is not None and incoming.name == name:
+        if self._incoming is not None and self._incoming.name == name:
+            incoming, self._incoming = self._incoming, None
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(incoming.done)
             for tensor, copy in incoming.copies.items():
                 copy.record_stream(compute)  # made on the copy stream, used and freed on this one
                 tensor.data = copy
+            self._prefetched.add(name)
             return module
-        if incoming is not None:  # another module was asked for: that prefetch is not needed
-            incoming.done.synchronize()
+        self.drop_prefetch()  # another module was asked for: its memory first
         for tensor, host in self._host_copies(name, module).items():
             tensor.data = host.to(self.device, non_blocking=True)
         return module
@@ -177,12 +200,16 @@ class LoadedModel:
     def _leave(self, name: str, module: torch.nn.Module) -> None:
         """Takes ``module`` off the run device: its tensors point at their host copies again and
         the device copies are freed (frozen weights: nothing to copy back); a prefetch of it
-        still in flight is waited for and dropped (a LoRA fuse is about to change its host copy)."""
+        still in flight is waited for and dropped (a LoRA fuse is about to change its host copy).
+        Copies a prefetch brought go back to the device, not to the copy stream's cache, so that
+        the next prefetch finds them free."""
         if self._incoming is not None and self._incoming.name == name:
-            self._incoming.done.synchronize()
-            self._incoming = None
+            self.drop_prefetch()
         for tensor, host in self._host_copies(name, module).items():
             tensor.data = host
+        if name in self._prefetched:
+            self._prefetched.discard(name)
+            torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)
@@ -194,22 +221,66 @@ class _Prefetch:
     done: object  # torch.cuda.Event recorded after the copies
 
 
-#: Device memory a prefetch leaves free beyond the activations already seen (allocator slack).
+#: Device memory a prefetch leaves free beyond the expert's bytes (allocator rounding, other
+#: processes, the CUDA context growing), as a fraction of those bytes.
 PREFETCH_MARGIN = 0.05
 
 
-def prefetch_fits(need: int, available: int, transient: int, *, margin: float = PREFETCH_MARGIN) -> bool:
+def prefetch_fits(need: int, free: int, *, margin: float = PREFETCH_MARGIN) -> bool:
     """Whether an expert of ``need`` bytes may be copied in beside the resident one.
 
     Args:
         need: The incoming expert's bytes.
-        available: Device bytes not held by tensors (free on the device plus the allocator's
-            cached, unused blocks).
-        transient: The largest amount of activation memory seen above what is allocated now
-            (peak allocated minus allocated): what the step that overlaps the copy still needs.
-        margin: A further fraction of ``need`` kept free.
+        free: Device memory that no process holds (``torch.cuda.mem_get_info``): the copies
+            take only that, never the allocator's cache, where the resident expert's
+            activations keep the memory its next forward reuses.
+        margin: A further fraction of ``need`` left free.
     """
-    return need + transient + int(margin * need) <= available
+    return need + int(margin * need) <= free
+
+
+#: Pinned host buffers are allocated in chunks of this size (a power of two: the pinned
+#: allocator rounds every allocation up to one).
+HOST_CHUNK_BYTES = 1 << 30
+_ALIGN = 64
+
+
+def pack_host(tensors: list, *, pin: bool, chunk_bytes: int = HOST_CHUNK_BYTES) -> dict:
+    """Host copies of ``tensors`` as views into a few large buffers: each tensor's ``data``
+    becomes its copy, and the mapping ``{tensor: copy}`` is returned.
+
+    Tensors are placed largest first into the first buffer with room (each buffer
+    ``chunk_bytes``, or the next power of two above the largest tensor), and each buffer is
+    filled and the originals let go before the next is allocated, so the host holds at most one
+    buffer more than the module. ``pin``: page-locked buffers (for asynchronous copies to a GPU).
+    """
+    if not tensors:
+        return {}
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    chunk = max(chunk_bytes, 1 << (max(sizes) - 1).bit_length())
+    order = sorted(range(len(tensors)), key=lambda i: -sizes[i])
+    used: list[int] = []  # bytes used in each buffer
+    places: list[list[tuple[int, int]]] = []  # per buffer: (tensor index, offset)
+    for i in order:
+        size = -(-sizes[i] // _ALIGN) * _ALIGN
+        for b, taken in enumerate(used):
+            if taken + size <= chunk:
+                places[b].append((i, taken))
+                used[b] += size
+                break
+        else:
+            places.append([(i, 0)])
+            used.append(size)
+    out = {}
+    for b, members in enumerate(places):
+        buffer = torch.empty(used[b], dtype=torch.uint8, pin_memory=pin)
+        for i, offset in members:
+            tensor = tensors[i]
+            copy = buffer[offset:offset + sizes[i]].view(tensor.dtype).view(tensor.shape)
+            copy.copy_(tensor.data)
+            tensor.data = copy  # the original goes once nothing else holds it
+            out[tensor] = copy
+    return {t: out[t] for t in tensors}
 
 
 class DeviceExperts(Mapping):

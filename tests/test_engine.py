@@ -104,20 +104,93 @@ def test_offload_moves_only_the_expert_in_use_to_the_device(tiny_models, engine)
     assert model.prefetches == {"started": 0, "no_room": 0}
 
 
-def test_a_prefetch_needs_room_for_the_expert_and_the_steps_activations():
-    """The next expert is copied in beside the resident one only if its bytes, the activation
-    peak already seen and a 5% margin fit in what the device has free (free + allocator cache)."""
+def test_the_next_expert_is_asked_for_only_after_a_step_of_the_resident_one(tiny_models, engine):
+    """A run resumed at the high-noise expert's last step asks for no prefetch (that expert has
+    not run here: its activations hold no memory yet, and the copies could take theirs); the
+    same run from the start asks once. Both equal the plain run."""
+    from relay.engine import Engine, GenerationRequest, load_model
+
+    request = GenerationRequest(prompt="a fox", **SETTINGS)
+    reference = engine.generate(request)
+    offloaded = Engine(load_model(tiny_models["t2v"], dtype="fp32", device="cpu", offload=True))
+    asked = []
+    prefetch = offloaded.model.prefetch
+    offloaded.model.prefetch = lambda name: asked.append(name) or prefetch(name)
+    early = offloaded.start(offloaded.prepare(offloaded.resolve(request)))
+    early.run(until=2)  # the high-noise expert's last step is index 2
+    assert asked == []
+    resumed = offloaded.start(early.snapshot())
+    resumed.run()
+    assert asked == []  # resumed at the last high-noise step: nothing ran here yet
+    assert np.array_equal(offloaded.decode(resumed.snapshot()), reference)
+    whole = offloaded.start(offloaded.prepare(offloaded.resolve(request)))
+    whole.run()
+    assert asked == ["low_noise"] and np.array_equal(offloaded.decode(whole.snapshot()), reference)
+
+
+def test_offload_leaves_a_text_encoder_placed_on_the_cpu_where_it_is(tiny_models):
+    """``--offload --text-encoder cpu`` on one rank (the worker's own loading): the encoder is
+    not offloaded -- no host copies are made of it and it never joins the modules that take
+    turns on the run device -- while the experts still do."""
+    from relay.engine.model_info import read_model_info
+    from relay.launch.worker import WorkerSpec, _load
+    from relay.parallel.groups import RankInfo, init_groups
+    from relay.parallel.layout import ParallelLayout
+
+    info = read_model_info(tiny_models["t2v"])
+    groups = init_groups(ParallelLayout(), RankInfo(rank=0, local_rank=0, world_size=1), device_type="cpu")
+    spec = WorkerSpec(model=str(info.path), layout=ParallelLayout(), dtype="fp32", text_encoder="cpu", offload=True)
+    model = _load(spec, groups, info)
+    assert model.offload and model.text_encoder is not None
+    assert "text_encoder" not in model._host and {"high_noise", "low_noise"} <= set(model._host)
+    moved = []
+    arrive = model._arrive
+    model._arrive = lambda name, module: moved.append(name) or arrive(name, module)
+    assert model.encoder_on_device() is model.text_encoder
+    model.on_device("high_noise")
+    assert model.encoder_on_device() is model.text_encoder
+    assert moved == ["high_noise"] and model._resident == "high_noise" and "text_encoder" not in model._host
+
+
+def test_a_prefetch_takes_only_memory_no_one_holds():
+    """The next expert is copied in beside the resident one only if its bytes and a 5% margin
+    fit in the device memory no process holds (the allocator's cache, where the resident
+    expert's activations live, is not counted)."""
     from relay.engine.loader import prefetch_fits
 
     gib = 2**30
     expert = int(26.6 * gib)  # one A14B expert in bf16
-    # An 80 GB H100 with one expert resident (~53 GiB left) and 480p activations: room.
-    assert prefetch_fits(expert, int(52.5 * gib), transient=20 * gib)
-    # 720p activations of ~25 GiB do not leave room for a second expert: switch as before.
-    assert not prefetch_fits(expert, int(52.5 * gib), transient=25 * gib)
-    # A 48 GB A6000 never holds two A14B experts.
-    assert not prefetch_fits(expert, int(20 * gib), transient=0)
-    assert prefetch_fits(100, 100 + 10 + 5, transient=10) and not prefetch_fits(100, 114, transient=10)
+    assert prefetch_fits(expert, 28 * gib)  # an 80 GB card: one expert, 480p activations cached
+    assert not prefetch_fits(expert, 27 * gib)  # 26.6 + 5% = 27.9 GiB
+    assert not prefetch_fits(expert, 10 * gib)  # a 48 GB card never holds two A14B experts
+    assert prefetch_fits(100, 105) and not prefetch_fits(100, 104)
+
+
+def test_host_copies_are_packed_into_few_buffers_exactly():
+    """Offload's host copies (pinned on CUDA, where the pinned allocator rounds every allocation
+    up to a power of two) are views into buffers of one chunk each, filled largest first: the
+    values are the originals', every tensor points at its copy, and the buffers waste little."""
+    from relay.engine.loader import pack_host
+
+    torch.manual_seed(0)
+    shapes = [(300, 7), (1000,), (64, 64), (3,), (0,), (129, 5), (2, 2, 2)] * 5
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.float32, torch.float64, torch.bool]
+    tensors = [torch.nn.Parameter(torch.randn(shape).to(dtype), requires_grad=False) if dtype.is_floating_point
+               else torch.randint(0, 2, shape).to(dtype) for shape, dtype in zip(shapes, dtypes * 5)]
+    before = [t.detach().clone() for t in tensors]
+    copies = pack_host(tensors, pin=False, chunk_bytes=16 * 1024)
+    assert list(copies) == tensors
+    storages = {copy.untyped_storage().data_ptr() for copy in copies.values()}
+    aligned = sum(-(-t.numel() * t.element_size() // 64) * 64 for t in tensors)
+    assert len(storages) <= -(-aligned // (16 * 1024)) + 1  # first fit, largest first: near-full buffers
+    assert all(copy.untyped_storage().nbytes() <= 16 * 1024 for copy in copies.values())
+    for tensor, copy, original in zip(tensors, copies.values(), before):
+        assert tensor.data.data_ptr() == copy.data_ptr() and tensor.dtype == original.dtype
+        assert torch.equal(tensor, original) and tensor.shape == original.shape
+    # A tensor larger than the chunk gets a buffer of the next power of two above it.
+    big = [torch.zeros(5000, dtype=torch.float32)]  # 20,000 bytes > 16 KiB
+    (copy,) = pack_host(big, pin=False, chunk_bytes=16 * 1024).values()
+    assert copy.untyped_storage().nbytes() == 20_032 and big[0].data_ptr() == copy.data_ptr()
 
 
 def test_stop_is_polled_at_step_boundaries(engine):

@@ -64,6 +64,27 @@ def test_offload_prefetch_overlaps_the_switch_and_changes_nothing(tiny_models, m
     assert offloaded.model.prefetches == {"started": 1, "no_room": 1}
 
 
+def test_the_switch_waits_for_the_prefetch_copies(tiny_models):
+    """The compute stream is ordered after the prefetch's copies: with the copy stream held
+    back by a GPU sleep and no host synchronisation, the low-noise expert's first forward still
+    reads its weights (its output equals the one after a plain switch)."""
+    from relay.bench.gpu import model_inputs
+    from relay.engine import load_model
+
+    model = load_model(tiny_models["t2v"], dtype="bf16", device="cuda", offload=True)
+    inputs = model_inputs(dict(model.experts["low_noise"].config), 32, 32, 5, torch.device("cuda"), torch.bfloat16)
+    with torch.no_grad():
+        expected = model.on_device("low_noise")(**inputs)[0]
+        model.on_device("high_noise")(**inputs)  # the low-noise expert leaves
+        torch.cuda.synchronize()
+        model._copy_stream = torch.cuda.Stream()
+        with torch.cuda.stream(model._copy_stream):
+            torch.cuda._sleep(2_000_000_000)  # about a second of GPU clock before the copies
+        assert model.prefetch("low_noise")
+        got = model.on_device("low_noise")(**inputs)[0]
+    assert torch.equal(got, expected)
+
+
 def test_xfuser_attention_imports_and_runs_on_cuda(tmp_path):
     """The CUDA branch of xfuser's attention imports (the yunchang NPU import is handled) and a
     1-rank USP attention equals SDPA."""

@@ -205,7 +205,7 @@ def check_offload_switch(device, work: Path | None = None, *, config: dict | Non
     median = {variant: sorted(values)[len(values) // 2] for variant, values in times.items()}
     expert_gib = sum(t.numel() * t.element_size() for t in experts[LOW].parameters()) / 2**30
     same = bool(torch.equal(outputs["switch"], outputs["switch_prefetched"]))
-    row = {"expert_gib": expert_gib, "layers": layers, "size": list(size), "seconds": times, "median_s": median,
+    row = {"expert_gib": expert_gib, "layers": layers, "size": list(size), "variant_seconds": times, "median_s": median,
            "switch_cost_s": median["switch"] - median["no_switch"],
            "prefetched_switch_cost_s": median["switch_prefetched"] - median["no_switch"],
            "prefetch_started": started, "prefetches": dict(model.prefetches), "equal_output": same}
