@@ -63,8 +63,9 @@ class LoadedModel:
     _incoming: _Prefetch | None = field(default=None, repr=False)  # an expert on its way (CUDA)
     _copy_stream: object = field(default=None, repr=False)
     _prefetched: set = field(default_factory=set, repr=False)  # resident modules a prefetch brought
-    #: Prefetches started and skipped for want of device memory (run logs and tests).
-    prefetches: dict = field(default_factory=lambda: {"started": 0, "no_room": 0}, repr=False)
+    #: Prefetches started, skipped for want of free device memory, and abandoned while
+    #: copying (an allocation had to flush the allocator's cache, or failed).
+    prefetches: dict = field(default_factory=lambda: {"started": 0, "no_room": 0, "fell_back": 0}, repr=False)
 
     def __post_init__(self) -> None:
         if self.offload:  # host copies (pinned on CUDA) once, at load, not at the first switch
@@ -117,22 +118,40 @@ class LoadedModel:
             return False
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
+        retries = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)
         copies: dict = {}
+        started = False
         try:
             with torch.cuda.stream(self._copy_stream):  # allocated from the copy stream's own pool
                 for tensor, copy in host.items():
                     copies[tensor] = copy.to(self.device, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(self._copy_stream)
-        except torch.OutOfMemoryError:  # fragmentation: the switch will copy as before
-            self._copy_stream.synchronize()
-            copies.clear()
-            torch.cuda.empty_cache()
-            self.prefetches["no_room"] += 1
+            # An allocation that found no free memory made the allocator release every cached
+            # block, the activations' too: the next forward would have to find them again.
+            started = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0) == retries
+        except torch.OutOfMemoryError:
+            pass
+        finally:
+            if not started:  # the switch will copy as before
+                self._copy_stream.synchronize()
+                copies.clear()
+                torch.cuda.empty_cache()
+                self.prefetches["fell_back"] += 1
+        if not started:
             return False
         self._incoming = _Prefetch(name, copies, done)
         self.prefetches["started"] += 1
         return True
+
+    def begin_run(self) -> None:
+        """A new run starts here: a prefetch an earlier run asked for and never took is let go,
+        and with offload on CUDA the allocator's cache goes back to the device, so what the
+        prefetch may take (device memory no one holds) is not what an earlier, larger request
+        left cached; this run's activations are cached again before its prefetch is asked for."""
+        self.drop_prefetch()
+        if self.offload and self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def drop_prefetch(self) -> None:
         """Lets go of a prefetch no step took (a run that stopped before the switch): its
@@ -147,7 +166,7 @@ class LoadedModel:
         """With offload: takes module ``name`` off the run device, so that its host copy is
         what it holds (the LoRA fuse changes that copy; the next arrival brings it)."""
         module = self.experts.get(name) if name != "text_encoder" else self.text_encoder
-        if not self.offload or module is None:
+        if not self.offload or module is None or (name == "text_encoder" and name not in self._host):
             return
         self._leave(name, module)
         if self._resident == name:
@@ -276,8 +295,11 @@ def pack_host(tensors: list, *, pin: bool, chunk_bytes: int = HOST_CHUNK_BYTES) 
         buffer = torch.empty(used[b], dtype=torch.uint8, pin_memory=pin)
         for i, offset in members:
             tensor = tensors[i]
-            copy = buffer[offset:offset + sizes[i]].view(tensor.dtype).view(tensor.shape)
-            copy.copy_(tensor.data)
+            if tensor.data.is_contiguous():
+                copy = buffer[offset:offset + sizes[i]].view(tensor.dtype).view(tensor.shape)
+                copy.copy_(tensor.data)
+            else:  # its own strides kept (a packed view is contiguous); rare in checkpoints
+                copy = tensor.data.pin_memory() if pin else tensor.data
             tensor.data = copy  # the original goes once nothing else holds it
             out[tensor] = copy
     return {t: out[t] for t in tensors}

@@ -79,7 +79,7 @@ class Engine:
 
         ``predict`` replaces the guided prediction (Wan's CFG-parallel); ``runner`` runs the
         branch forwards of a family's own guidance (LTX-2's CFG-parallel)."""
-        self.model.drop_prefetch()  # one an earlier run asked for and never took
+        self.model.begin_run()  # offload: no prefetch or cache left over from an earlier run
         self.apply_loras(state.request.get("loras") or ())
         self.caches.begin(self.model.experts, state.request, list(state.experts))
         return DenoiseRun(

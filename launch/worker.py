@@ -279,6 +279,8 @@ class StageWorker:
         """Drops the run and the prepared state and returns cached memory to the device (after
         an out-of-memory error; the weights stay loaded)."""
         self.run, self._prepared, self._released = None, None, True
+        if getattr(self, "model", None) is not None:
+            self.model.drop_prefetch()  # an expert copied in ahead holds a whole expert's memory
         gc.collect()
         if self.groups.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -101,7 +101,7 @@ def test_offload_moves_only_the_expert_in_use_to_the_device(tiny_models, engine)
     ahead = [move for move in moves if move[1].startswith("asked ahead")]
     assert ahead == [("low_noise", "asked ahead while high_noise computes")], moves
     assert moves.index(ahead[0]) < switch
-    assert model.prefetches == {"started": 0, "no_room": 0}
+    assert model.prefetches == {"started": 0, "no_room": 0, "fell_back": 0}
 
 
 def test_the_next_expert_is_asked_for_only_after_a_step_of_the_resident_one(tiny_models, engine):

@@ -57,17 +57,19 @@ def test_offload_prefetch_overlaps_the_switch_and_changes_nothing(tiny_models, m
     resident = Engine(load_model(tiny_models["t2v"], dtype="bf16", device="cuda")).generate(request)
     offloaded = Engine(load_model(tiny_models["t2v"], dtype="bf16", device="cuda", offload=True))
     assert np.array_equal(offloaded.generate(request), resident)
-    assert offloaded.model.prefetches == {"started": 1, "no_room": 0}
+    assert offloaded.model.prefetches == {"started": 1, "no_room": 0, "fell_back": 0}
     assert offloaded.model._incoming is None  # taken by the switch
     monkeypatch.setattr(loader, "prefetch_fits", lambda *args, **kwargs: False)
     assert np.array_equal(offloaded.generate(request), resident)
-    assert offloaded.model.prefetches == {"started": 1, "no_room": 1}
+    assert offloaded.model.prefetches == {"started": 1, "no_room": 1, "fell_back": 0}
 
 
 def test_the_switch_waits_for_the_prefetch_copies(tiny_models):
     """The compute stream is ordered after the prefetch's copies: with the copy stream held
     back by a GPU sleep and no host synchronisation, the low-noise expert's first forward still
-    reads its weights (its output equals the one after a plain switch)."""
+    reads its weights (its output equals the one after a plain switch). The copy stream's pool
+    is filled with NaN first, so that a forward that did not wait would read NaN, not weights
+    an earlier test left in the reused memory."""
     from relay.bench.gpu import model_inputs
     from relay.engine import load_model
 
@@ -79,6 +81,9 @@ def test_the_switch_waits_for_the_prefetch_copies(tiny_models):
         torch.cuda.synchronize()
         model._copy_stream = torch.cuda.Stream()
         with torch.cuda.stream(model._copy_stream):
+            poison = [torch.full(host.shape, float("nan") if host.is_floating_point() else 1, dtype=host.dtype,
+                                 device="cuda") for host in model._host["low_noise"].values()]
+            del poison  # the blocks the copies will be given, now holding NaN
             torch.cuda._sleep(2_000_000_000)  # about a second of GPU clock before the copies
         assert model.prefetch("low_noise")
         got = model.on_device("low_noise")(**inputs)[0]
