@@ -273,11 +273,16 @@ def pack_host(tensors: list, *, pin: bool, chunk_bytes: int = HOST_CHUNK_BYTES) 
     filled and the originals let go before the next is allocated, so the host holds at most one
     buffer more than the module. ``pin``: page-locked buffers (for asynchronous copies to a GPU).
     """
-    if not tensors:
-        return {}
+    out = {}
+    for tensor in tensors:  # a packed view is contiguous: these keep their own strides (rare)
+        if not tensor.data.is_contiguous():
+            out[tensor] = tensor.data = tensor.data.pin_memory() if pin else tensor.data
+    packed = [i for i, tensor in enumerate(tensors) if tensor not in out]
+    if not packed:
+        return {t: out[t] for t in tensors}
     sizes = [t.numel() * t.element_size() for t in tensors]
-    chunk = max(chunk_bytes, 1 << (max(sizes) - 1).bit_length())
-    order = sorted(range(len(tensors)), key=lambda i: -sizes[i])
+    chunk = max(chunk_bytes, 1 << (max(sizes[i] for i in packed) - 1).bit_length())
+    order = sorted(packed, key=lambda i: -sizes[i])
     used: list[int] = []  # bytes used in each buffer
     places: list[list[tuple[int, int]]] = []  # per buffer: (tensor index, offset)
     for i in order:
@@ -290,16 +295,12 @@ def pack_host(tensors: list, *, pin: bool, chunk_bytes: int = HOST_CHUNK_BYTES) 
         else:
             places.append([(i, 0)])
             used.append(size)
-    out = {}
     for b, members in enumerate(places):
         buffer = torch.empty(used[b], dtype=torch.uint8, pin_memory=pin)
         for i, offset in members:
             tensor = tensors[i]
-            if tensor.data.is_contiguous():
-                copy = buffer[offset:offset + sizes[i]].view(tensor.dtype).view(tensor.shape)
-                copy.copy_(tensor.data)
-            else:  # its own strides kept (a packed view is contiguous); rare in checkpoints
-                copy = tensor.data.pin_memory() if pin else tensor.data
+            copy = buffer[offset:offset + sizes[i]].view(tensor.dtype).view(tensor.shape)
+            copy.copy_(tensor.data)
             tensor.data = copy  # the original goes once nothing else holds it
             out[tensor] = copy
     return {t: out[t] for t in tensors}
