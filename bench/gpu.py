@@ -7,8 +7,11 @@ achieved TFLOP/s, the dense matmul peak measured on the same GPU in the same dty
 ``n x n`` matmul, default n = 8192), MFU = achieved / measured peak, peak allocated memory, and
 the attention actually used: the diffusers attention backend asked for and the attention
 kernels seen in a profiled forward (``aten::_scaled_dot_product_flash_attention``, cuDNN,
-``flash_attn``, ...). Variants: ``--attention`` lists diffusers attention backends to measure
-side by side (``auto``: torch SDPA plus every installed non-hub backend), ``--compile`` adds a
+``flash_attn``, ...). Variants: ``--attention`` lists attention backends to measure side by
+side: ``relay`` (what a Relay rank runs: the self-attention on the kernel
+:func:`parallel.kernels.choose` picks for this GPU, the text cross-attention on torch SDPA) and
+diffusers' backends (``native`` = torch SDPA; ``auto``: ``relay``, ``native`` and every
+installed non-hub backend); ``--compile`` adds a
 ``torch.compile``'d run of each. xfuser's attention is not involved: it serves sequence
 parallelism (``relay bench parallel``), not a 1-GPU forward.
 
@@ -38,7 +41,9 @@ CONFIGS = {
     "tiny": (TINY, {"32x32x5": (32, 32, 5), "64x64x9": (64, 64, 9)}, 512),
 }
 TEXT_TOKENS = 512
-#: Backends ``--attention auto`` tries besides ``native`` (hub kernels need a download: never).
+#: The ``--attention`` backend that runs Relay's own kernel choice.
+RELAY = "relay"
+#: Backends ``--attention auto`` tries besides ``relay`` and ``native`` (hub kernels need a download: never).
 AUTO_BACKENDS = ("_native_cudnn", "_native_flash", "flash", "_flash_3", "sage")
 _ATTENTION_OPS = ("scaled_dot_product", "flash_attn", "flash_attention", "cudnn_attention",
                   "efficient_attention", "sageattn", "xformers", "flex_attention", "xfuser")
@@ -51,9 +56,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sizes", help="comma-separated sizes (a14b: 480p,720p; tiny: 32x32x5,64x64x9); "
                                         "default all, smoke the first")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    parser.add_argument("--attention", default="native",
-                        help="comma-separated diffusers attention backends to compare (native = torch "
-                             "SDPA; _native_cudnn, _native_flash, flash, _flash_3, sage, ...), or auto")
+    parser.add_argument("--attention", default="relay,native",
+                        help="comma-separated attention backends to compare: relay (Relay's chosen kernel) "
+                             "and diffusers' (native = torch SDPA; _native_cudnn, _native_flash, flash, "
+                             "_flash_3, sage, ...), or auto (default relay,native)")
     parser.add_argument("--compile", action="store_true",
                         help="also measure with regional compilation (each block torch.compile'd): speed-up and output difference")
     parser.add_argument("--matmul-size", type=int, help="n of the n x n peak matmul (a14b 8192, tiny 512)")
@@ -132,9 +138,11 @@ def matmul_peak_tflops(device, dtype, n: int, repeats: int = 20, *, warmup_s: fl
 
 
 def backend_problem(name: str, device) -> str | None:
-    """Why the diffusers attention backend ``name`` cannot run here, or ``None``."""
+    """Why the attention backend ``name`` (``relay`` or diffusers') cannot run here, or ``None``."""
     from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
+    if name == RELAY:
+        return None
     try:
         backend = AttentionBackendName(name)
     except ValueError:
@@ -157,8 +165,8 @@ def attention_backends(spec: str, device) -> list[str]:
 
     names = [name.strip() for name in spec.split(",") if name.strip()]
     if names == ["auto"]:
-        return ["native"] + [name for name in AUTO_BACKENDS if backend_problem(name, device) is None]
-    known = {member.value for member in AttentionBackendName}
+        return [RELAY, "native"] + [name for name in AUTO_BACKENDS if backend_problem(name, device) is None]
+    known = {member.value for member in AttentionBackendName} | {RELAY}
     unknown = [name for name in names if name not in known]
     if unknown:
         raise common.SettingError(f"--attention: unknown backend {', '.join(unknown)}; diffusers has "
@@ -236,7 +244,17 @@ def measure(model, inputs: dict, *, device, backend: str, compiled: bool, repeat
     ``reference``: the eager output, for the compiled variant's ``max_abs_diff``."""
     import torch
 
-    model.set_attention_backend(backend)
+    local = None
+    if backend == RELAY:  # the model's own processors, self-attention on Relay's kernel
+        from relay.engine.models import get_spec
+        from relay.parallel import kernels
+        from relay.parallel.sequence import LocalAttention
+
+        model.reset_attention_backend()
+        choice = kernels.choose(device, inputs["hidden_states"].dtype, model.config.attention_head_dim)
+        local = LocalAttention(model, get_spec("wan2.2").sequence_parallel(), choice.kernel)
+    else:
+        model.set_attention_backend(backend)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -251,8 +269,10 @@ def measure(model, inputs: dict, *, device, backend: str, compiled: bool, repeat
     finally:
         if compiled:
             uncompile_blocks(model)
+        if local is not None:
+            local.remove()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    row = {"backend": backend, "compiled": compiled, "first_call_s": first_s, "forward_s": times,
+    row = {"backend": backend if local is None else f"{RELAY}:{local.kernel.name}", "compiled": compiled, "first_call_s": first_s, "forward_s": times,
            "attention_ops": ops, "peak_gib": peak, "output": output[0] if isinstance(output, tuple) else output}
     if reference is not None:
         row["max_abs_diff"] = float((row["output"].float() - reference.float()).abs().max())
@@ -386,7 +406,8 @@ def _table(settings: dict, summary: dict, device) -> str:
              f"{summary['weights_gib']:.3g} GiB | {settings['repeats']} repeat(s)")
     notes = [("TFLOP/s: FLOPs from the config (engine.models.wan.flops.transformer_flops: 2 x every matmul multiply-add, "
               "elementwise ops not counted) / median s; MFU = TFLOP/s / measured matmul peak"),
-             "attention: the diffusers backend asked for -> the attention ops seen in a profiled forward"]
+             "attention: the backend asked for (relay:KERNEL: Relay's choice for this GPU) -> the attention ops "
+             "seen in a profiled forward"]
     headers = ["size", "tokens", "attention backend", "s/forward", "TFLOP/s", "MFU", "peak GiB", "attention ops",
                "compiled"]
     return common.format_table(headers, rows, title=title, notes=notes, align="lrlrrrrll")

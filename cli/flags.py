@@ -13,6 +13,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXECUTORS = ("local", "torchrun", "ray")
 #: ``--ray-strategy`` (launch.ray_group.STRATEGIES; repeated here: flags import no Ray).
 RAY_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+#: ``--attention``: ``auto``, ``sdpa`` and the kernels of parallel.kernels.KERNELS (repeated
+#: here: flags import no torch; a test keeps the two lists equal).
+ATTENTION_CHOICES = ("auto", "sdpa", "cpu-flash", "cuda-flash", "cuda-cudnn", "cuda-efficient", "flash-attn",
+                     "flash-attn-3")
 
 
 def flag(field: str) -> str:
@@ -128,6 +132,11 @@ def runtime_flags(parser: argparse.ArgumentParser, *, output: bool = True, model
                    help="one device: keep the text encoder and experts in CPU memory, moving each "
                         "to the GPU only while it runs; a group with --fsdp: keep the FSDP shards "
                         "in CPU memory between uses (FSDP2 CPU offload)")
+    r.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
+                   help="attention kernel (parallel/kernels.py): auto picks the fastest for the GPU's "
+                        "architecture that passes a check on the device (Hopper: FA3 if installed, then "
+                        "cuDNN; Ampere/Ada: flash); sdpa keeps a one-device run on torch's own dispatch "
+                        "(default auto; RELAY_ATTENTION names one too)")
     if output:
         r.add_argument("--output", required=True, help="output file: .mp4 (H.264) or .npy (float32 frames)")
         r.add_argument("--stats", metavar="PATH.json",
@@ -315,6 +324,35 @@ def layout_from_args(args, info, *, needs_uncond: bool | None):
     if layout.world_size > 1 and args.offload and layout.fsdp_degree == 1:
         raise ValidationError("offload", "in a group offloads FSDP shards: add --fsdp")
     return layout
+
+
+def check_attention(name: str | None, placement, info, device_type: str, dtype: str | None) -> None:
+    """``--attention`` against what the driver knows: ``sdpa`` only where no group splits the
+    sequence (sequence parallelism needs a kernel that returns its log-sum-exp), a named kernel
+    only where it takes the device, the dtype and the model's head size. (The GPU's architecture
+    and the check on the device are the ranks' part, at load.)
+
+    Raises:
+        ValidationError: ``attention``.
+    """
+    if name in (None, "auto"):
+        return
+    if name == "sdpa":
+        split = [g.name for g in placement.groups if g.layout.sp_degree > 1]
+        if split:
+            raise ValidationError("attention", f"sdpa serves groups that do not split the sequence; {', '.join(split)} "
+                                               "do (Ulysses / ring attention needs a kernel that returns its "
+                                               "log-sum-exp): use auto or a kernel")
+        return
+    from relay.engine.loader import DTYPES
+    from relay.parallel import kernels
+
+    torch_dtype = DTYPES[dtype or ("bf16" if device_type == "cuda" else "fp32")]
+    head_dim = info.transformer_config.get("attention_head_dim")
+    try:
+        kernels.select(device_type, torch_dtype, head_dim, prefer=name)
+    except ValueError as exc:
+        raise ValidationError("attention", str(exc)) from None
 
 
 def scheduler_config(args, **extra):

@@ -24,6 +24,7 @@ from relay.cli.flags import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    check_attention,
     check_executor,
     check_placement_flags,
     layout_from_args,
@@ -112,11 +113,13 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         device_type = resolve_device_type(args.executor, device_type)
+        for info in infos:
+            check_attention(args.attention, plans[str(info.path)], info, device_type, args.dtype)
     except ValidationError as exc:
         return refuse("serve", exc)
     spec = WorkerSpec(model="", layout=None, dtype=args.dtype, device_type=device_type,
                       text_encoder=args.text_encoder, offload=args.offload,
-                      vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling)
+                      vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling, attention=args.attention)
     run = ServeRun(models=[str(info.path) for info in infos], config=config, max_queue=args.max_queue,
                    heartbeat_s=args.heartbeat, port_file=args.port_file, plans=plans, spec=spec,
                    scheduler=scheduler, lora_dir=lora_dir, result_ttl_s=args.result_ttl,

@@ -56,6 +56,7 @@ class CallGroup:
         self._unsent: set[int] = set()  # ranks whose fault update has not been sent yet
         self._broken: str | None = None  # set when a call could not be completed cleanly
         self._discard_timeout_s = 60.0
+        self._attention: str | None = None  # the ranks' attention kernel, once asked
         # build, restart and teardown exclude each other: an executor closing while the
         # scheduler rebuilds the group waits for the build, then tears the new ranks down.
         self._lifecycle = threading.RLock()
@@ -70,10 +71,8 @@ class CallGroup:
 
     def describe(self) -> dict:
         """``{"name", "roles", "ranks", "layout", "backend", "attention", "vae"}`` for logs and run
-        stats; ``attention`` is the sequence-parallel kernel the ranks choose
-        (:func:`parallel.kernels.select` for the group's device, dtype and head size), or
-        ``"sdpa"`` (the library's own attention) when the group does not split the sequence;
-        ``vae`` is how it decodes (:data:`parallel.cost.VAE_MODES`)."""
+        stats; ``attention`` is the kernel the ranks run (:meth:`attention_kernel`); ``vae`` is
+        how it decodes (:data:`parallel.cost.VAE_MODES`)."""
         vae = ("parallel" if self.spec.vae_parallel and self.size > 1 else
                "tiled" if self.spec.vae_tiling else "whole")
         return {"name": self.name, "roles": list(self.roles), "ranks": self.size,
@@ -81,22 +80,18 @@ class CallGroup:
                 "vae": vae}
 
     def attention_kernel(self) -> str:
-        """The attention kernel this group's ranks run (see :meth:`describe`)."""
-        if self.spec.layout.sp_degree == 1:
-            return "sdpa"
-        import torch
-
-        from relay.engine.loader import DTYPES, default_dtype
-        from relay.engine.model_info import read_model_info
-        from relay.parallel import kernels
-
-        device = torch.device(self.spec.device_type)
-        dtype = DTYPES[self.spec.dtype or default_dtype(device)]
-        head_dim = (read_model_info(self.spec.model).transformer_config or {}).get("attention_head_dim")
-        try:
-            return kernels.select(device.type, dtype, head_dim).name
-        except ValueError as exc:  # a RELAY_ATTENTION the ranks will refuse too
-            return f"none: {exc}"
+        """The attention kernel this group's ranks run, as they report it
+        (:meth:`launch.worker.StageWorker.attention_kernel`: a :mod:`parallel.kernels` name, or
+        ``sdpa`` for the library's own attention; ``a | b`` if ranks differ), asked once per
+        build; before a build, or if the ranks cannot answer, ``"unknown"``."""
+        if self._attention is None:
+            try:
+                kernels = self.call("attention_kernel", timeout_s=60.0)
+            except Exception as exc:  # noqa: BLE001 - a description never fails a caller
+                log.debug("group %s: attention kernel not known: %s", self.name, exc)
+                return "unknown"
+            self._attention = " | ".join(dict.fromkeys(kernels))
+        return self._attention
 
     # --- what a backend provides -----------------------------------------------------------
     def _build(self) -> None:
@@ -133,11 +128,13 @@ class CallGroup:
             self._broken = None
             self._unsent = set(self._faults)
             began = time.monotonic()
+            self._attention = None  # asked again: a rebuilt group may sit on other GPUs
             self._build()
             self.builds += 1
             # Which process is which rank: what an operator (or a fault test) needs to find them.
-            log.info("group %s built (%s, build %d) in %.1fs: %d rank(s), pids %s", self.name, self.backend,
-                     self.builds, time.monotonic() - began, self.size, self.ping(timeout_s=60.0))
+            log.info("group %s built (%s, build %d) in %.1fs: %d rank(s), pids %s, attention %s", self.name,
+                     self.backend, self.builds, time.monotonic() - began, self.size, self.ping(timeout_s=60.0),
+                     self.attention_kernel())
 
     def restart(self) -> None:
         """Tears the whole group down and builds it again (process groups cannot be patched);

@@ -23,7 +23,7 @@ from relay.parallel.layout import ParallelLayout
 
 TEXT_ENCODER_PLACEMENTS = ("device", "cpu", "fsdp")
 #: The methods a driver may call through :meth:`StageWorker.execute`.
-METHODS = ("prepare", "begin", "advance", "decode", "memory", "ping", "parameter_bytes")
+METHODS = ("prepare", "begin", "advance", "decode", "memory", "ping", "parameter_bytes", "attention_kernel")
 #: Fault actions for resilience tests (see :meth:`StageWorker.execute`).
 FAULT_ACTIONS = ("exit", "hang", "raise", "oom")
 #: What the ``oom`` fault asks the rank's allocator for: more than any device or host has.
@@ -138,6 +138,10 @@ class WorkerSpec:
             blended, so the output differs slightly from the untiled decode).
         threads: CPU threads per rank (default: the cores divided among the group's ranks;
             an executor running several groups at once divides them among all its ranks).
+        attention: The attention kernel (``--attention``): ``None`` / ``auto`` lets
+            :func:`parallel.kernels.choose` pick one per GPU architecture (``$RELAY_ATTENTION``
+            may name one), a :data:`parallel.kernels.KERNELS` name uses that one, ``sdpa``
+            keeps a rank that does not split the sequence on the library's own attention.
         setup_fault: Resilience tests only (``None`` in use): ``{"action": "oom", "rank": R}``
             makes rank R's allocator fail while it loads; ``{"action": "slow", "rank": R,
             "seconds": S}`` makes it load S seconds later than its peers.
@@ -155,6 +159,7 @@ class WorkerSpec:
     vae_parallel: bool = False
     vae_tiling: bool = False
     threads: int | None = None
+    attention: str | None = None
     setup_fault: dict | None = None
 
 
@@ -200,15 +205,15 @@ class StageWorker:
             self.model = None
             gc.collect()
             raise _out_of_memory(exc, rank=info.rank, device=self.groups.device, method="setup") from None
-        plan = self.model_info.spec.sequence_parallel() if self.groups.sp_group is not None else None
-        self._handles = [parallelize(expert, self.groups, plan) for expert in self.model.experts.values()]
+        self._handles = self._install_attention(parallelize)
         self.groups.ready()  # every rank has loaded: the step timeout from here on
         groups = self.groups
         vote = None
         if groups.layout.world_size > 1:  # cache decisions are taken once for the whole group
             from relay.parallel.caches import GroupVote
 
-            sequence = dict(zip(self.model.experts, self._handles))
+            split = groups.sp_group is not None
+            sequence = dict(zip(self.model.experts, self._handles)) if split else {}
             vote = lambda expert: GroupVote(groups, sequence=sequence.get(expert))  # noqa: E731
         self.engine = Engine(self.model, vote=vote, branches=2 if groups.cfg_group is not None else 1)
         if spec.vae_tiling and self.model.vae is not None:
@@ -233,6 +238,30 @@ class StageWorker:
         self._released = False  # set by an out-of-memory error until the next prepare/begin
         self._peak_kept = 0  # the CUDA peak before a decode's measurement reset it
         self.run = None
+
+    def _install_attention(self, parallelize) -> list:
+        """Each expert's attention (:func:`parallel.parallelize`); decides and records the kernel
+        (:attr:`kernel`) before any request, so a kernel that fails its check fails the load."""
+        from relay.engine.loader import DTYPES, default_dtype
+        from relay.parallel import kernels
+
+        spec, groups = self.spec, self.groups
+        dtype = DTYPES[spec.dtype or default_dtype(groups.device)]
+        head_dim = self.model_info.transformer_config.get("attention_head_dim")
+        plan = self.model_info.spec.sequence_parallel()
+        handles = [parallelize(expert, groups, plan, attention=spec.attention, dtype=dtype, head_dim=head_dim)
+                   for expert in self.model.experts.values()]
+        if groups.sp_group is not None:
+            self.kernel = kernels.choose(groups.device, dtype, head_dim, prefer=spec.attention).name
+        else:
+            local = [h for h in handles if h is not None]
+            self.kernel = local[0].kernel.name if local else kernels.LIBRARY
+        return handles
+
+    def attention_kernel(self) -> str:
+        """The attention kernel this rank's experts run (a :data:`parallel.kernels.KERNELS`
+        name, or ``sdpa``: the library's own attention)."""
+        return self.kernel
 
     @property
     def is_output_rank(self) -> bool:

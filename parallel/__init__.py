@@ -19,9 +19,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'relay.parallel' has no attribute {name!r}")
 
 
-def parallelize(model, groups, plan):
-    """Installs sequence parallelism on a transformer for ``groups``; returns the handle
-    (``.remove()`` undoes it), or ``None`` when the sequence-parallel degree is 1.
+def parallelize(model, groups, plan, *, attention: str | None = None, dtype=None, head_dim: int | None = None):
+    """Installs how a transformer's attention runs on this rank for ``groups``; returns the
+    handle (``.remove()`` undoes it), or ``None`` when the library's own attention stays.
 
     Args:
         model: The transformer (plain or FSDP-sharded).
@@ -29,12 +29,40 @@ def parallelize(model, groups, plan):
         plan: The family's :class:`~engine.models.spec.SequenceParallelPlan` (its spec's
             ``sequence_parallel()``): where tokens are split and gathered, and the attention
             modules that get the group's kernel.
+        attention: ``--attention``: a :mod:`parallel.kernels` kernel name, ``auto`` or
+            ``None`` (:func:`parallel.kernels.choose` decides; ``$RELAY_ATTENTION`` may name
+            one), or ``sdpa`` (one rank's sequence stays on the library's attention).
+        dtype: The dtype attention runs in (default: that of most of the model's parameters).
+        head_dim: The model's attention head size (for the kernel choice).
+
+    With a sequence-parallel group: Ulysses / ring attention over it
+    (:class:`~parallel.sequence.SequenceParallel`). Without one: on CUDA, or wherever a kernel
+    is named, the plan's self-attention modules run the chosen kernel on the whole sequence
+    (:class:`~parallel.sequence.LocalAttention`); on a CPU with nothing named, the library's
+    attention stays (diffusers' processors, exactly as its pipelines run).
 
     FSDP2 sharding happens at load time (:func:`parallel.fsdp.load_sharded`), so that no rank
     ever materialises a full expert; this function works on sharded and unsharded models alike.
     """
-    if groups.sp_group is None:
-        return None
-    from relay.parallel.sequence import SequenceParallel
+    from relay.parallel import kernels
 
-    return SequenceParallel(model, plan, group=groups.sp_group, rank=groups.sp_rank, device=groups.device)
+    if groups.sp_group is not None:
+        from relay.parallel.sequence import SequenceParallel
+
+        return SequenceParallel(model, plan, group=groups.sp_group, rank=groups.sp_rank, device=groups.device,
+                                prefer=attention)
+    named = kernels.requested(attention)
+    if plan is None or named == kernels.LIBRARY or (named is None and groups.device.type != "cuda"):
+        return None
+    from relay.parallel.sequence import LocalAttention
+
+    dtype = dtype or _compute_dtype(model)
+    return LocalAttention(model, plan, kernels.choose(groups.device, dtype, head_dim, prefer=named).kernel)
+
+
+def _compute_dtype(model):
+    """The dtype most of ``model``'s parameters have (its compute dtype)."""
+    counts: dict = {}
+    for param in model.parameters():
+        counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    return max(counts, key=counts.get)

@@ -1,5 +1,6 @@
-"""The attention kernels of sequence-parallel attention: exact attention that returns its
-log-sum-exp (LSE) in fp32, one per device and dtype, owned by Relay on every device.
+"""Relay's attention kernels: exact attention that returns its log-sum-exp (LSE) in fp32, one
+per device, dtype and GPU architecture, chosen once per rank, checked on the device before use,
+and run by sequence-parallel attention and by one-device runs on CUDA alike.
 
 Ring attention merges the partial results of key blocks with their LSE, so the LSE must be
 exact: a bf16 LSE (what yunchang's torch-flash path returns without flash-attn: ``lse.to(q.dtype)``)
@@ -8,30 +9,52 @@ turns the merge's weights into bf16 and costs errors of 0.24-0.34 on outputs of 
 dtype, ``(batch, seq, heads, head_dim)`` (yunchang's layout), and ``lse`` fp32
 ``(batch, heads, seq)``.
 
-=================  ======  ===================  ===========================================
-kernel             device  dtypes               op
-=================  ======  ===================  ===========================================
-``cpu-flash``      cpu     fp32, bf16, fp16     ``aten._scaled_dot_product_flash_attention_for_cpu``
-``cuda-flash``     cuda    bf16, fp16           ``aten._scaled_dot_product_flash_attention`` (FA2)
-``cuda-cudnn``     cuda    bf16, fp16           ``aten._scaled_dot_product_cudnn_attention``
-``cuda-efficient`` cuda    fp32, bf16, fp16     ``aten._scaled_dot_product_efficient_attention``
-``flash-attn``     cuda    bf16, fp16           ``flash_attn.flash_attn_func`` (when installed)
-=================  ======  ===================  ===========================================
+=================  ======  ================  ====================================================
+kernel             device  dtypes            op
+=================  ======  ================  ====================================================
+``cpu-flash``      cpu     fp32, bf16, fp16  ``aten._scaled_dot_product_flash_attention_for_cpu``
+``cuda-flash``     cuda    bf16, fp16        ``aten._scaled_dot_product_flash_attention`` (FA2)
+``cuda-cudnn``     cuda    bf16, fp16        ``aten._scaled_dot_product_cudnn_attention``
+``cuda-efficient`` cuda    fp32, bf16, fp16  ``aten._scaled_dot_product_efficient_attention``
+``flash-attn``     cuda    bf16, fp16        ``flash_attn.flash_attn_func`` (FA2; when installed)
+``flash-attn-3``   cuda    bf16, fp16        ``flash_attn_interface.flash_attn_func`` (FA3, Hopper
+                                             only; when installed)
+=================  ======  ================  ====================================================
 
-:func:`select` picks by device and dtype: on CUDA ``cuda-flash`` for half precision (head
-dimensions up to 256, a multiple of 8) and ``cuda-efficient`` for fp32 (the flash op takes only
-half precision: fp32 sequence parallelism used to die at its first attention). ``RELAY_ATTENTION``
-names another kernel (``cuda-cudnn`` is often the fastest on Hopper; the device check's kernel
-benchmark measures them side by side); a kernel that cannot take the dtype is refused with the
-list of those that can.
+**The choice** (:func:`choose`). Each GPU architecture has an order of preference
+(:func:`preference`), fastest first by published figures; the first kernel of it that is
+installed, takes the dtype and head size, and passes a check on this device (:func:`verify`:
+its output and LSE on a small probe against float64 attention, so that a kernel a driver or a
+library version breaks is passed over, with the reason logged) is the rank's kernel for that
+dtype and head size. The order, not a timing, decides: every rank with the same GPU and
+libraries takes the same kernel, so a group rebuilt after a failure, or a replica, produces the
+same video. The orders:
+
+* Hopper (sm90): FA3, then cuDNN, then FA2 (flash-attn, torch's flash), then efficient. FA3
+  reaches 1.5-2.0x FA2's forward throughput on H100 (Shah et al., 2024, up to 740 TFLOP/s in
+  fp16) and torch's cuDNN attention up to 1.75x (the PyTorch 2.5 release notes).
+* Blackwell (sm100 and later): cuDNN (NVIDIA's kernels for the architecture), then torch's
+  flash, flash-attn, efficient.
+* Ampere and Ada (sm8x): torch's flash (FA2), flash-attn, cuDNN, efficient.
+* Older: efficient (the flash and cuDNN ops need sm80).
+* fp32 anywhere: efficient (the flash, cuDNN and FA ops take only half precision: fp32
+  sequence parallelism used to die at its first attention).
+
+``relay generate/serve --attention NAME`` (or ``RELAY_ATTENTION``) names the kernel instead; a
+kernel that cannot take the dtype, or fails the check on the device, is refused with the reason
+and the kernels that can. ``sdpa`` leaves a one-device run on the library's own attention
+(torch's ``scaled_dot_product_attention`` dispatch, diffusers' processors). The device check
+(``bench/device/checks.py``) times every kernel at A14B's 720p shapes beside this choice.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,23 +62,45 @@ log = logging.getLogger(__name__)
 
 HALF = (torch.bfloat16, torch.float16)
 ALL = (torch.float32, torch.bfloat16, torch.float16)
-#: Environment variable naming the kernel to use instead of :func:`select`'s choice.
+#: Environment variable naming the kernel to use instead of :func:`choose`'s choice (the
+#: ``--attention`` flag, :attr:`launch.worker.WorkerSpec.attention`, takes precedence).
 ENV = "RELAY_ATTENTION"
+#: The ``--attention`` value that keeps a one-device run on the library's own attention.
+LIBRARY = "sdpa"
+#: The ``--attention`` value that lets :func:`choose` decide (the default).
+AUTO = "auto"
 #: The LSE an all-padding key block reports: finite, so that ring attention's merge stays
 #: finite when such a block comes first (``-inf`` there made every later merge NaN), and low
 #: enough that merging it into any real block changes nothing (its weight is exp(-1e4) = 0).
 EMPTY_LSE = -1.0e4
+#: Largest differences :func:`verify` accepts from float64 attention, by input dtype: the output
+#: (the inputs' rounding: 2^-8 relative in bf16, on outputs of magnitude < 1) and the fp32 LSE
+#: (computed from the same rounded inputs, so only accumulation order separates it).
+VERIFY_TOLERANCE = {torch.bfloat16: (2e-2, 2e-3), torch.float16: (4e-3, 2e-3), torch.float32: (1e-4, 1e-4)}
 
 
 @dataclass(frozen=True)
 class Kernel:
-    """One exact attention kernel (see the module docstring)."""
+    """One exact attention kernel (see the module docstring).
+
+    Attributes:
+        name: What ``--attention`` calls it.
+        device: ``cuda`` or ``cpu``.
+        dtypes: Input dtypes it takes.
+        call: ``(q, k, v, scale) -> (out, lse)`` in ``(batch, heads, seq, head_dim)``.
+        max_head_dim: Largest head size (a multiple of 8 up to it); 0: any.
+        capabilities: ``(low, high)`` CUDA compute capabilities it runs on (``high`` exclusive);
+            ``None``: any.
+        package: Module that must be importable (kernels from outside torch).
+    """
 
     name: str
     device: str
     dtypes: tuple[torch.dtype, ...]
     call: Callable
     max_head_dim: int = 0  # 0: any
+    capabilities: tuple[tuple[int, int], tuple[int, int]] | None = None
+    package: str | None = field(default=None)
 
     def accepts(self, dtype: torch.dtype, head_dim: int | None = None) -> bool:
         """Whether the kernel takes ``dtype`` inputs with ``head_dim``."""
@@ -64,6 +109,13 @@ class Kernel:
         if head_dim is not None and self.max_head_dim and (head_dim > self.max_head_dim or head_dim % 8):
             return False
         return True
+
+    def runs_on(self, capability: tuple[int, int] | None) -> bool:
+        """Whether the kernel runs on a GPU of compute ``capability`` (``None``: unknown: yes)."""
+        if capability is None or self.capabilities is None:
+            return True
+        low, high = self.capabilities
+        return low <= tuple(capability) < high
 
     def __call__(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_unused):
         """``(out, lse)`` of ``q, k, v`` in yunchang's ``(batch, seq, heads, head_dim)``."""
@@ -100,44 +152,197 @@ def _flash_attn(q, k, v, scale):
     return out.transpose(1, 2), lse
 
 
+@functools.cache
+def _fa3_asks_for_lse(func) -> bool:
+    """Whether this FA3 build's ``flash_attn_func`` returns the LSE only when asked
+    (``return_attn_probs``; earlier builds always return ``(out, lse)``)."""
+    import inspect
+
+    try:
+        return "return_attn_probs" in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _flash_attn_3(q, k, v, scale):
+    from flash_attn_interface import flash_attn_func
+
+    extra = {"return_attn_probs": True} if _fa3_asks_for_lse(flash_attn_func) else {}
+    result = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, **extra)
+    if not isinstance(result, (tuple, list)) or len(result) < 2:
+        raise RuntimeError("this flash_attn_interface returns no log-sum-exp")
+    return result[0].transpose(1, 2), result[1]
+
+
+SM80, SM90, SM100, NEVER = (8, 0), (9, 0), (10, 0), (99, 0)
+
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("cpu-flash", "cpu", ALL, _cpu_flash),
-    Kernel("cuda-flash", "cuda", HALF, _cuda_flash, max_head_dim=256),
-    Kernel("cuda-cudnn", "cuda", HALF, _cuda_cudnn, max_head_dim=256),
+    Kernel("cuda-flash", "cuda", HALF, _cuda_flash, max_head_dim=256, capabilities=(SM80, NEVER)),
+    Kernel("cuda-cudnn", "cuda", HALF, _cuda_cudnn, max_head_dim=256, capabilities=(SM80, NEVER)),
     Kernel("cuda-efficient", "cuda", ALL, _cuda_efficient),
-    Kernel("flash-attn", "cuda", HALF, _flash_attn, max_head_dim=256),
+    Kernel("flash-attn", "cuda", HALF, _flash_attn, max_head_dim=256, capabilities=(SM80, NEVER),
+           package="flash_attn"),
+    Kernel("flash-attn-3", "cuda", HALF, _flash_attn_3, max_head_dim=256, capabilities=(SM90, SM100),
+           package="flash_attn_interface"),
 )}
 
 
-def _installed(name: str) -> bool:
-    if name != "flash-attn":
-        return True
-    import importlib.util
+def preference(device_type: str, capability: tuple[int, int] | None = None) -> tuple[str, ...]:
+    """Kernel names in order of preference on ``device_type`` (``meta`` follows CUDA) with compute
+    ``capability`` (``None``: unknown, the Ampere order): see the module docstring."""
+    if device_type not in ("cuda", "meta"):
+        return ("cpu-flash",)
+    major = 8 if capability is None else capability[0]
+    if major == 9:
+        return ("flash-attn-3", "cuda-cudnn", "flash-attn", "cuda-flash", "cuda-efficient")
+    if major >= 10:
+        return ("cuda-cudnn", "cuda-flash", "flash-attn", "cuda-efficient")
+    if major == 8:
+        return ("cuda-flash", "flash-attn", "cuda-cudnn", "cuda-efficient")
+    return ("cuda-efficient",)
 
-    return importlib.util.find_spec("flash_attn") is not None
+
+def _installed(name: str) -> bool:
+    package = KERNELS[name].package
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def candidates(device_type: str, dtype: torch.dtype, head_dim: int | None = None,
+               capability: tuple[int, int] | None = None) -> list[Kernel]:
+    """The kernels that may run here, in order of :func:`preference`: installed, built for this
+    device and architecture, taking ``dtype`` and ``head_dim``."""
+    return [KERNELS[name] for name in preference(device_type, capability)
+            if _installed(name) and KERNELS[name].runs_on(capability) and KERNELS[name].accepts(dtype, head_dim)]
+
+
+def requested(prefer: str | None) -> str | None:
+    """The kernel asked for: ``prefer``, else ``$RELAY_ATTENTION``; ``None`` for ``auto``."""
+    name = prefer if prefer is not None else (os.environ.get(ENV) or None)
+    return None if name in (None, AUTO) else name
+
+
+def _describe(device_type, dtype, head_dim, capability) -> str:
+    what = f"{device_type} kernel for {str(dtype).removeprefix('torch.')}"
+    if head_dim:
+        what += f" with head_dim {head_dim}"
+    if capability is not None:
+        what += f" on sm{capability[0]}{capability[1]}"
+    return what
 
 
 def select(device_type: str, dtype: torch.dtype, head_dim: int | None = None, *,
-           prefer: str | None = None) -> Kernel:
-    """The kernel for ``device_type`` (``cuda``, ``cpu``; ``meta`` follows the CUDA rules) and
-    ``dtype``; ``prefer`` (default: ``$RELAY_ATTENTION``) names one to use instead.
+           capability: tuple[int, int] | None = None, prefer: str | None = None) -> Kernel:
+    """The first of :func:`candidates` (no check on a device: what a driver without the GPU can
+    say); ``prefer`` (default: ``$RELAY_ATTENTION``; ``auto``: none) names one to use instead.
 
     Raises:
-        ValueError: ``prefer`` is unknown, not installed, for another device, or cannot take
-            ``dtype`` (the message lists the kernels that can).
+        ValueError: ``prefer`` is unknown, not installed, for another device or architecture, or
+            cannot take ``dtype`` (the message lists the kernels that can).
     """
     device = "cuda" if device_type in ("cuda", "meta") else "cpu"
-    prefer = prefer if prefer is not None else (os.environ.get(ENV) or None)
-    fits = [k for k in KERNELS.values() if k.device == device and k.accepts(dtype, head_dim) and _installed(k.name)]
+    fits = candidates(device, dtype, head_dim, capability)
+    prefer = requested(prefer)
     if prefer is not None:
         kernel = KERNELS.get(prefer)
         if kernel is None or kernel not in fits:
-            known = ", ".join(k.name for k in fits)
-            raise ValueError(f"{ENV}={prefer}: not a {device} kernel for {str(dtype).removeprefix('torch.')}"
-                             f"{f' with head_dim {head_dim}' if head_dim else ''} here; these are: {known}")
+            known = ", ".join(k.name for k in fits) or "none"
+            why = (" (the library's attention returns no log-sum-exp: it serves one-device runs only)"
+                   if prefer == LIBRARY else "")
+            raise ValueError(f"attention {prefer!r}: not a {_describe(device, dtype, head_dim, capability)} "
+                             f"here{why}; these are: {known}")
         return kernel
-    order = ("cuda-flash", "cuda-efficient") if device == "cuda" else ("cpu-flash",)
-    return next(KERNELS[name] for name in order if KERNELS[name] in fits)
+    if not fits:
+        raise ValueError(f"no {_describe(device, dtype, head_dim, capability)}")
+    return fits[0]
+
+
+def verify(kernel: Kernel, device: torch.device, dtype: torch.dtype, head_dim: int, *,
+           seq: int = 257, heads: int = 2) -> str | None:
+    """Runs ``kernel`` on a probe (``seq`` tokens: a multiple of no kernel's block) on
+    ``device`` and compares its output and LSE with float64 attention of the same rounded
+    inputs; returns why it fails (an error, a wrong shape or dtype, a difference beyond
+    :data:`VERIFY_TOLERANCE`), or ``None``."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, seq, heads, head_dim, generator=generator).to(device=device, dtype=dtype)
+               for _ in range(3))
+    try:
+        out, lse = kernel(q, k, v)
+    except Exception as exc:  # noqa: BLE001 - any failure passes the kernel over, with the reason
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    if out.shape != q.shape or out.dtype != dtype or lse.dtype != torch.float32 or lse.shape != (1, heads, seq):
+        return (f"returned out {tuple(out.shape)} {out.dtype} and lse {tuple(lse.shape)} {lse.dtype} "
+                f"(want {tuple(q.shape)} {dtype} and {(1, heads, seq)} float32)")
+    qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
+    scores = qd @ kd.transpose(-1, -2) / head_dim ** 0.5
+    ref_lse = torch.logsumexp(scores, dim=-1)
+    ref = (torch.softmax(scores, dim=-1) @ vd).transpose(1, 2)
+    out_err = float((out.double() - ref).abs().max())
+    lse_err = float((lse.double() - ref_lse).abs().max())
+    out_tol, lse_tol = VERIFY_TOLERANCE[dtype]
+    if not (out_err <= out_tol and lse_err <= lse_tol):  # NaN fails too
+        return f"differs from exact attention: output by {out_err:.2g} (tolerance {out_tol:g}), LSE by {lse_err:.2g} ({lse_tol:g})"
+    return None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`choose` decided: the kernel, and the kernels passed over with the reason."""
+
+    kernel: Kernel
+    passed_over: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        """The kernel's name."""
+        return self.kernel.name
+
+
+_CHOICES: dict[tuple, Choice] = {}
+
+
+def choose(device: torch.device | str, dtype: torch.dtype, head_dim: int | None = None, *,
+           prefer: str | None = None) -> Choice:
+    """This rank's kernel for ``dtype`` inputs of ``head_dim`` on ``device``: the first of
+    :func:`candidates` for the device's architecture that passes :func:`verify` (or the one
+    ``prefer`` / ``$RELAY_ATTENTION`` names, which must pass it); decided once per process and
+    logged. On the meta device nothing runs: the first candidate is taken unchecked.
+
+    Raises:
+        ValueError: the named kernel is unknown, cannot run here or fails the check; or no
+            kernel passes it (each one's reason in the message).
+    """
+    device = torch.device(device)
+    wanted = requested(prefer)
+    key = (device.type, device.index, dtype, head_dim, wanted)
+    if key in _CHOICES:
+        return _CHOICES[key]
+    capability = None
+    if device.type == "cuda":
+        capability = tuple(torch.cuda.get_device_capability(device))
+    if wanted is not None:
+        order = [select(device.type, dtype, head_dim, capability=capability, prefer=wanted)]
+    else:
+        order = candidates(device.type, dtype, head_dim, capability)
+    passed_over: dict[str, str] = {}
+    for kernel in order:
+        why = None if device.type == "meta" else verify(kernel, device, dtype, head_dim or 64)
+        if why is None:
+            break
+        passed_over[kernel.name] = why
+        log.warning("attention kernel %s passed over on %s: %s", kernel.name, device, why)
+    else:
+        reasons = "; ".join(f"{name}: {why}" for name, why in passed_over.items()) or "none is installed"
+        what = _describe(device.type, dtype, head_dim, capability)
+        if wanted is not None:
+            raise ValueError(f"attention {wanted!r} fails on this device as a {what}: {reasons}")
+        raise ValueError(f"no {what} works: {reasons}")
+    choice = Choice(kernel, passed_over)
+    _CHOICES[key] = choice
+    log.info("attention on %s%s, %s, head_dim %s: %s", device,
+             f" (sm{capability[0]}{capability[1]})" if capability else "", str(dtype).removeprefix("torch."),
+             head_dim, kernel.name)
+    return choice
 
 
 def masked(kernel: Callable) -> Callable:

@@ -21,6 +21,10 @@ declaration -- diffusers' ``_cp_plan``, taken from the family spec's
 Padding is exact: padded keys are marked (NaN) inside the key tensor and dropped by the
 attention kernel, and padded queries are discarded at the gather. Nothing in the model's code
 is edited; :meth:`SequenceParallel.remove` restores it.
+
+A rank that does not split the sequence runs the same processors with the same kernel on its
+whole sequence (:class:`LocalAttention`), so that one-device and sequence-parallel runs on a GPU
+take the kernel :func:`parallel.kernels.choose` picked for it.
 """
 
 from __future__ import annotations
@@ -65,9 +69,10 @@ class SequenceParallel:
         group: The sequence-parallel process group.
         rank: This rank's index in ``group`` (the chunk it owns).
         device: Device attention runs on (selects the attention kernel).
+        prefer: The attention kernel to use instead of :func:`parallel.kernels.choose`'s.
     """
 
-    def __init__(self, model, plan, *, group, rank: int, device: torch.device) -> None:
+    def __init__(self, model, plan, *, group, rank: int, device: torch.device, prefer: str | None = None) -> None:
         from diffusers.models._modeling_parallel import ContextParallelOutput
 
         self.model = model
@@ -75,6 +80,7 @@ class SequenceParallel:
         self.rank = rank
         self.degree = dist.get_world_size(group)
         self.device = device
+        self.prefer = prefer
         self.chunk = _Chunk()
         self._attention = {}
         root_inputs = {}
@@ -177,7 +183,7 @@ class SequenceParallel:
         if padded not in self._attention:
             from relay.parallel.xdit import make_attention
 
-            self._attention[padded] = make_attention(self.device, padded=padded)
+            self._attention[padded] = make_attention(self.device, padded=padded, prefer=self.prefer)
         return self._attention[padded]
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -211,6 +217,35 @@ class SequenceParallel:
         for attn, processor in self._processors:
             attn.set_processor(processor)
         self._handles, self._processors = [], []
+
+
+class LocalAttention:
+    """The plan's self-attention processors with one kernel of :mod:`parallel.kernels` on a
+    rank's whole sequence (no group: nothing is split). Installed on construction.
+
+    Args:
+        model: The transformer.
+        plan: The family's :class:`~engine.models.spec.SequenceParallelPlan` (its
+            ``self_attention`` modules and ``processor``).
+        kernel: The :class:`~parallel.kernels.Kernel` they run.
+    """
+
+    def __init__(self, model, plan, kernel) -> None:
+        self.kernel = kernel
+        self._processors = []
+        for attn in plan.self_attention(model):
+            self._processors.append((attn, attn.get_processor()))
+            attn.set_processor(plan.processor(self.attend))
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``(batch, tokens, heads, head_dim)`` in and out."""
+        return self.kernel(query, key, value)[0]
+
+    def remove(self) -> None:
+        """Restores the original attention processors."""
+        for attn, processor in self._processors:
+            attn.set_processor(processor)
+        self._processors = []
 
 
 def _parameters(module) -> list[str]:

@@ -15,7 +15,7 @@ nowhere else:
   to run.
 
 The attention kernel is Relay's on every device (:mod:`parallel.kernels`: exact attention that
-returns an fp32 log-sum-exp, chosen by device and dtype); yunchang's own kernels are not used
+returns an fp32 log-sum-exp, chosen by device, architecture and dtype); yunchang's own kernels are not used
 (its TORCH_MATH path returns a zero LSE, silently wrong for ring > 1, and its TORCH_FLASH path a
 bf16 one).
 """
@@ -132,11 +132,18 @@ RELAY_KERNEL = _CustomKernel()
 
 class KernelChoice:
     """The attention processor yunchang calls: the :mod:`parallel.kernels` kernel for the
-    inputs' device, dtype and head size (chosen at the first call of each, and logged), wrapped
-    to drop padded keys when the sequence was padded."""
+    inputs' device, dtype and head size (:func:`parallel.kernels.choose`: once per process, checked
+    on the device and logged), wrapped to drop padded keys when the sequence was padded.
 
-    def __init__(self, device: torch.device, *, padded: bool) -> None:
-        self.device, self.padded = device, padded
+    Args:
+        device: Where attention runs.
+        padded: Whether the sequence was padded to a multiple of the degree.
+        prefer: A kernel name to use instead of the choice (``--attention``); ``None``:
+            ``$RELAY_ATTENTION`` or the choice.
+    """
+
+    def __init__(self, device: torch.device, *, padded: bool, prefer: str | None = None) -> None:
+        self.device, self.padded, self.prefer = device, padded, prefer
         self.chosen: dict[tuple, tuple[str, object]] = {}  # (dtype, head_dim) -> (name, kernel)
 
     def kernel_for(self, q):
@@ -145,9 +152,7 @@ class KernelChoice:
 
         key = (q.dtype, q.shape[-1])
         if key not in self.chosen:
-            kernel = kernels.select(self.device.type, q.dtype, q.shape[-1])
-            log.info("sequence-parallel attention on %s, %s, head_dim %d: %s", self.device.type,
-                     str(q.dtype).removeprefix("torch."), q.shape[-1], kernel.name)
+            kernel = kernels.choose(self.device, q.dtype, q.shape[-1], prefer=self.prefer).kernel
             self.chosen[key] = (kernel.name, kernels.masked(kernel) if self.padded else kernel)
         return self.chosen[key][1]
 
@@ -155,14 +160,15 @@ class KernelChoice:
         return self.kernel_for(q)(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, **kwargs)
 
 
-def make_attention(device: torch.device, *, padded: bool):
+def make_attention(device: torch.device, *, padded: bool, prefer: str | None = None):
     """An xfuser ``xFuserLongContextAttention`` for ``device``; call after the groups exist.
 
     Args:
         device: Where attention runs (selects the kernel family, :mod:`parallel.kernels`).
         padded: Whether the sequence was padded to a multiple of the degree (selects the
             padding-aware kernel wrapper).
+        prefer: The kernel to use instead of :func:`parallel.kernels.choose`'s choice.
     """
     x = load()
     return x.LongContextAttention(ring_impl_type="basic", attn_type=RELAY_KERNEL,
-                                  attn_processor=KernelChoice(device, padded=padded))
+                                  attn_processor=KernelChoice(device, padded=padded, prefer=prefer))

@@ -200,12 +200,16 @@ def test_gpu_bench_arithmetic_in_cpu_test_mode(relay, tmp_path):
 
     target = tmp_path / "gpu.json"
     result = relay("bench", "gpu", "--device", "cpu", "--config", "tiny", "--dtype", "fp32", "--smoke",
-                   "--attention", "native,_native_flash", "--rounds", "2", "--json", target)
+                   "--attention", "relay,native,_native_flash", "--rounds", "2", "--json", target)
     assert result.code == 0, result.err
     _rows(result.out, ["32x32x5"])
     doc = json.loads(target.read_text())
     peak = doc["summary"]["matmul_peak_tflops"]
-    measured, refused = doc["summary"]["rows"]
+    ours, measured, refused = doc["summary"]["rows"]
+    # relay: the self-attention on the kernel a rank chooses (the CPU's), cross-attention on SDPA
+    assert ours["backend"] == "relay:cpu-flash" and ours["flops"] == measured["flops"]
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ours["attention_ops"]
+    assert len(doc["raw"]["forward_s"]["32x32x5/relay:cpu-flash"]) == 2
     tokens = video_tokens(TINY, height=32, width=32, frames=5)
     assert measured["tokens"] == tokens == 8
     assert measured["flops"] == transformer_flops(TINY, tokens, text_tokens=512)["total"]
@@ -310,6 +314,23 @@ def test_the_device_checks_skip_every_check_without_a_gpu(tmp_path):
     doc = json.loads(out.read_text())
     assert set(doc) == {"kernels", "kernels_at_sp_shapes", "parity", "nccl_world1", "offload_switch"}
     assert {r["status"] for r in doc.values()} == {"skip"}
+
+
+def test_the_kernel_timings_are_read_against_the_choice():
+    """The device check's kernel rows at the SP shapes: the fastest per shape, and the chosen
+    kernel's time over it (a kernel that failed has no time and is never the fastest)."""
+    sys.path.insert(0, str(REPO / "bench" / "device"))
+    try:
+        import checks
+    finally:
+        sys.path.pop(0)
+    rows = {"ulysses8/cuda-flash": {"ms": 30.0}, "ulysses8/cuda-cudnn": {"ms": 20.0},
+            "ulysses8/cuda-efficient": {"error": "x"}, "ring8_block/cuda-flash": {"ms": 9.0},
+            "ring8_block/cuda-cudnn": {"ms": 12.0}}
+    fastest, ratio = checks.against_choice(rows, "cuda-cudnn")
+    assert fastest == {"ulysses8": "cuda-cudnn", "ring8_block": "cuda-flash"}
+    assert ratio == {"ulysses8": 1.0, "ring8_block": pytest.approx(12.0 / 9.0)}
+    assert checks.against_choice(rows, "cuda-efficient")[1] == {}
 
 
 def test_the_offload_switch_check_runs_its_forwards_on_the_cpu():

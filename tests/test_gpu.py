@@ -143,3 +143,26 @@ def test_every_cuda_kernel_equals_sdpa_and_returns_an_fp32_lse():
             assert (out.float() - ref).abs().max() < tol, (kernel.name, dtype)
             assert (lse - ref_lse).abs().max() < tol * 10, (kernel.name, dtype)
     assert {"cuda-flash", "cuda-efficient"} <= ran
+
+
+def test_one_cuda_rank_runs_the_chosen_kernel_and_records_it(tiny_models, relay, tmp_path):
+    """A one-GPU ``relay generate`` runs the self-attention on the kernel chosen for this GPU
+    (not torch's default dispatch) and its stats name it; the video stays within bf16 error of
+    the run on the library's attention (``--attention sdpa``)."""
+    import json
+
+    from relay.engine.model_info import read_model_info
+    from relay.parallel import kernels
+
+    head_dim = read_model_info(tiny_models["t2v"]).transformer_config["attention_head_dim"]
+    frames, names = {}, {}
+    for attention in ("auto", "sdpa"):
+        out, stats = tmp_path / f"{attention}.npy", tmp_path / f"{attention}.json"
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
+        result = relay("generate", "--model", tiny_models["t2v"], "--prompt", "a fox", *flags, "--device", "cuda",
+                       "--dtype", "bf16", "--attention", attention, "--output", out, "--stats", stats, "--quiet")
+        assert result.code == 0, result.err
+        frames[attention] = np.load(out)
+        names[attention] = json.loads(stats.read_text())["layout"]["groups"][0]["attention"]
+    assert names == {"auto": kernels.choose(torch.device("cuda"), torch.bfloat16, head_dim).name, "sdpa": "sdpa"}
+    assert float(np.abs(frames["auto"] - frames["sdpa"]).max()) < 0.1

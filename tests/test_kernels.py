@@ -4,7 +4,11 @@
   device (their shape and dtype functions; no GPU needed).
 * Selection follows the ops' dtype rules: fp32 sequence parallelism gets a kernel that takes
   fp32 (the flash op takes only half precision); an override that cannot take the dtype is
-  refused with the ones that can.
+  refused with the ones that can. Each GPU architecture gets its order (Hopper: FA3 where
+  installed, then cuDNN; Blackwell: cuDNN; Ampere/Ada: flash), and FA3's two API generations
+  are read right (a stand-in ``flash_attn_interface`` module built on the CPU op).
+* The check on the device: a kernel whose LSE is bf16-rounded, that raises, or that returns the
+  wrong dtype is passed over for the next one (or refused, when it was named).
 * The ring merge in bf16: a real 2-rank ring on gloo, bf16 inputs, stays within bf16-level error
   of the single-process attention; the same merge fed a bf16 LSE (yunchang's torch-flash path)
   does not.
@@ -22,7 +26,7 @@ from relay.parallel import kernels
 HALF = (torch.bfloat16, torch.float16)
 
 
-@pytest.mark.parametrize("name", [n for n, k in kernels.KERNELS.items() if k.device == "cuda" and n != "flash-attn"])
+@pytest.mark.parametrize("name", [n for n, k in kernels.KERNELS.items() if k.device == "cuda" and k.package is None])
 def test_every_cuda_kernel_returns_an_fp32_lse(name):
     kernel = kernels.KERNELS[name]
     for dtype in kernel.dtypes:
@@ -43,11 +47,128 @@ def test_selection_follows_the_ops_dtype_rules(monkeypatch):
     assert kernels.select("meta", torch.float32).name == "cuda-efficient"  # meta follows CUDA
     assert kernels.select("cpu", torch.bfloat16).name == "cpu-flash"
     assert kernels.select("cuda", torch.bfloat16, 128, prefer="cuda-cudnn").name == "cuda-cudnn"
-    with pytest.raises(ValueError, match="RELAY_ATTENTION=cuda-flash: not a cuda kernel for float32.*cuda-efficient"):
+    with pytest.raises(ValueError, match="attention 'cuda-flash': not a cuda kernel for float32.*cuda-efficient"):
         kernels.select("cuda", torch.float32, 128, prefer="cuda-flash")
+    with pytest.raises(ValueError, match="one-device runs only"):
+        kernels.select("cuda", torch.bfloat16, 128, prefer="sdpa")
     monkeypatch.setenv(kernels.ENV, "no-such")
     with pytest.raises(ValueError, match="no-such"):
         kernels.select("cuda", torch.bfloat16)
+    monkeypatch.setenv(kernels.ENV, "auto")
+    assert kernels.select("cuda", torch.bfloat16, 128).name == "cuda-flash"
+
+
+def _stand_in_fa3(monkeypatch, *, asks: bool, returns_lse: bool = True):
+    """A ``flash_attn_interface`` module whose ``flash_attn_func`` computes with the CPU flash op
+    in FA's ``(batch, seq, heads, dim)`` layout: ``asks``: the newer API (the LSE only with
+    ``return_attn_probs``); otherwise the earlier one (always ``(out, lse)``, or only ``out``
+    with ``returns_lse`` false)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    def compute(q, k, v, softmax_scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, scale=softmax_scale)[:2]
+        return out.transpose(1, 2), lse
+
+    if asks:
+        def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False):
+            out, lse = compute(q, k, v, softmax_scale)
+            return (out, lse) if return_attn_probs else out
+    else:
+        def flash_attn_func(q, k, v, softmax_scale=None, causal=False):
+            out, lse = compute(q, k, v, softmax_scale)
+            return (out, lse) if returns_lse else out
+    module = types.ModuleType("flash_attn_interface")
+    module.__spec__ = importlib.machinery.ModuleSpec("flash_attn_interface", None)
+    module.flash_attn_func = flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", module)
+
+
+def test_each_gpu_architecture_gets_its_order(monkeypatch):
+    """Hopper: FA3 where installed, then cuDNN; Blackwell: cuDNN; Ampere/Ada: torch's flash;
+    before Ampere: efficient; fp32 everywhere: efficient."""
+    monkeypatch.delenv(kernels.ENV, raising=False)
+
+    def pick(capability, dtype=torch.bfloat16, head_dim=128):
+        return kernels.select("cuda", dtype, head_dim, capability=capability).name
+
+    assert not kernels._installed("flash-attn-3")
+    assert [pick(c) for c in ((9, 0), (10, 0), (12, 0), (8, 0), (8, 6), (8, 9), (7, 5))] == [
+        "cuda-cudnn", "cuda-cudnn", "cuda-cudnn", "cuda-flash", "cuda-flash", "cuda-flash", "cuda-efficient"]
+    assert {pick(c, torch.float32) for c in ((9, 0), (10, 0), (8, 6), (7, 5))} == {"cuda-efficient"}
+    assert pick((9, 0), head_dim=264) == "cuda-efficient"
+    with pytest.raises(ValueError, match="not a cuda kernel for bfloat16 with head_dim 128 on sm75"):
+        kernels.select("cuda", torch.bfloat16, 128, capability=(7, 5), prefer="cuda-flash")
+    _stand_in_fa3(monkeypatch, asks=True)
+    assert kernels._installed("flash-attn-3")
+    assert [pick(c) for c in ((9, 0), (10, 0), (8, 6))] == ["flash-attn-3", "cuda-cudnn", "cuda-flash"]
+    with pytest.raises(ValueError, match="flash-attn-3"):  # FA3 is built for Hopper alone
+        kernels.select("cuda", torch.bfloat16, 128, capability=(8, 0), prefer="flash-attn-3")
+
+
+@pytest.mark.parametrize("api", ["asks", "always"])
+def test_the_fa3_kernel_reads_both_api_generations(monkeypatch, api):
+    """FA3's ``flash_attn_func`` returns ``(out, lse)`` always (earlier builds) or only when asked
+    (later ones): the kernel gets the LSE either way, in Relay's layout."""
+    _stand_in_fa3(monkeypatch, asks=api == "asks")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 50, 2, 16, dtype=torch.bfloat16) for _ in range(3))
+    out, lse = kernels.KERNELS["flash-attn-3"](q, k, v)
+    ref_out, ref_lse = kernels.KERNELS["cpu-flash"](q, k, v)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert kernels.verify(kernels.KERNELS["flash-attn-3"], torch.device("cpu"), torch.bfloat16, 16) is None
+
+
+def test_an_fa3_build_without_the_lse_is_passed_over(monkeypatch):
+    _stand_in_fa3(monkeypatch, asks=False, returns_lse=False)
+    why = kernels.verify(kernels.KERNELS["flash-attn-3"], torch.device("cpu"), torch.bfloat16, 16)
+    assert why is not None and "returns no log-sum-exp" in why
+
+
+def _bf16_lse(q, k, v, scale):
+    """The defect of yunchang's torch-flash path: the LSE rounded to bf16 (then widened again)."""
+    out, lse = kernels._cpu_flash(q, k, v, scale)
+    return out, lse.bfloat16().float()
+
+
+def _raises(q, k, v, scale):
+    raise RuntimeError("no kernel image is available for execution on the device")
+
+
+def _fp32_out(q, k, v, scale):
+    out, lse = kernels._cpu_flash(q, k, v, scale)
+    return out.float(), lse
+
+
+def test_the_check_on_the_device_can_fail():
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert kernels.verify(kernels.KERNELS["cpu-flash"], cpu, dtype, 64) is None
+    cases = [(_bf16_lse, torch.float32, "LSE by"), (_bf16_lse, torch.bfloat16, "LSE by"),
+             (_raises, torch.bfloat16, "RuntimeError: no kernel image"), (_fp32_out, torch.bfloat16, "torch.float32")]
+    for call, dtype, want in cases:
+        why = kernels.verify(kernels.Kernel("bad", "cpu", kernels.ALL, call), cpu, dtype, 64)
+        assert why is not None and want in why, (call.__name__, dtype, why)
+
+
+def test_a_kernel_that_fails_its_check_is_passed_over_or_refused_when_named(monkeypatch):
+    """The first kernel of the order fails on this device: the next is taken, the reason kept;
+    named, it is refused with the reason. The choice is made once per process."""
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(kernels, "_CHOICES", {})
+    broken = kernels.Kernel("cpu-broken", "cpu", kernels.ALL, _bf16_lse)
+    monkeypatch.setitem(kernels.KERNELS, "cpu-broken", broken)
+    monkeypatch.setattr(kernels, "preference", lambda device_type, capability=None: ("cpu-broken", "cpu-flash"))
+    choice = kernels.choose("cpu", torch.bfloat16, 32)
+    assert choice.name == "cpu-flash" and "LSE by" in choice.passed_over["cpu-broken"]
+    assert kernels.choose("cpu", torch.bfloat16, 32) is choice
+    with pytest.raises(ValueError, match="attention 'cpu-broken' fails on this device.*LSE by"):
+        kernels.choose("cpu", torch.bfloat16, 32, prefer="cpu-broken")
+    monkeypatch.setattr(kernels, "preference", lambda device_type, capability=None: ("cpu-broken",))
+    with pytest.raises(ValueError, match="no cpu kernel for float32 with head_dim 32 works: cpu-broken"):
+        kernels.choose("cpu", torch.float32, 32)
 
 
 def test_the_cpu_kernel_equals_sdpa_and_its_lse_is_fp32():
@@ -184,3 +305,10 @@ def test_the_attention_path_with_the_cuda_kernel_choice_takes_no_cpu_tensor(tiny
         leaked = dict(inputs, timestep=torch.tensor([500]))  # the check can fail: a CPU tensor raises
         with pytest.raises((RuntimeError, ValueError, NotImplementedError)):
             model(**leaked)
+
+
+def test_the_attention_flag_lists_every_kernel():
+    """``--attention``'s choices (repeated in the flags: they import no torch) are the kernels."""
+    from relay.cli.flags import ATTENTION_CHOICES
+
+    assert ATTENTION_CHOICES == (kernels.AUTO, kernels.LIBRARY, *kernels.KERNELS)

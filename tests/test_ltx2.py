@@ -178,6 +178,22 @@ def test_generate_writes_the_sound(ltx2, engine, relay, tmp_path):
     assert corr > 0.9, corr
 
 
+def test_a_named_kernel_on_one_rank_equals_diffusers_attention(ltx2, engine, relay, tmp_path):
+    """``--attention cpu-flash``: the video self-attention (STG's perturbed pass included) runs
+    Relay's kernel on the whole sequence, as on a CUDA rank; frames and sound equal diffusers'
+    attention (the reference engine's)."""
+    clip = engine.generate_clip(_request())
+    flags = ["--model", ltx2, "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--height", "64", "--width", "96",
+             "--frames", "17", "--steps", "3", "--seed", "5", "--guidance", "3", "--guidance-terms", _terms(),
+             "--dtype", "fp32", "--attention", "cpu-flash"]
+    result = relay("generate", *flags, "--output", tmp_path / "clip.npy", "--stats", tmp_path / "stats.json")
+    assert result.code == 0, result.err
+    np.testing.assert_allclose(np.load(tmp_path / "clip.npy"), clip.frames, atol=1e-5, rtol=0)
+    import json
+
+    assert json.loads((tmp_path / "stats.json").read_text())["layout"]["groups"][0]["attention"] == "cpu-flash"
+
+
 def test_cli_checkpoint_and_resume_is_bit_identical(ltx2, relay, tmp_path):
     """``relay generate --checkpoint-at 1,2`` then ``relay resume`` of each snapshot: the same
     frames and the same ``.wav`` as the uninterrupted run."""

@@ -164,3 +164,27 @@ def test_max_retries_is_applied_at_run_time(tiny_models):
             with pytest.raises(RequestFailed, match=f"giving up after {retries} retries"):
                 ticket.result(timeout=300)
             assert ticket.attempts == retries + 1 and executor.scheduler.restarts["fused0"] == retries + 1
+
+
+def test_a_named_kernel_runs_one_rank_and_the_stats_say_which(tiny_models, reference, relay, tmp_path):
+    """``--attention cpu-flash`` on one CPU rank: the family's self-attention processors run
+    Relay's kernel on the whole sequence (what a CUDA rank does by default) and the video equals
+    diffusers' attention (the default on a CPU, the reference); the run stats name the kernel."""
+    out, stats_path = tmp_path / "x.npy", tmp_path / "stats.json"
+    result = relay("generate", "--model", tiny_models["t2v"], *_flags(SETTINGS), "--dtype", "fp32", "--device",
+                   "cpu", "--attention", "cpu-flash", "--output", out, "--stats", stats_path, "--quiet")
+    assert result.code == 0, result.err
+    np.testing.assert_allclose(np.load(out), reference, atol=1e-5, rtol=0)
+    assert json.loads(stats_path.read_text())["layout"]["groups"][0]["attention"] == "cpu-flash"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--attention", "sdpa", "--nproc", 2, "--ulysses", 2], "sdpa serves groups that do not split the sequence"),
+    (["--attention", "cuda-flash"], "attention 'cuda-flash': not a cpu kernel"),
+    (["--attention", "cuda-magic"], "invalid choice"),
+])
+def test_an_attention_kernel_that_cannot_run_is_refused_before_loading(tiny_models, relay, tmp_path, flags, message):
+    result = relay("generate", "--model", tiny_models["t2v"], *_flags(SETTINGS), "--device", "cpu",
+                   "--output", tmp_path / "x.npy", *flags)
+    assert result.code == 2 and message in result.err, result.err
+    assert not (tmp_path / "x.npy").exists()

@@ -119,7 +119,8 @@ for n in ("diffusers", "transformers", "xfuser", "yunchang", "regex"):
 from relay.parallel import kernels, xdit
 x = xdit.load()
 print("xfuser attention base:", x.LongContextAttention.__mro__[1])
-print("kernels:", {str(d): kernels.select("cuda", d, 128).name for d in (torch.bfloat16, torch.float32)})
+where = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+print("kernels:", {str(d): kernels.choose(where, d, 128).name for d in (torch.bfloat16, torch.float32)})
 import relay.cli.main, relay.bench.gpu, relay.engine, relay.parallel.fsdp, relay.parallel.sequence  # noqa: F401
 print("cuda:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PY
@@ -137,13 +138,13 @@ stage checks 220 "$PY" "$REPO/bench/device/checks.py" --device "$GC_DEVICE" --ou
 # ---- 4/5. relay bench gpu at 480p and 720p (full-size A14B expert, random bf16 weights) ----
 nvidia-smi dmon -s pucm -d 2 > "$WORK/dmon.log" 2>&1 &
 DMON_PID=$!
-stage bench_480p 130 "$PY" -m relay.cli bench gpu $BENCH_480_ARGS $BENCH_EXTRA --attention native,_native_cudnn \
+stage bench_480p 130 "$PY" -m relay.cli bench gpu $BENCH_480_ARGS $BENCH_EXTRA --attention relay,native,_native_cudnn \
   --rounds 2 --json "$OUT/bench_gpu_480p.json"
 if (( $(left) >= 150 )); then
-  stage bench_720p 230 "$PY" -m relay.cli bench gpu $BENCH_720_ARGS --attention native,_native_cudnn \
+  stage bench_720p 230 "$PY" -m relay.cli bench gpu $BENCH_720_ARGS --attention relay,native \
     --rounds 2 --json "$OUT/bench_gpu_720p.json"
 elif (( $(left) >= 75 )); then   # late: the default kernel only, one timed forward
-  stage bench_720p 150 "$PY" -m relay.cli bench gpu $BENCH_720_ARGS --attention native \
+  stage bench_720p 150 "$PY" -m relay.cli bench gpu $BENCH_720_ARGS --attention relay \
     --rounds 1 --json "$OUT/bench_gpu_720p.json"
 else
   note "SKIP bench_720p (only $(left)s left)"

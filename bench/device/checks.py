@@ -6,7 +6,9 @@ Each check records ``status`` (``pass``, ``fail`` or ``skip``) and its figures:
   fp32 attention and the exact log-sum-exp (the LSE must be fp32);
 * ``kernels_at_sp_shapes``: milliseconds and TFLOP/s of each kernel at the shapes one rank
   sees for A14B at 1280x720, 81 frames (75,600 tokens, 40 heads of 128): Ulysses 8 (all tokens,
-  5 heads) and one ring-8 block (9,450 x 9,450 tokens, 40 heads) -- which kernel to prefer;
+  5 heads) and one ring-8 block (9,450 x 9,450 tokens, 40 heads), beside the kernel
+  :func:`parallel.kernels.choose` picks for this GPU (``chosen_vs_fastest``: its time over the
+  fastest's; 1.0 when the choice is the fastest);
 * ``parity``: tiny T2V, I2V and TI2V models generated on the CPU in fp32 and on this GPU in
   fp32 and bf16 (noise is drawn on the CPU, so the seeds agree): the largest pixel difference;
 * ``nccl_world1``: the 1-rank NCCL process-group path and the sequence-parallel attention on
@@ -70,6 +72,8 @@ def check_kernels(device) -> dict:
 
 
 def check_kernels_at_sp_shapes(device, repeats: int = 5) -> dict:
+    from relay.parallel.kernels import choose
+
     rows = {}
     for shape, (sq, sk, heads) in SP_SHAPES.items():
         q = torch.randn(1, sq, heads, HEAD_DIM, device=device, dtype=torch.bfloat16)
@@ -94,11 +98,23 @@ def check_kernels_at_sp_shapes(device, repeats: int = 5) -> dict:
                 rows[f"{shape}/{kernel.name}"] = {"error": str(exc).splitlines()[0][:200]}
         del q, k, v
         torch.cuda.empty_cache()
-    fastest = {}
+    choice = choose(device, torch.bfloat16, HEAD_DIM)
+    fastest, chosen_vs_fastest = against_choice(rows, choice.name)
+    return {"status": "pass" if all(fastest.values()) else "fail", "timings": rows, "fastest": fastest,
+            "chosen": choice.name, "passed_over": choice.passed_over, "chosen_vs_fastest": chosen_vs_fastest}
+
+
+def against_choice(rows: dict, chosen: str) -> tuple[dict, dict]:
+    """``({shape: fastest kernel}, {shape: chosen kernel's ms / fastest's})`` of the timing rows
+    (``"shape/kernel": {"ms": ...} | {"error": ...}``); a ratio above 1 is how much slower the
+    choice ran than the fastest kernel."""
+    fastest, ratio = {}, {}
     for shape in SP_SHAPES:
-        timed = {n.split("/", 1)[1]: r["ms"] for n, r in rows.items() if n.startswith(shape) and "ms" in r}
+        timed = {n.split("/", 1)[1]: r["ms"] for n, r in rows.items() if n.startswith(f"{shape}/") and "ms" in r}
         fastest[shape] = min(timed, key=timed.get) if timed else None
-    return {"status": "pass" if all(fastest.values()) else "fail", "timings": rows, "fastest": fastest}
+        if timed and chosen in timed:
+            ratio[shape] = timed[chosen] / timed[fastest[shape]]
+    return fastest, ratio
 
 
 def check_parity(device, work: Path) -> dict:
