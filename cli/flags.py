@@ -132,11 +132,11 @@ def runtime_flags(parser: argparse.ArgumentParser, *, output: bool = True, model
                    help="one device: keep the text encoder and experts in CPU memory, moving each "
                         "to the GPU only while it runs; a group with --fsdp: keep the FSDP shards "
                         "in CPU memory between uses (FSDP2 CPU offload)")
-    r.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
-                   help="attention kernel (parallel/kernels.py): auto picks the fastest for the GPU's "
-                        "architecture that passes a check on the device (Hopper: FA3 if installed, then "
-                        "cuDNN; Ampere/Ada: flash); sdpa keeps a one-device run on torch's own dispatch "
-                        "(default auto; RELAY_ATTENTION names one too)")
+    r.add_argument("--attention", choices=ATTENTION_CHOICES,
+                   help="attention kernel (parallel/kernels.py): auto takes the first kernel of the GPU "
+                        "architecture's order (fastest first by published figures: Hopper FA3 if installed, "
+                        "then cuDNN; Ampere/Ada torch flash) that passes a check on the device; sdpa keeps "
+                        "one-device groups on torch's own dispatch (default: $RELAY_ATTENTION, else auto)")
     if output:
         r.add_argument("--output", required=True, help="output file: .mp4 (H.264) or .npy (float32 frames)")
         r.add_argument("--stats", metavar="PATH.json",
@@ -326,33 +326,41 @@ def layout_from_args(args, info, *, needs_uncond: bool | None):
     return layout
 
 
-def check_attention(name: str | None, placement, info, device_type: str, dtype: str | None) -> None:
-    """``--attention`` against what the driver knows: ``sdpa`` only where no group splits the
-    sequence (sequence parallelism needs a kernel that returns its log-sum-exp), a named kernel
-    only where it takes the device, the dtype and the model's head size. (The GPU's architecture
-    and the check on the device are the ranks' part, at load.)
+def attention_from_args(args, placement, info, device_type: str, dtype: str | None) -> str:
+    """``--attention`` (else ``$RELAY_ATTENTION``, else ``auto``), checked against what the
+    driver knows: ``sdpa`` only where no group splits the sequence (sequence parallelism needs a
+    kernel that returns its log-sum-exp), a named kernel only where it takes the device, the
+    dtype and the model's head size, and (but for Ray, whose ranks run on other machines) is
+    installed. The GPU's architecture and the check on the device are the ranks' part, at load.
+    Resolved here so that every rank, on any node, is told the same.
 
     Raises:
         ValidationError: ``attention``.
     """
-    if name in (None, "auto"):
-        return
+    import os
+
+    name = args.attention or os.environ.get("RELAY_ATTENTION") or "auto"
+    if name not in ATTENTION_CHOICES:
+        raise ValidationError("attention", f"RELAY_ATTENTION={name!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+    if name == "auto":
+        return name
     if name == "sdpa":
         split = [g.name for g in placement.groups if g.layout.sp_degree > 1]
         if split:
             raise ValidationError("attention", f"sdpa serves groups that do not split the sequence; {', '.join(split)} "
                                                "do (Ulysses / ring attention needs a kernel that returns its "
                                                "log-sum-exp): use auto or a kernel")
-        return
+        return name
     from relay.engine.loader import DTYPES
     from relay.parallel import kernels
 
     torch_dtype = DTYPES[dtype or ("bf16" if device_type == "cuda" else "fp32")]
     head_dim = info.transformer_config.get("attention_head_dim")
     try:
-        kernels.select(device_type, torch_dtype, head_dim, prefer=name)
+        kernels.select(device_type, torch_dtype, head_dim, prefer=name, installed=args.executor != "ray")
     except ValueError as exc:
         raise ValidationError("attention", str(exc)) from None
+    return name
 
 
 def scheduler_config(args, **extra):

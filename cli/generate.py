@@ -24,7 +24,7 @@ from pathlib import Path
 from relay.cli.flags import (
     EXIT_FAILED,
     EXIT_OK,
-    check_attention,
+    attention_from_args,
     check_placement_flags,
     checkpoint_steps,
     common_checks,
@@ -204,7 +204,7 @@ def _run(args, command, info, resolved, layout, config, run: GenerateRun, device
         device_type = resolve_device_type(args.executor, device_type)
         local = args.executor in ("local", "torchrun")
         placement = placement_from_args(args, info, resolved, layout)
-        check_attention(args.attention, placement, info, device_type, args.dtype)
+        attention = attention_from_args(args, placement, info, device_type, args.dtype)
         if local and device_type == "cuda":
             import torch
 
@@ -224,7 +224,7 @@ def _run(args, command, info, resolved, layout, config, run: GenerateRun, device
 
     spec = WorkerSpec(model=str(info.path), layout=layout, dtype=args.dtype, device_type=device_type,
                       text_encoder=args.text_encoder, offload=args.offload,
-                      vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling, attention=args.attention)
+                      vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling, attention=attention)
     if args.executor == "torchrun":
         return run_under_torchrun(placement, spec, config, "relay.cli.generate:drive", run)
     from relay.launch.executor import Executor, backend_for

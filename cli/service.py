@@ -24,7 +24,7 @@ from relay.cli.flags import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
-    check_attention,
+    attention_from_args,
     check_executor,
     check_placement_flags,
     layout_from_args,
@@ -113,13 +113,14 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         device_type = resolve_device_type(args.executor, device_type)
+        attention = "auto"
         for info in infos:
-            check_attention(args.attention, plans[str(info.path)], info, device_type, args.dtype)
+            attention = attention_from_args(args, plans[str(info.path)], info, device_type, args.dtype)
     except ValidationError as exc:
         return refuse("serve", exc)
     spec = WorkerSpec(model="", layout=None, dtype=args.dtype, device_type=device_type,
                       text_encoder=args.text_encoder, offload=args.offload,
-                      vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling, attention=args.attention)
+                      vae_parallel=args.vae_parallel, vae_tiling=args.vae_tiling, attention=attention)
     run = ServeRun(models=[str(info.path) for info in infos], config=config, max_queue=args.max_queue,
                    heartbeat_s=args.heartbeat, port_file=args.port_file, plans=plans, spec=spec,
                    scheduler=scheduler, lora_dir=lora_dir, result_ttl_s=args.result_ttl,

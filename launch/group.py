@@ -83,14 +83,15 @@ class CallGroup:
         """The attention kernel this group's ranks run, as they report it
         (:meth:`launch.worker.StageWorker.attention_kernel`: a :mod:`parallel.kernels` name, or
         ``sdpa`` for the library's own attention; ``a | b`` if ranks differ), asked once per
-        build; before a build, or if the ranks cannot answer, ``"unknown"``."""
+        build (or, for ranks built elsewhere -- torchrun --, at the first description); if the
+        ranks cannot answer, ``"unknown"`` until the next build."""
         if self._attention is None:
             try:
                 kernels = self.call("attention_kernel", timeout_s=60.0)
+                self._attention = " | ".join(dict.fromkeys(kernels))
             except Exception as exc:  # noqa: BLE001 - a description never fails a caller
-                log.debug("group %s: attention kernel not known: %s", self.name, exc)
-                return "unknown"
-            self._attention = " | ".join(dict.fromkeys(kernels))
+                log.warning("group %s: its ranks did not say which attention kernel they run: %s", self.name, exc)
+                self._attention = "unknown"
         return self._attention
 
     # --- what a backend provides -----------------------------------------------------------

@@ -138,10 +138,12 @@ class WorkerSpec:
             blended, so the output differs slightly from the untiled decode).
         threads: CPU threads per rank (default: the cores divided among the group's ranks;
             an executor running several groups at once divides them among all its ranks).
-        attention: The attention kernel (``--attention``): ``None`` / ``auto`` lets
-            :func:`parallel.kernels.choose` pick one per GPU architecture (``$RELAY_ATTENTION``
-            may name one), a :data:`parallel.kernels.KERNELS` name uses that one, ``sdpa``
-            keeps a rank that does not split the sequence on the library's own attention.
+        attention: The attention kernel (``--attention``): ``auto`` lets
+            :func:`parallel.kernels.choose` pick one per GPU architecture, a
+            :data:`parallel.kernels.KERNELS` name uses that one, ``sdpa`` keeps a rank that does
+            not split the sequence on the library's own attention; ``None``: the rank's
+            ``$RELAY_ATTENTION``, else ``auto`` (the CLI resolves the variable on the driver and
+            always names one, so Ray actors on other nodes get the same).
         setup_fault: Resilience tests only (``None`` in use): ``{"action": "oom", "rank": R}``
             makes rank R's allocator fail while it loads; ``{"action": "slow", "rank": R,
             "seconds": S}`` makes it load S seconds later than its peers.
@@ -249,10 +251,12 @@ class StageWorker:
         dtype = DTYPES[spec.dtype or default_dtype(groups.device)]
         head_dim = self.model_info.transformer_config.get("attention_head_dim")
         plan = self.model_info.spec.sequence_parallel()
-        handles = [parallelize(expert, groups, plan, attention=spec.attention, dtype=dtype, head_dim=head_dim)
+        # Resolved once (``$RELAY_ATTENTION`` when the spec names nothing), the same for every path.
+        attention = kernels.requested(spec.attention) or kernels.AUTO
+        handles = [parallelize(expert, groups, plan, attention=attention, dtype=dtype, head_dim=head_dim)
                    for expert in self.model.experts.values()]
         if groups.sp_group is not None:
-            self.kernel = kernels.choose(groups.device, dtype, head_dim, prefer=spec.attention).name
+            self.kernel = kernels.choose(groups.device, dtype, head_dim, prefer=attention).name
         else:
             local = [h for h in handles if h is not None]
             self.kernel = local[0].kernel.name if local else kernels.LIBRARY

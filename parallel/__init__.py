@@ -46,18 +46,18 @@ def parallelize(model, groups, plan, *, attention: str | None = None, dtype=None
     """
     from relay.parallel import kernels
 
+    named = kernels.requested(attention)  # the environment is read here, once
     if groups.sp_group is not None:
         from relay.parallel.sequence import SequenceParallel
 
         return SequenceParallel(model, plan, group=groups.sp_group, rank=groups.sp_rank, device=groups.device,
-                                prefer=attention)
-    named = kernels.requested(attention)
+                                prefer=named or kernels.AUTO)
     if plan is None or named == kernels.LIBRARY or (named is None and groups.device.type != "cuda"):
         return None
     from relay.parallel.sequence import LocalAttention
 
     dtype = dtype or _compute_dtype(model)
-    return LocalAttention(model, plan, kernels.choose(groups.device, dtype, head_dim, prefer=named).kernel)
+    return LocalAttention(model, plan, kernels.choose(groups.device, dtype, head_dim, prefer=named or kernels.AUTO).kernel)
 
 
 def _compute_dtype(model):

@@ -49,7 +49,6 @@ and the kernels that can. ``sdpa`` leaves a one-device run on the library's own 
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -73,10 +72,12 @@ AUTO = "auto"
 #: finite when such a block comes first (``-inf`` there made every later merge NaN), and low
 #: enough that merging it into any real block changes nothing (its weight is exp(-1e4) = 0).
 EMPTY_LSE = -1.0e4
-#: Largest differences :func:`verify` accepts from float64 attention, by input dtype: the output
-#: (the inputs' rounding: 2^-8 relative in bf16, on outputs of magnitude < 1) and the fp32 LSE
-#: (computed from the same rounded inputs, so only accumulation order separates it).
-VERIFY_TOLERANCE = {torch.bfloat16: (2e-2, 2e-3), torch.float16: (4e-3, 2e-3), torch.float32: (1e-4, 1e-4)}
+#: Largest differences :func:`verify` accepts from float64 attention of the same (rounded)
+#: inputs, by input dtype: the output (the kernels round the softmax weights and the output to
+#: the inputs' dtype: an emulation of that on the probe gives 1.8e-3 in bf16 and 2.4e-4 in fp16,
+#: about a tenth of these) and the LSE (fp32 throughout: ~5e-7 in the emulation; an LSE rounded
+#: to bf16 or fp16 at the probe's magnitude of ~6 is off by up to 1.6e-2 or 2e-3).
+VERIFY_TOLERANCE = {torch.bfloat16: (2e-2, 1e-4), torch.float16: (4e-3, 1e-4), torch.float32: (1e-4, 1e-4)}
 
 
 @dataclass(frozen=True)
@@ -117,13 +118,17 @@ class Kernel:
         low, high = self.capabilities
         return low <= tuple(capability) < high
 
-    def __call__(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_unused):
-        """``(out, lse)`` of ``q, k, v`` in yunchang's ``(batch, seq, heads, head_dim)``."""
+    def raw(self, q, k, v, softmax_scale=None):
+        """``(out, lse)`` as the op returns them, the LSE in its own dtype, ``(batch, heads, seq)``."""
         batch, seq, heads, _ = q.shape
         out, lse = self.call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale)
         # Some ops pad the LSE's sequence dim (efficient: to a multiple of 32) or add a unit dim.
-        lse = lse.reshape(batch, heads, -1)[..., :seq].float()
-        return out.transpose(1, 2), lse
+        return out.transpose(1, 2), lse.reshape(batch, heads, -1)[..., :seq]
+
+    def __call__(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_unused):
+        """``(out, lse)`` of ``q, k, v`` in yunchang's ``(batch, seq, heads, head_dim)``."""
+        out, lse = self.raw(q, k, v, softmax_scale)
+        return out, lse.float()
 
 
 def _cpu_flash(q, k, v, scale):
@@ -152,23 +157,30 @@ def _flash_attn(q, k, v, scale):
     return out.transpose(1, 2), lse
 
 
-@functools.cache
-def _fa3_asks_for_lse(func) -> bool:
-    """Whether this FA3 build's ``flash_attn_func`` returns the LSE only when asked
-    (``return_attn_probs``; earlier builds always return ``(out, lse)``)."""
-    import inspect
+_FA3: tuple | None = None  # (flash_attn_func, its extra arguments), once imported
 
-    try:
-        return "return_attn_probs" in inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
+
+def _fa3():
+    """FA3's ``flash_attn_func`` and the arguments that make it return the LSE: later builds
+    return it only with ``return_attn_probs``, earlier ones always. Resolved at the first call
+    (the check on the device, eager), so a compiled block only reads a global."""
+    global _FA3
+    if _FA3 is None:
+        import inspect
+
+        from flash_attn_interface import flash_attn_func
+
+        try:
+            asks = "return_attn_probs" in inspect.signature(flash_attn_func).parameters
+        except (TypeError, ValueError):
+            asks = False
+        _FA3 = (flash_attn_func, {"return_attn_probs": True} if asks else {})
+    return _FA3
 
 
 def _flash_attn_3(q, k, v, scale):
-    from flash_attn_interface import flash_attn_func
-
-    extra = {"return_attn_probs": True} if _fa3_asks_for_lse(flash_attn_func) else {}
-    result = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, **extra)
+    func, extra = _FA3 if _FA3 is not None else _fa3()
+    result = func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, **extra)
     if not isinstance(result, (tuple, list)) or len(result) < 2:
         raise RuntimeError("this flash_attn_interface returns no log-sum-exp")
     return result[0].transpose(1, 2), result[1]
@@ -209,11 +221,13 @@ def _installed(name: str) -> bool:
 
 
 def candidates(device_type: str, dtype: torch.dtype, head_dim: int | None = None,
-               capability: tuple[int, int] | None = None) -> list[Kernel]:
-    """The kernels that may run here, in order of :func:`preference`: installed, built for this
-    device and architecture, taking ``dtype`` and ``head_dim``."""
+               capability: tuple[int, int] | None = None, *, installed: bool = True) -> list[Kernel]:
+    """The kernels that may run here, in order of :func:`preference`: installed (unless
+    ``installed`` is false), built for this device and architecture, taking ``dtype`` and
+    ``head_dim``."""
     return [KERNELS[name] for name in preference(device_type, capability)
-            if _installed(name) and KERNELS[name].runs_on(capability) and KERNELS[name].accepts(dtype, head_dim)]
+            if (not installed or _installed(name)) and KERNELS[name].runs_on(capability)
+            and KERNELS[name].accepts(dtype, head_dim)]
 
 
 def requested(prefer: str | None) -> str | None:
@@ -232,16 +246,19 @@ def _describe(device_type, dtype, head_dim, capability) -> str:
 
 
 def select(device_type: str, dtype: torch.dtype, head_dim: int | None = None, *,
-           capability: tuple[int, int] | None = None, prefer: str | None = None) -> Kernel:
+           capability: tuple[int, int] | None = None, prefer: str | None = None,
+           installed: bool = True) -> Kernel:
     """The first of :func:`candidates` (no check on a device: what a driver without the GPU can
-    say); ``prefer`` (default: ``$RELAY_ATTENTION``; ``auto``: none) names one to use instead.
+    say); ``prefer`` (default: ``$RELAY_ATTENTION``; ``auto``: none) names one to use instead;
+    ``installed`` false: kernels from packages this process lacks count too (the ranks run
+    elsewhere: a Ray cluster's nodes).
 
     Raises:
         ValueError: ``prefer`` is unknown, not installed, for another device or architecture, or
             cannot take ``dtype`` (the message lists the kernels that can).
     """
     device = "cuda" if device_type in ("cuda", "meta") else "cpu"
-    fits = candidates(device, dtype, head_dim, capability)
+    fits = candidates(device, dtype, head_dim, capability, installed=installed)
     prefer = requested(prefer)
     if prefer is not None:
         kernel = KERNELS.get(prefer)
@@ -258,21 +275,24 @@ def select(device_type: str, dtype: torch.dtype, head_dim: int | None = None, *,
 
 
 def verify(kernel: Kernel, device: torch.device, dtype: torch.dtype, head_dim: int, *,
-           seq: int = 257, heads: int = 2) -> str | None:
-    """Runs ``kernel`` on a probe (``seq`` tokens: a multiple of no kernel's block) on
-    ``device`` and compares its output and LSE with float64 attention of the same rounded
-    inputs; returns why it fails (an error, a wrong shape or dtype, a difference beyond
-    :data:`VERIFY_TOLERANCE`), or ``None``."""
+           seq: int = 257, keys: int = 193, batch: int = 2, heads: int = 2) -> str | None:
+    """Runs ``kernel`` on a probe on ``device`` -- ``batch`` videos (CFG's pair), ``seq``
+    queries against ``keys`` keys (what a ring step or a padded block gives; both a multiple of
+    no kernel's block) -- and compares its output and LSE with float64 attention of the same
+    rounded inputs; returns why it fails (an error, a wrong shape or dtype -- the LSE must come
+    out of the op in fp32 --, a difference beyond :data:`VERIFY_TOLERANCE`), or ``None``."""
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, seq, heads, head_dim, generator=generator).to(device=device, dtype=dtype)
-               for _ in range(3))
+    q = torch.randn(batch, seq, heads, head_dim, generator=generator).to(device=device, dtype=dtype)
+    k, v = (torch.randn(batch, keys, heads, head_dim, generator=generator).to(device=device, dtype=dtype)
+            for _ in range(2))
     try:
-        out, lse = kernel(q, k, v)
+        out, lse = kernel.raw(q, k, v)
     except Exception as exc:  # noqa: BLE001 - any failure passes the kernel over, with the reason
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
-    if out.shape != q.shape or out.dtype != dtype or lse.dtype != torch.float32 or lse.shape != (1, heads, seq):
+    want = (batch, heads, seq)
+    if out.shape != q.shape or out.dtype != dtype or lse.dtype != torch.float32 or lse.shape != want:
         return (f"returned out {tuple(out.shape)} {out.dtype} and lse {tuple(lse.shape)} {lse.dtype} "
-                f"(want {tuple(q.shape)} {dtype} and {(1, heads, seq)} float32)")
+                f"(want {tuple(q.shape)} {dtype} and {want} torch.float32)")
     qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
     scores = qd @ kd.transpose(-1, -2) / head_dim ** 0.5
     ref_lse = torch.logsumexp(scores, dim=-1)
@@ -335,7 +355,10 @@ def choose(device: torch.device | str, dtype: torch.dtype, head_dim: int | None 
         reasons = "; ".join(f"{name}: {why}" for name, why in passed_over.items()) or "none is installed"
         what = _describe(device.type, dtype, head_dim, capability)
         if wanted is not None:
-            raise ValueError(f"attention {wanted!r} fails on this device as a {what}: {reasons}")
+            others = ", ".join(k.name for k in candidates(device.type, dtype, head_dim, capability)
+                               if k.name != wanted) or "none"
+            raise ValueError(f"attention {wanted!r} fails on this device as a {what}: {reasons}; "
+                             f"the others here: {others}")
         raise ValueError(f"no {what} works: {reasons}")
     choice = Choice(kernel, passed_over)
     _CHOICES[key] = choice

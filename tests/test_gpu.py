@@ -120,23 +120,27 @@ def test_xfuser_attention_imports_and_runs_on_cuda(tmp_path):
 
 def test_every_cuda_kernel_equals_sdpa_and_returns_an_fp32_lse():
     """Each kernel of :mod:`parallel.kernels` this GPU runs, in each dtype it takes, against fp32
-    attention and the exact log-sum-exp (S = 1000: not a multiple of any kernel's block)."""
-    from relay.parallel.kernels import KERNELS, _installed
+    attention and the exact log-sum-exp (S = 1000: not a multiple of any kernel's block), the
+    LSE fp32 as the op returns it; and the check on the device (:func:`parallel.kernels.verify`)
+    passes every kernel that is right here (its tolerances must not refuse a correct kernel)."""
+    from relay.parallel.kernels import KERNELS, _installed, verify
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 1000, 4, 128, device="cuda") for _ in range(3))
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     ref_lse = torch.logsumexp(torch.einsum("bshd,bthd->bhst", q, k) / 128 ** 0.5, dim=-1)
+    capability = torch.cuda.get_device_capability()
     ran = set()
-    for kernel in (k for k in KERNELS.values() if k.device == "cuda" and _installed(k.name)):
+    for kernel in (k for k in KERNELS.values() if k.device == "cuda" and _installed(k.name) and k.runs_on(capability)):
         for dtype in kernel.dtypes:
             try:
-                out, lse = kernel(q.to(dtype), k.to(dtype), v.to(dtype))
+                out, lse = kernel.raw(q.to(dtype), k.to(dtype), v.to(dtype))
             except RuntimeError:
                 if kernel.name == "cuda-cudnn":  # cuDNN attention needs a recent GPU and cuDNN
                     continue
                 raise
+            assert verify(kernel, torch.device("cuda"), dtype, 128) is None, (kernel.name, dtype)
             ran.add(kernel.name)
             tol = 1e-4 if dtype == torch.float32 else 3e-2
             assert lse.dtype == torch.float32 and lse.shape == (1, 4, 1000), kernel.name

@@ -108,11 +108,21 @@ def test_each_gpu_architecture_gets_its_order(monkeypatch):
         kernels.select("cuda", torch.bfloat16, 128, capability=(8, 0), prefer="flash-attn-3")
 
 
+def test_a_driver_may_name_a_kernel_only_its_ranks_have():
+    """flash-attn is not installed here: refused for ranks on this machine, accepted for ranks
+    elsewhere (a Ray cluster's nodes), whose own load checks it."""
+    assert not kernels._installed("flash-attn")
+    with pytest.raises(ValueError, match="'flash-attn'"):
+        kernels.select("cuda", torch.bfloat16, 128, prefer="flash-attn")
+    assert kernels.select("cuda", torch.bfloat16, 128, prefer="flash-attn", installed=False).name == "flash-attn"
+
+
 @pytest.mark.parametrize("api", ["asks", "always"])
 def test_the_fa3_kernel_reads_both_api_generations(monkeypatch, api):
     """FA3's ``flash_attn_func`` returns ``(out, lse)`` always (earlier builds) or only when asked
     (later ones): the kernel gets the LSE either way, in Relay's layout."""
     _stand_in_fa3(monkeypatch, asks=api == "asks")
+    monkeypatch.setattr(kernels, "_FA3", None)  # resolved again for this stand-in
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 50, 2, 16, dtype=torch.bfloat16) for _ in range(3))
     out, lse = kernels.KERNELS["flash-attn-3"](q, k, v)
@@ -123,6 +133,7 @@ def test_the_fa3_kernel_reads_both_api_generations(monkeypatch, api):
 
 def test_an_fa3_build_without_the_lse_is_passed_over(monkeypatch):
     _stand_in_fa3(monkeypatch, asks=False, returns_lse=False)
+    monkeypatch.setattr(kernels, "_FA3", None)
     why = kernels.verify(kernels.KERNELS["flash-attn-3"], torch.device("cpu"), torch.bfloat16, 16)
     assert why is not None and "returns no log-sum-exp" in why
 
@@ -137,6 +148,12 @@ def _raises(q, k, v, scale):
     raise RuntimeError("no kernel image is available for execution on the device")
 
 
+def _input_dtype_lse(q, k, v, scale):
+    """An LSE in the inputs' dtype, as yunchang's torch-flash path returns it."""
+    out, lse = kernels._cpu_flash(q, k, v, scale)
+    return out, lse.to(q.dtype)
+
+
 def _fp32_out(q, k, v, scale):
     out, lse = kernels._cpu_flash(q, k, v, scale)
     return out.float(), lse
@@ -147,7 +164,9 @@ def test_the_check_on_the_device_can_fail():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert kernels.verify(kernels.KERNELS["cpu-flash"], cpu, dtype, 64) is None
     cases = [(_bf16_lse, torch.float32, "LSE by"), (_bf16_lse, torch.bfloat16, "LSE by"),
-             (_raises, torch.bfloat16, "RuntimeError: no kernel image"), (_fp32_out, torch.bfloat16, "torch.float32")]
+             (_raises, torch.bfloat16, "RuntimeError: no kernel image"), (_fp32_out, torch.bfloat16, "torch.float32"),
+             (_input_dtype_lse, torch.float16, "lse (2, 2, 257) torch.float16"),
+             (_input_dtype_lse, torch.bfloat16, "lse (2, 2, 257) torch.bfloat16")]
     for call, dtype, want in cases:
         why = kernels.verify(kernels.Kernel("bad", "cpu", kernels.ALL, call), cpu, dtype, 64)
         assert why is not None and want in why, (call.__name__, dtype, why)
@@ -164,7 +183,7 @@ def test_a_kernel_that_fails_its_check_is_passed_over_or_refused_when_named(monk
     choice = kernels.choose("cpu", torch.bfloat16, 32)
     assert choice.name == "cpu-flash" and "LSE by" in choice.passed_over["cpu-broken"]
     assert kernels.choose("cpu", torch.bfloat16, 32) is choice
-    with pytest.raises(ValueError, match="attention 'cpu-broken' fails on this device.*LSE by"):
+    with pytest.raises(ValueError, match="attention 'cpu-broken' fails on this device.*LSE by.*others here: cpu-flash"):
         kernels.choose("cpu", torch.bfloat16, 32, prefer="cpu-broken")
     monkeypatch.setattr(kernels, "preference", lambda device_type, capability=None: ("cpu-broken",))
     with pytest.raises(ValueError, match="no cpu kernel for float32 with head_dim 32 works: cpu-broken"):

@@ -178,6 +178,35 @@ def test_a_named_kernel_runs_one_rank_and_the_stats_say_which(tiny_models, refer
     assert json.loads(stats_path.read_text())["layout"]["groups"][0]["attention"] == "cpu-flash"
 
 
+def test_relay_attention_is_read_once_on_the_driver_for_every_path(tiny_models, reference, relay, tmp_path,
+                                                                   monkeypatch):
+    """``$RELAY_ATTENTION`` is resolved by the command and handed to the ranks in their spec (Ray
+    actors on other nodes do not see the driver's environment): the rank is told ``cpu-flash``
+    and runs it; a value that names no kernel exits 2 before anything loads."""
+    from relay.launch import worker
+
+    seen = []
+    build = worker.StageWorker._install_attention
+
+    def spy(self, parallelize):
+        seen.append(self.spec.attention)
+        return build(self, parallelize)
+
+    monkeypatch.setattr(worker.StageWorker, "_install_attention", spy)
+    monkeypatch.setenv("RELAY_ATTENTION", "cpu-flash")
+    out, stats_path = tmp_path / "x.npy", tmp_path / "stats.json"
+    result = relay("generate", "--model", tiny_models["t2v"], *_flags(SETTINGS), "--dtype", "fp32", "--device",
+                   "cpu", "--output", out, "--stats", stats_path, "--quiet")
+    assert result.code == 0, result.err
+    assert seen == ["cpu-flash"]
+    assert json.loads(stats_path.read_text())["layout"]["groups"][0]["attention"] == "cpu-flash"
+    np.testing.assert_allclose(np.load(out), reference, atol=1e-5, rtol=0)
+    monkeypatch.setenv("RELAY_ATTENTION", "magic")
+    result = relay("generate", "--model", tiny_models["t2v"], *_flags(SETTINGS), "--device", "cpu",
+                   "--output", out, "--quiet")
+    assert result.code == 2 and "RELAY_ATTENTION='magic' is not one of" in result.err, result.err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--attention", "sdpa", "--nproc", 2, "--ulysses", 2], "sdpa serves groups that do not split the sequence"),
     (["--attention", "cuda-flash"], "attention 'cuda-flash': not a cpu kernel"),
