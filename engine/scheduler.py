@@ -538,6 +538,7 @@ class StageScheduler:
             try:
                 group.restart()
                 back = True
+                self._describe_again(group)
             except Exception as rebuild_error:  # noqa: BLE001 - a group that cannot rebuild retires
                 log.exception("group %s could not be rebuilt", group.name)
                 self._retire(group, f"rebuild failed: {rebuild_error}",
@@ -549,6 +550,16 @@ class StageScheduler:
         if not back:
             self._fail_stranded()
         return back
+
+    def _describe_again(self, group: WorkerGroup) -> None:
+        """A rebuilt group may stand on other devices (another node, another attention kernel):
+        the run stats of requests submitted from now on describe it as it is now."""
+        groups = self.layout.get("groups")
+        if not groups:
+            return
+        described = group.describe()
+        with self._lock:  # a new dict: requests already submitted keep the layout they were given
+            self.layout = {**self.layout, "groups": [described if g.get("name") == group.name else g for g in groups]}
 
     def _retire(self, group: WorkerGroup, why: str, *, retry: bool) -> None:
         """Takes ``group`` out of service (``retry``: it tries to build again every
@@ -586,6 +597,7 @@ class StageScheduler:
                 self._lock.notify_all()
             RECORDER.set("relay_group_retired", 0, group=group.name)
             log.warning("group %s was built again and serves", group.name)
+            self._describe_again(group)
             back = True
         self.trace.append(TraceEntry(group.name, -1, "rejoin", started - self._epoch,
                                      time.perf_counter() - self._epoch))

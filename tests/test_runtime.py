@@ -166,6 +166,39 @@ def test_max_retries_is_applied_at_run_time(tiny_models):
             assert ticket.attempts == retries + 1 and executor.scheduler.restarts["fused0"] == retries + 1
 
 
+def test_a_rebuilt_group_is_described_anew(tiny_models, reference, monkeypatch):
+    """A group rebuilt after a failure may run another kernel (other GPUs): its ranks are asked
+    again, and requests submitted after the rebuild carry the new description in their stats
+    (the kernel changes here through the ranks' RELAY_ATTENTION between the two builds)."""
+    from relay.engine.model_info import read_model_info
+    from relay.engine.request import GenerationRequest, resolve_request
+    from relay.engine.stages import request_experts
+    from relay.engine.tickets import SchedulerConfig
+    from relay.launch.executor import Executor
+    from relay.launch.placement import plan_groups
+    from relay.launch.worker import WorkerSpec
+    from relay.parallel.layout import ParallelLayout
+
+    monkeypatch.delenv("RELAY_ATTENTION", raising=False)
+    info = read_model_info(tiny_models["t2v"])
+    resolved = resolve_request(GenerationRequest(**SETTINGS), info)
+    spec = WorkerSpec(model=str(info.path), layout=ParallelLayout(), dtype="fp32", device_type="cpu")
+    config = SchedulerConfig(max_request_retries=1, step_timeout_s=60.0)
+    with Executor(plan_groups(info, resolved), spec, backend="inprocess", config=config) as executor:
+        def submit():
+            return executor.scheduler.submit(resolved.to_dict(with_image=True), experts=request_experts(info, resolved))
+
+        first = submit()
+        monkeypatch.setenv("RELAY_ATTENTION", "cpu-flash")  # what the rebuilt rank will read
+        executor.groups[0].arm_fault({"action": "raise", "method": "advance", "at_step": 1})
+        np.testing.assert_allclose(first.result(timeout=300), reference, atol=1e-5, rtol=0)
+        assert executor.scheduler.restarts["fused0"] == 1  # it failed once, was rebuilt, ran again
+        second = submit()
+        np.testing.assert_allclose(second.result(timeout=300), reference, atol=1e-5, rtol=0)
+    assert first.stats.to_dict()["layout"]["groups"][0]["attention"] == "sdpa"
+    assert second.stats.to_dict()["layout"]["groups"][0]["attention"] == "cpu-flash"
+
+
 def test_a_named_kernel_runs_one_rank_and_the_stats_say_which(tiny_models, reference, relay, tmp_path):
     """``--attention cpu-flash`` on one CPU rank: the family's self-attention processors run
     Relay's kernel on the whole sequence (what a CUDA rank does by default) and the video equals
