@@ -113,9 +113,8 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         device_type = resolve_device_type(args.executor, device_type)
-        attention = "auto"
-        for info in infos:
-            attention = attention_from_args(args, plans[str(info.path)], info, device_type, args.dtype)
+        attention = [attention_from_args(args, plans[str(info.path)], info, device_type, args.dtype)
+                     for info in infos][0]  # one value, checked against every model's groups
     except ValidationError as exc:
         return refuse("serve", exc)
     spec = WorkerSpec(model="", layout=None, dtype=args.dtype, device_type=device_type,

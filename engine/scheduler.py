@@ -304,6 +304,7 @@ class StageScheduler:
     def _finish(self, ticket: Ticket, *, result=None, error: BaseException | None = None) -> None:
         ticket._result, ticket._error = result, error
         ticket.stats.retries = ticket.attempts
+        ticket.stats.layout = dict(self.layout)  # the groups as they were when it finished (rebuilt ones anew)
         ticket.stats.add_seconds("total", time.perf_counter() - ticket.submitted)
         ticket._done.set()
         if error is None:
@@ -538,13 +539,14 @@ class StageScheduler:
             try:
                 group.restart()
                 back = True
-                self._describe_again(group)
             except Exception as rebuild_error:  # noqa: BLE001 - a group that cannot rebuild retires
                 log.exception("group %s could not be rebuilt", group.name)
                 self._retire(group, f"rebuild failed: {rebuild_error}",
                              retry=bool(self.config.rebuild_retry_s) and getattr(group, "rejoins", False))
                 if ticket is not None:
                     self._emit(ticket, "retry", group=group.name, error=f"rebuild failed: {rebuild_error}")
+            else:
+                self._describe_again(group)
         self.trace.append(TraceEntry(group.name, -1 if ticket is None else ticket.request_id, "restart",
                                      started - self._epoch, time.perf_counter() - self._epoch))
         if not back:
@@ -553,12 +555,10 @@ class StageScheduler:
 
     def _describe_again(self, group: WorkerGroup) -> None:
         """A rebuilt group may stand on other devices (another node, another attention kernel):
-        the run stats of requests submitted from now on describe it as it is now."""
-        groups = self.layout.get("groups")
-        if not groups:
-            return
-        described = group.describe()
-        with self._lock:  # a new dict: requests already submitted keep the layout they were given
+        requests that finish from now on describe it as it is now (:meth:`_finish`)."""
+        described = group.describe()  # before the lock: no rank is asked (the build asked them)
+        with self._lock:  # groups rebuild on their own threads: read and replace under the lock
+            groups = self.layout.get("groups") or []
             self.layout = {**self.layout, "groups": [described if g.get("name") == group.name else g for g in groups]}
 
     def _retire(self, group: WorkerGroup, why: str, *, retry: bool) -> None:

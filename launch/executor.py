@@ -91,6 +91,7 @@ class Executor:
                  ray_resources: dict[str, tuple[str, ...]] | None = None,
                  build_timeout_s: float = 600.0, device_offset: int = 0) -> None:
         cls = group_class(backend)
+        spec = spec.with_attention_named()  # $RELAY_ATTENTION as the driver sees it, for every rank
         self.backend = backend
         self.placement = placement
         self._ray_started = False

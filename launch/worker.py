@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -142,8 +142,9 @@ class WorkerSpec:
             :func:`parallel.kernels.choose` pick one per GPU architecture, a
             :data:`parallel.kernels.KERNELS` name uses that one, ``sdpa`` keeps a rank that does
             not split the sequence on the library's own attention; ``None``: the rank's
-            ``$RELAY_ATTENTION``, else ``auto`` (the CLI resolves the variable on the driver and
-            always names one, so Ray actors on other nodes get the same).
+            ``$RELAY_ATTENTION``, else ``auto`` (the CLI and the executor resolve the variable
+            on the driver, :meth:`with_attention_named`, so Ray actors on other nodes get the
+            same).
         setup_fault: Resilience tests only (``None`` in use): ``{"action": "oom", "rank": R}``
             makes rank R's allocator fail while it loads; ``{"action": "slow", "rank": R,
             "seconds": S}`` makes it load S seconds later than its peers.
@@ -163,6 +164,14 @@ class WorkerSpec:
     threads: int | None = None
     attention: str | None = None
     setup_fault: dict | None = None
+
+    def with_attention_named(self) -> WorkerSpec:
+        """This spec with :attr:`attention` named: when it names nothing, ``$RELAY_ATTENTION``
+        as this process (the driver) sees it, else ``auto`` -- so that every rank, on any node,
+        is told the same (the executor calls this before building its groups)."""
+        if self.attention is not None:
+            return self
+        return replace(self, attention=os.environ.get("RELAY_ATTENTION") or "auto")
 
 
 class StageWorker:

@@ -19,6 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _no_attention_override(monkeypatch):
+    """A developer's ``RELAY_ATTENTION`` (e.g. ``cuda-cudnn``) must not reach the tests: the
+    commands read it, and a CUDA kernel on a CPU run is refused. Tests that want it set it."""
+    monkeypatch.delenv("RELAY_ATTENTION", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """``{"t2v": dir, "i2v": dir, "ti2v": dir}``: tiny models built by ``relay make-tiny``'s code."""

@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -34,6 +36,15 @@ def test_every_cuda_kernel_returns_an_fp32_lse(name):
         out, lse = kernel(q, q, q)
         assert out.dtype == dtype and out.shape == q.shape
         assert lse.dtype == torch.float32 and lse.shape == (2, 4, 100)
+
+
+def test_auto_never_reads_the_environment(monkeypatch):
+    """A rank told ``auto`` (what the command resolved) does not read its own RELAY_ATTENTION;
+    told nothing, it does."""
+    monkeypatch.setenv(kernels.ENV, "cuda-cudnn")
+    assert kernels.requested(kernels.AUTO) is None
+    assert kernels.requested(None) == "cuda-cudnn"
+    assert kernels.requested("cpu-flash") == "cpu-flash"
 
 
 def test_selection_follows_the_ops_dtype_rules(monkeypatch):
@@ -94,6 +105,7 @@ def test_each_gpu_architecture_gets_its_order(monkeypatch):
     def pick(capability, dtype=torch.bfloat16, head_dim=128):
         return kernels.select("cuda", dtype, head_dim, capability=capability).name
 
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # not installed, whatever this box has
     assert not kernels._installed("flash-attn-3")
     assert [pick(c) for c in ((9, 0), (10, 0), (12, 0), (8, 0), (8, 6), (8, 9), (7, 5))] == [
         "cuda-cudnn", "cuda-cudnn", "cuda-cudnn", "cuda-flash", "cuda-flash", "cuda-flash", "cuda-efficient"]
@@ -108,9 +120,10 @@ def test_each_gpu_architecture_gets_its_order(monkeypatch):
         kernels.select("cuda", torch.bfloat16, 128, capability=(8, 0), prefer="flash-attn-3")
 
 
-def test_a_driver_may_name_a_kernel_only_its_ranks_have():
-    """flash-attn is not installed here: refused for ranks on this machine, accepted for ranks
+def test_a_driver_may_name_a_kernel_only_its_ranks_have(monkeypatch):
+    """flash-attn not installed here: refused for ranks on this machine, accepted for ranks
     elsewhere (a Ray cluster's nodes), whose own load checks it."""
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
     assert not kernels._installed("flash-attn")
     with pytest.raises(ValueError, match="'flash-attn'"):
         kernels.select("cuda", torch.bfloat16, 128, prefer="flash-attn")

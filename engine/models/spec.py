@@ -12,8 +12,8 @@ generic engine asks the spec, never the family's modules directly:
   device for FSDP2 (:class:`MetaModel`);
 * **running**: the family's pipeline (conditioning, noise, per-step model inputs, decode);
 * **parallelism**: where a transformer's tokens are split and gathered (diffusers' ``_cp_plan``)
-  and which attention modules take Relay's attention kernel -- the sequence-parallel one, or on a
-  one-rank CUDA group the kernel chosen for the GPU (:class:`SequenceParallelPlan`);
+  and which attention modules take Relay's attention kernel -- the sequence-parallel one, or, in a
+  group that does not split the sequence, the kernel chosen for the GPU (:class:`SequenceParallelPlan`);
 * **costs and previews**: FLOPs of a forward, tokens of a video, the planner's catalog entries,
   the published latent-to-RGB projection;
 * **adapters**: LoRA files in the layouts the family's users have, as module deltas;
@@ -68,8 +68,8 @@ class SequenceParallelPlan:
             ContextParallelOutput}`` -- diffusers' own ``_cp_plan`` declaration of the model
             class (``""`` is the model itself).
         self_attention: ``model -> attention modules`` whose attention spans the whole sequence
-            (a rank that does not split it runs them on Relay's kernel too:
-            :class:`parallel.sequence.LocalAttention`).
+            (a rank that does not split it runs them on Relay's kernel too, on CUDA or where a
+            kernel is named: :class:`parallel.sequence.LocalAttention`).
         processor: ``kernel -> attention processor`` computing that attention locally per token
             (projections, norms, rotary) and calling ``kernel(query, key, value)`` (each
             ``(batch, local tokens, heads, head_dim)``) for the part that spans the group.
