@@ -126,9 +126,12 @@ def run_real(cluster, arrivals, *, scale: float, config=None):
 
 def measure_overhead(cluster, *, scale: float, requests: int = 8) -> dict:
     """The scheduler's seconds per group call and per step beyond what the groups slept: one
-    fused group, requests submitted together (the group never waits for work)."""
+    fused group, requests submitted together (the group never waits for work), after one
+    untimed request (a cold process pays its first calls' imports and thread starts: counted,
+    they doubled the figure and the simulation's latencies then ran 10-25% high)."""
     from relay.parallel.simulate import simulate
 
+    run_real(cluster, [0.0], scale=scale)  # warm-up
     arrivals = [0.0] * requests
     began = time.perf_counter()
     real = run_real(cluster, arrivals, scale=scale)
