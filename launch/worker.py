@@ -171,7 +171,9 @@ class WorkerSpec:
         is told the same (the executor calls this before building its groups)."""
         if self.attention is not None:
             return self
-        return replace(self, attention=os.environ.get("RELAY_ATTENTION") or "auto")
+        from relay.parallel import kernels
+
+        return replace(self, attention=kernels.requested(None) or kernels.AUTO)
 
 
 class StageWorker:

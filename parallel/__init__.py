@@ -19,7 +19,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'relay.parallel' has no attribute {name!r}")
 
 
-def parallelize(model, groups, plan, *, attention: str | None = None, dtype=None, head_dim: int | None = None):
+def parallelize(model, groups, plan, *, dtype, attention: str | None = None, head_dim: int | None = None):
     """Installs how a transformer's attention runs on this rank for ``groups``; returns the
     handle (``.remove()`` undoes it), or ``None`` when the library's own attention stays.
 
@@ -32,7 +32,7 @@ def parallelize(model, groups, plan, *, attention: str | None = None, dtype=None
         attention: ``--attention``: a :mod:`parallel.kernels` kernel name, ``auto`` or
             ``None`` (:func:`parallel.kernels.choose` decides; ``$RELAY_ATTENTION`` may name
             one), or ``sdpa`` (one rank's sequence stays on the library's attention).
-        dtype: The dtype attention runs in (default: that of most of the model's parameters).
+        dtype: The dtype attention runs in (the load's dtype: the kernel is chosen for it).
         head_dim: The model's attention head size (for the kernel choice).
 
     With a sequence-parallel group: Ulysses / ring attention over it
@@ -56,13 +56,4 @@ def parallelize(model, groups, plan, *, attention: str | None = None, dtype=None
         return None
     from relay.parallel.sequence import LocalAttention
 
-    dtype = dtype or _compute_dtype(model)
     return LocalAttention(model, plan, kernels.choose(groups.device, dtype, head_dim, prefer=named or kernels.AUTO).kernel)
-
-
-def _compute_dtype(model):
-    """The dtype most of ``model``'s parameters have (its compute dtype)."""
-    counts: dict = {}
-    for param in model.parameters():
-        counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
-    return max(counts, key=counts.get)
